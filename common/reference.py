@@ -1,0 +1,216 @@
+"""Pure-torch reference implementation of the ops interface: the oracle every backend is judged against.
+
+Written for clarity over speed, but bounded in memory (attention and experts are processed in pieces) so that
+long prompts and the benchmarks run on a CPU. Every formula follows shared/spec/dsv4-architecture.md.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .ops import LinearWeight, Ops
+from .quant import E2M1_VALUES, FP8_MAX, dequant_weight, pow2_ceil, round_to_e2m1_codes
+
+ATTN_QUERY_CHUNK = 256  # queries per gather in sparse_attention: bounds the [S, K, D] gather
+
+
+@lru_cache(maxsize=8)
+def hadamard_matrix(n: int) -> Tensor:
+    """Sylvester-ordered Hadamard matrix H_n (entries +-1), fp32."""
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"Hadamard size must be a power of two, got {n}")
+    h = torch.ones(1, 1)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h
+
+
+def sinkhorn(c: Tensor, iters: int, eps: float) -> Tensor:
+    """Sinkhorn onto doubly-stochastic matrices, as the official kernel: a softmax over the last dim counts as the
+    first row normalisation, then a column normalisation, then (iters-1) x (row, column). c [..., n, n] fp32 [j, k]."""
+    c = c.softmax(-1) + eps
+    c = c / (c.sum(-2, keepdim=True) + eps)
+    for _ in range(iters - 1):
+        c = c / (c.sum(-1, keepdim=True) + eps)
+        c = c / (c.sum(-2, keepdim=True) + eps)
+    return c
+
+
+class ReferenceOps(Ops):
+    name = "reference"
+
+    def __init__(self, device: str | torch.device = "cpu") -> None:
+        self.device = torch.device(device)
+
+    # -- normalisation ------------------------------------------------------------------------------------------------
+    def rms_norm(self, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+        return (weight.float() * y).to(x.dtype)
+
+    def head_rms_norm(self, q: Tensor, eps: float) -> Tensor:
+        return q * torch.rsqrt(q.square().mean(-1, keepdim=True) + eps)
+
+    # -- rotary ---------------------------------------------------------------------------------------------------------
+    def rope(self, x: Tensor, cos: Tensor, sin: Tensor, inverse: bool = False) -> Tensor:
+        xf = x.float().unflatten(-1, (-1, 2))  # [B,S,H,r/2,2]
+        a, b = xf[..., 0], xf[..., 1]
+        c, s = cos.unsqueeze(2), sin.unsqueeze(2)  # [B,S,1,r/2]
+        if inverse:
+            s = -s
+        out = torch.stack([a * c - b * s, a * s + b * c], dim=-1).flatten(-2)
+        return out.to(x.dtype)
+
+    # -- simulated quantisation ------------------------------------------------------------------------------------------
+    def fp8_sim(self, x: Tensor, block: int, mode: str = "e4m3") -> Tensor:
+        xf = x.float().unflatten(-1, (-1, block))
+        s = pow2_ceil(xf.abs().amax(-1, keepdim=True).clamp(min=1e-4) / FP8_MAX)
+        q = (xf / s).clamp(-FP8_MAX, FP8_MAX)
+        q = q.to(torch.float8_e4m3fn).float() if mode == "e4m3" else q.to(x.dtype).float()
+        return (q * s).flatten(-2).to(x.dtype)
+
+    def fp4_sim(self, x: Tensor, block: int) -> Tensor:
+        xf = x.float().unflatten(-1, (-1, block))
+        s = pow2_ceil(xf.abs().amax(-1, keepdim=True).clamp(min=6.0 * 2.0 ** -126) / 6.0)
+        q = E2M1_VALUES.to(x.device)[round_to_e2m1_codes(xf / s)]
+        return (q * s).flatten(-2).to(x.dtype)
+
+    def hadamard(self, x: Tensor) -> Tensor:
+        n = x.shape[-1]
+        h = hadamard_matrix(n).to(x.device)
+        return (x.float() @ h * n ** -0.5).to(x.dtype)
+
+    # -- linear -----------------------------------------------------------------------------------------------------------
+    def linear(self, x: Tensor, w: LinearWeight) -> Tensor:
+        if w.fmt == "none":
+            return F.linear(x, w.weight.to(x.dtype))
+        # the official FP8/FP4 GEMMs quantise the activation per token in 1x128 blocks (ue8m0 scales)
+        xq = self.fp8_sim(x.float(), 128)
+        return F.linear(xq, dequant_weight(w.weight, w.scale, w.fmt)).to(x.dtype)
+
+    # -- attention --------------------------------------------------------------------------------------------------------
+    def sparse_attention(self, q: Tensor, kv: Tensor, sink: Tensor, indices: Tensor, softmax_scale: float) -> Tensor:
+        B, S, H, D = q.shape
+        out = torch.empty_like(q)
+        kvf = kv.float()
+        batch = torch.arange(B, device=q.device)[:, None, None]
+        for s0 in range(0, S, ATTN_QUERY_CHUNK):
+            qs = q[:, s0:s0 + ATTN_QUERY_CHUNK].float()  # [B,s,H,D]
+            idx = indices[:, s0:s0 + ATTN_QUERY_CHUNK].long()  # [B,s,K]
+            valid = idx >= 0
+            keys = kvf[batch, idx.clamp(min=0)]  # [B,s,K,D]
+            logits = torch.einsum("bshd,bskd->bshk", qs, keys) * softmax_scale
+            logits = logits.masked_fill(~valid[:, :, None, :], float("-inf"))
+            sink_col = sink.float().view(1, 1, H, 1).expand(*logits.shape[:3], 1)
+            probs = torch.cat([logits, sink_col], dim=-1).softmax(-1)[..., :-1]
+            probs = probs.to(q.dtype).float()  # the kernel rounds P to the activation dtype before PV
+            out[:, s0:s0 + ATTN_QUERY_CHUNK] = torch.einsum("bshk,bskd->bshd", probs, keys).to(q.dtype)
+        return out
+
+    def compress_pool(self, kv: Tensor, score: Tensor) -> Tensor:
+        return (score.float().softmax(dim=2) * kv.float()).sum(dim=2)
+
+    def indexer_topk(self, q: Tensor, k: Tensor, weights: Tensor, visible: Tensor, topk: int) -> Tensor:
+        T = k.shape[1]
+        kk = min(topk, T)
+        if kk == 0:
+            return torch.full((*q.shape[:2], 0), -1, dtype=torch.long, device=q.device)
+        dots = torch.einsum("bshd,btd->bsht", q.float(), k.float()).relu()
+        score = torch.einsum("bsht,bsh->bst", dots, weights.float())
+        t = torch.arange(T, device=q.device)
+        allowed = t[None, None, :] < visible[..., None]
+        score = score.masked_fill(~allowed, float("-inf"))
+        # stable descending sort: equal scores (e.g. all-zero ReLU rows) resolve to the lower index, so every
+        # backend selects the same set
+        sel = score.sort(dim=-1, descending=True, stable=True).indices[..., :kk]
+        ok = torch.gather(allowed, -1, sel)
+        return torch.where(ok, sel, torch.full_like(sel, -1))
+
+    # -- MoE --------------------------------------------------------------------------------------------------------------
+    def moe_gate(self, x: Tensor, weight: Tensor, bias: Tensor | None, tid2eid: Tensor | None,
+                 token_ids: Tensor | None, topk: int, score_func: str, route_scale: float) -> tuple[Tensor, Tensor]:
+        logits = x.float() @ weight.float().t()
+        if score_func == "sqrtsoftplus":
+            scores = F.softplus(logits).sqrt()
+        elif score_func == "softmax":
+            scores = logits.softmax(-1)
+        else:
+            scores = logits.sigmoid()
+        if tid2eid is not None:
+            ids = tid2eid[token_ids].long()
+        else:
+            sel = scores + bias.float() if bias is not None else scores
+            ids = sel.topk(topk, dim=-1).indices
+        w = scores.gather(-1, ids)
+        if score_func != "softmax":
+            w = w / w.sum(-1, keepdim=True)
+        return w * route_scale, ids
+
+    def swiglu(self, gate: Tensor, up: Tensor, limit: float) -> Tensor:
+        g, u = gate.float(), up.float()
+        if limit > 0:
+            u = u.clamp(-limit, limit)
+            g = g.clamp(max=limit)
+        return F.silu(g) * u
+
+    def moe_experts(self, x: Tensor, weights: Tensor, ids: Tensor, w1: LinearWeight, w2: LinearWeight,
+                    w3: LinearWeight, swiglu_limit: float, expert_offset: int = 0) -> Tensor:
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        n_local = w1.weight.shape[0]
+        for e in range(n_local):
+            tok, slot = torch.nonzero(ids == e + expert_offset, as_tuple=True)
+            if tok.numel() == 0:
+                continue
+            xe = x[tok]
+            h = self.swiglu(self.linear(xe, _expert(w1, e)), self.linear(xe, _expert(w3, e)), swiglu_limit)
+            h = h * weights[tok, slot, None].float()
+            out.index_add_(0, tok, self.linear(h.to(x.dtype), _expert(w2, e)).float())
+        return out
+
+    # -- hyper-connections ------------------------------------------------------------------------------------------------
+    def _hc_mix(self, x: Tensor, fn: Tensor, norm_eps: float) -> Tensor:
+        xf = x.flatten(-2).float()
+        rs = torch.rsqrt(xf.square().mean(-1, keepdim=True) + norm_eps)
+        return (xf @ fn.float().t()) * rs
+
+    def hc_pre(self, x: Tensor, fn: Tensor, scale: Tensor, base: Tensor, iters: int, hc_eps: float,
+               norm_eps: float) -> tuple[Tensor, Tensor, Tensor]:
+        n = x.shape[-2]
+        m = self._hc_mix(x, fn, norm_eps)
+        pre = torch.sigmoid(m[..., :n] * scale[0] + base[:n]) + hc_eps
+        post = 2 * torch.sigmoid(m[..., n:2 * n] * scale[1] + base[n:2 * n])
+        comb = (m[..., 2 * n:] * scale[2] + base[2 * n:]).unflatten(-1, (n, n))
+        comb = sinkhorn(comb, iters, hc_eps)
+        y = (pre.unsqueeze(-1) * x.float()).sum(-2).to(x.dtype)
+        return y, post, comb
+
+    def hc_post(self, x: Tensor, residual: Tensor, post: Tensor, comb: Tensor) -> Tensor:
+        y = post.unsqueeze(-1) * x.float().unsqueeze(-2) + torch.einsum("bsjk,bsjd->bskd", comb, residual.float())
+        return y.to(x.dtype)
+
+    def hc_head(self, x: Tensor, fn: Tensor, scale: Tensor, base: Tensor, hc_eps: float, norm_eps: float) -> Tensor:
+        m = self._hc_mix(x, fn, norm_eps)
+        pre = torch.sigmoid(m * scale[0] + base) + hc_eps
+        return (pre.unsqueeze(-1) * x.float()).sum(-2).to(x.dtype)
+
+    def describe(self) -> dict[str, str]:
+        return {name: "pure torch (reference)" for name in _op_names()}
+
+
+def _expert(w: LinearWeight, e: int) -> LinearWeight:
+    return LinearWeight(w.weight[e], None if w.scale is None else w.scale[e], w.fmt)
+
+
+def _op_names() -> list[str]:
+    from .ops import OP_NAMES
+
+    return OP_NAMES
+
+
+def softmax_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)
