@@ -50,14 +50,14 @@ class Ops:
         does this in bf16 arithmetic: `q *= rsqrt(q.square().mean(-1) + eps)`)."""
         raise NotImplementedError
 
-    # -- rotary ---------------------------------------------------------------------------------------------------------
+    # -- rotary --------------------------------------------------------------------------------------------------------
     def rope(self, x: Tensor, cos: Tensor, sin: Tensor, inverse: bool = False) -> Tensor:
         """Interleaved-pair rotary embedding. x [B,S,H,r] (act dtype), cos/sin [B,S,r/2] fp32.
         Pair i = (x[2i], x[2i+1]) as a complex number times exp(+-i*angle); fp32 math, returned in x.dtype.
         inverse=True rotates by the negative angle (the conjugate)."""
         raise NotImplementedError
 
-    # -- simulated quantisation (QAT matching) and the Hadamard rotation --------------------------------------------------
+    # -- simulated quantisation (QAT matching) and the Hadamard rotation -----------------------------------------------
     def fp8_sim(self, x: Tensor, block: int, mode: str = "e4m3") -> Tensor:
         """FP8 quant-dequant along the last dim in blocks: per block s = 2^ceil(log2(max(amax,1e-4)/448)),
         x -> e4m3(clamp(x/s, +-448)) * s. mode "clamp" skips the e4m3 rounding (the Flash kernel's variant).
@@ -74,14 +74,14 @@ class Ops:
         fp32 math, returned in x.dtype. n must be a power of two."""
         raise NotImplementedError
 
-    # -- linear -----------------------------------------------------------------------------------------------------------
+    # -- linear --------------------------------------------------------------------------------------------------------
     def linear(self, x: Tensor, w: LinearWeight) -> Tensor:
         """y = x @ W^T for x [..., in]. Unquantised weights: computed in x.dtype (weight cast to it).
         FP8/FP4 weights (the official GEMMs): the activation is FP8-quantised per token in 1x128 blocks along K
         with power-of-two scales, the weight dequantised with its block scales, fp32 accumulation; output x.dtype."""
         raise NotImplementedError
 
-    # -- attention --------------------------------------------------------------------------------------------------------
+    # -- attention -----------------------------------------------------------------------------------------------------
     def sparse_attention(self, q: Tensor, kv: Tensor, sink: Tensor, indices: Tensor, softmax_scale: float) -> Tensor:
         """One softmax over the gathered keys plus a per-head sink logit that only enters the denominator.
         q [B,S,H,D] act dtype; kv [B,N,D] (key = value, MQA); sink [H] fp32; indices [B,S,K] int (-1 = none).
@@ -102,7 +102,7 @@ class Ops:
         Returns [B,S,min(topk,T)] int64 indices of the highest-scoring visible keys, -1 where fewer are visible."""
         raise NotImplementedError
 
-    # -- MoE --------------------------------------------------------------------------------------------------------------
+    # -- MoE -----------------------------------------------------------------------------------------------------------
     def moe_gate(self, x: Tensor, weight: Tensor, bias: Tensor | None, tid2eid: Tensor | None,
                  token_ids: Tensor | None, topk: int, score_func: str, route_scale: float) -> tuple[Tensor, Tensor]:
         """Router. x [T,d]; weight [E,d]; bias [E] fp32 (selection only) or None; tid2eid [V,k] + token_ids [T]
@@ -124,7 +124,7 @@ class Ops:
         Returns the fp32 sum over the token's experts, [T,d]."""
         raise NotImplementedError
 
-    # -- manifold-constrained hyper-connections -------------------------------------------------------------------------
+    # -- manifold-constrained hyper-connections ------------------------------------------------------------------------
     def hc_pre(self, x: Tensor, fn: Tensor, scale: Tensor, base: Tensor, iters: int, hc_eps: float,
                norm_eps: float) -> tuple[Tensor, Tensor, Tensor]:
         """x [B,S,n,d]; fn [(2+n)n, n*d], scale [3], base [(2+n)n] fp32.

@@ -24,7 +24,7 @@ def pow2_ceil(x: Tensor) -> Tensor:
     return torch.exp2(torch.ceil(torch.log2(x)))
 
 
-# -- FP4 ------------------------------------------------------------------------------------------------------------------
+# -- FP4 ---------------------------------------------------------------------------------------------------------------
 def unpack_fp4(packed: Tensor) -> Tensor:
     """[..., n/2] int8/uint8 bytes -> [..., n] fp32 e2m1 values (low nibble = even column)."""
     b = packed.view(torch.uint8) if packed.dtype == torch.int8 else packed
@@ -84,7 +84,7 @@ def quantize_fp4(w: Tensor, block: int = 32) -> tuple[Tensor, Tensor]:
     return pack_fp4(codes), scale
 
 
-# -- FP8 ------------------------------------------------------------------------------------------------------------------
+# -- FP8 ---------------------------------------------------------------------------------------------------------------
 def _expand_block_scale(scale: Tensor, rows: int, cols: int, block: int) -> Tensor:
     s = scale.float().repeat_interleave(block, dim=-2).repeat_interleave(block, dim=-1)
     return s[..., :rows, :cols]
@@ -114,7 +114,7 @@ def quantize_fp8(w: Tensor, block: int = 128) -> tuple[Tensor, Tensor]:
     return q, scale
 
 
-# -- E8M0 scales -----------------------------------------------------------------------------------------------------------
+# -- E8M0 scales -------------------------------------------------------------------------------------------------------
 def e8m0_to_float(t: Tensor) -> Tensor:
     """float8_e8m0fnu (or its raw uint8 bytes) -> fp32 2^(byte-127)."""
     if t.dtype == torch.float8_e8m0fnu:

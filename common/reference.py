@@ -56,7 +56,7 @@ class ReferenceOps(Ops):
     def head_rms_norm(self, q: Tensor, eps: float) -> Tensor:
         return q * torch.rsqrt(q.square().mean(-1, keepdim=True) + eps)
 
-    # -- rotary ---------------------------------------------------------------------------------------------------------
+    # -- rotary --------------------------------------------------------------------------------------------------------
     def rope(self, x: Tensor, cos: Tensor, sin: Tensor, inverse: bool = False) -> Tensor:
         xf = x.float().unflatten(-1, (-1, 2))  # [B,S,H,r/2,2]
         a, b = xf[..., 0], xf[..., 1]
@@ -66,7 +66,7 @@ class ReferenceOps(Ops):
         out = torch.stack([a * c - b * s, a * s + b * c], dim=-1).flatten(-2)
         return out.to(x.dtype)
 
-    # -- simulated quantisation ------------------------------------------------------------------------------------------
+    # -- simulated quantisation ----------------------------------------------------------------------------------------
     def fp8_sim(self, x: Tensor, block: int, mode: str = "e4m3") -> Tensor:
         xf = x.float().unflatten(-1, (-1, block))
         s = pow2_ceil(xf.abs().amax(-1, keepdim=True).clamp(min=1e-4) / FP8_MAX)
@@ -85,7 +85,7 @@ class ReferenceOps(Ops):
         h = hadamard_matrix(n).to(x.device)
         return (x.float() @ h * n ** -0.5).to(x.dtype)
 
-    # -- linear -----------------------------------------------------------------------------------------------------------
+    # -- linear --------------------------------------------------------------------------------------------------------
     def linear(self, x: Tensor, w: LinearWeight) -> Tensor:
         if w.fmt == "none":
             return F.linear(x, w.weight.to(x.dtype))
@@ -93,7 +93,7 @@ class ReferenceOps(Ops):
         xq = self.fp8_sim(x.float(), 128)
         return F.linear(xq, dequant_weight(w.weight, w.scale, w.fmt)).to(x.dtype)
 
-    # -- attention --------------------------------------------------------------------------------------------------------
+    # -- attention -----------------------------------------------------------------------------------------------------
     def sparse_attention(self, q: Tensor, kv: Tensor, sink: Tensor, indices: Tensor, softmax_scale: float) -> Tensor:
         B, S, H, D = q.shape
         out = torch.empty_like(q)
@@ -131,7 +131,7 @@ class ReferenceOps(Ops):
         ok = torch.gather(allowed, -1, sel)
         return torch.where(ok, sel, torch.full_like(sel, -1))
 
-    # -- MoE --------------------------------------------------------------------------------------------------------------
+    # -- MoE -----------------------------------------------------------------------------------------------------------
     def moe_gate(self, x: Tensor, weight: Tensor, bias: Tensor | None, tid2eid: Tensor | None,
                  token_ids: Tensor | None, topk: int, score_func: str, route_scale: float) -> tuple[Tensor, Tensor]:
         logits = x.float() @ weight.float().t()
@@ -172,7 +172,7 @@ class ReferenceOps(Ops):
             out.index_add_(0, tok, self.linear(h.to(x.dtype), _expert(w2, e)).float())
         return out
 
-    # -- hyper-connections ------------------------------------------------------------------------------------------------
+    # -- hyper-connections ---------------------------------------------------------------------------------------------
     def _hc_mix(self, x: Tensor, fn: Tensor, norm_eps: float) -> Tensor:
         xf = x.flatten(-2).float()
         rs = torch.rsqrt(xf.square().mean(-1, keepdim=True) + norm_eps)
