@@ -1,7 +1,6 @@
 import json
 
 import pytest
-
 from dsv4.common.config import ConfigError, ModelArgs, load_named_config
 
 
