@@ -16,7 +16,8 @@ from torch import Tensor, nn
 
 from .cache import CompressorState, KVCache, LayerCache
 from .config import FP4_BLOCK, FP8_BLOCK, KV_FP8_BLOCK, ModelArgs
-from .ops import LinearWeight, Ops
+from .ops import LinearWeight, Ops, topk_visible
+from .parallel import SINGLE, ParallelConfig
 from .rope import RopeTable, rope_frequencies
 
 FP32_PARAM_SUFFIXES = ("norm.weight", "attn_sink", "ape", "gate.bias", "hc_attn_fn", "hc_attn_base",
@@ -139,57 +140,65 @@ class Compressor(nn.Module):
 class Indexer(nn.Module):
     """Lightning indexer of CSA layers (spec 5.5): picks index_topk compressed entries per query."""
 
-    def __init__(self, args: ModelArgs, fmt: str) -> None:
+    def __init__(self, args: ModelArgs, fmt: str, par: ParallelConfig) -> None:
         super().__init__()
-        self.args = args
-        self.wq_b = Linear(args.q_lora_rank, args.index_n_heads * args.index_head_dim, fmt)
-        self.weights_proj = Linear(args.dim, args.index_n_heads)
+        self.args, self.tp = args, par.tp_size
+        self.n_local_heads = args.index_n_heads // par.tp_size
+        self.wq_b = Linear(args.q_lora_rank, self.n_local_heads * args.index_head_dim, fmt)
+        self.weights_proj = Linear(args.dim, self.n_local_heads)
         self.compressor = Compressor(args, 4, args.index_head_dim, is_indexer=True)
 
     def forward(self, ops: Ops, x: Tensor, qr: Tensor, pos: Tensor, cos: Tensor, sin: Tensor, cache: LayerCache,
                 rope: RopeTable) -> Tensor:
         a = self.args
         B, S, _ = x.shape
-        rd, hi, di = a.rope_head_dim, a.index_n_heads, a.index_head_dim
-        q = ops.linear(qr, self.wq_b.lw).view(B, S, hi, di)
+        rd, di = a.rope_head_dim, a.index_head_dim
+        q = ops.linear(qr, self.wq_b.lw).view(B, S, self.n_local_heads, di)
         q = torch.cat([q[..., :-rd], ops.rope(q[..., -rd:], cos, sin)], dim=-1)
         q = ops.fp4_sim(ops.hadamard(q), FP4_BLOCK)
         for lo, hi_b, start in uniform_groups(pos[:, 0]):
             self.compressor(ops, x[lo:hi_b], start, cache.index_comp.view(slice(lo, hi_b)),
                             cache.index_kv[lo:hi_b], rope)
-        w = ops.linear(x, self.weights_proj.lw).float() * (di ** -0.5 * hi ** -0.5)
+        w = ops.linear(x, self.weights_proj.lw).float() * (di ** -0.5 * a.index_n_heads ** -0.5)
         visible = (pos + 1) // 4  # only fully completed blocks count
         keys = cache.index_kv[:, :int(visible.max())]
-        return ops.indexer_topk(q, keys, w, visible, a.index_topk)
+        if self.tp == 1:
+            return ops.indexer_topk(q, keys, w, visible, a.index_topk)
+        # heads are split over the TP ranks: sum the partial scores before selecting
+        score = ops.all_reduce(ops.indexer_scores(q, keys, w), "tp")
+        return topk_visible(score, visible, a.index_topk)
 
 
 class Attention(nn.Module):
     """Shared-KV (MQA) attention over a sliding window plus, by layer kind, compressed entries: none (ratio 0),
     the indexer's top-k of 4-token entries (CSA) or every 128-token entry (HCA). One softmax with a sink."""
 
-    def __init__(self, args: ModelArgs, layer_id: int, fmt: str) -> None:
+    def __init__(self, args: ModelArgs, layer_id: int, fmt: str, par: ParallelConfig) -> None:
         super().__init__()
         self.args, self.ratio = args, args.compress_ratios[layer_id]
-        H, D, G = args.n_heads, args.head_dim, args.o_groups
+        # TP splits the query heads and the output groups; the single KV head is computed on every rank
+        self.n_local_heads, self.n_local_groups = args.n_heads // par.tp_size, args.o_groups // par.tp_size
+        H, D, G = self.n_local_heads, args.head_dim, self.n_local_groups
+        heads_per_group = args.n_heads // args.o_groups
         self.wq_a = Linear(args.dim, args.q_lora_rank, fmt)
         self.q_norm = RMSNorm(args.q_lora_rank)
         self.wq_b = Linear(args.q_lora_rank, H * D, fmt)
         self.wkv = Linear(args.dim, D, fmt)
         self.kv_norm = RMSNorm(D)
-        self.wo_a = Linear(H * D // G, G * args.o_lora_rank)  # convert.py dequantises wo_a: always dense
+        self.wo_a = Linear(heads_per_group * D, G * args.o_lora_rank)  # convert.py dequantises wo_a: always dense
         self.wo_b = Linear(G * args.o_lora_rank, args.dim, fmt)
         self.attn_sink = _fp32_param(H)
         if self.ratio:
             self.compressor = Compressor(args, self.ratio, D, is_indexer=False)
         if self.ratio == 4:
-            self.indexer = Indexer(args, fmt)
+            self.indexer = Indexer(args, fmt, par)
 
     def forward(self, ops: Ops, x: Tensor, pos: Tensor, cache: LayerCache, rope: RopeTable) -> Tensor:
         """x [B,S,d] (attn_norm-ed); pos [B,S] absolute positions, consecutive per row; cache holds this batch's
         slots with every position < pos[:, 0] already fed."""
         a = self.args
         B, S, _ = x.shape
-        H, D, rd, W, eps = a.n_heads, a.head_dim, a.rope_head_dim, a.window_size, a.norm_eps
+        H, D, rd, W, eps = self.n_local_heads, a.head_dim, a.rope_head_dim, a.window_size, a.norm_eps
         cos, sin = rope.cos_sin(pos)  # [B,S,rd/2]
         qr = ops.rms_norm(ops.linear(x, self.wq_a.lw), self.q_norm.weight, eps)
         q = ops.head_rms_norm(ops.linear(qr, self.wq_b.lw).view(B, S, H, D), eps)
@@ -225,11 +234,11 @@ class Attention(nn.Module):
             cache.kv[rows, pos[:, -keep:] % W] = kv[:, -keep:]
 
         o = torch.cat([o[..., :-rd], ops.rope(o[..., -rd:], cos, sin, inverse=True)], dim=-1)  # undo q's rotation
-        G = a.o_groups
+        G = self.n_local_groups
         o = o.reshape(B, S, G, H * D // G)
-        wo_a = self.wo_a.weight.view(G, a.o_lora_rank, H * D // G)
+        wo_a = self.wo_a.weight.view(G, a.o_lora_rank, H * D // G)  # block-diagonal: one [R_o, H*D/G] per group
         o = torch.stack([ops.linear(o[:, :, g], LinearWeight(wo_a[g], None, "none")) for g in range(G)], dim=2)
-        return ops.linear(o.flatten(2), self.wo_b.lw)
+        return ops.all_reduce(ops.linear(o.flatten(2), self.wo_b.lw), "tp")  # row-parallel over the groups
 
     def window_indices(self, pos: Tensor, start: Tensor, chunk_row: int | None) -> Tensor:
         """[B,S,W] key rows of the last W positions (including the query's own); -1 before position 0."""
@@ -269,20 +278,21 @@ class Experts(nn.Module):
 
 
 class SharedExpert(nn.Module):
-    def __init__(self, args: ModelArgs, fmt: str) -> None:
+    def __init__(self, args: ModelArgs, fmt: str, inter: int) -> None:
         super().__init__()
-        self.w1 = Linear(args.dim, args.moe_inter_dim, fmt)
-        self.w2 = Linear(args.moe_inter_dim, args.dim, fmt)
-        self.w3 = Linear(args.dim, args.moe_inter_dim, fmt)
+        self.w1 = Linear(args.dim, inter, fmt)
+        self.w2 = Linear(inter, args.dim, fmt)
+        self.w3 = Linear(args.dim, inter, fmt)
 
 
 class MoE(nn.Module):
-    def __init__(self, args: ModelArgs, layer_id: int, fmt: str, expert_fmt: str) -> None:
+    def __init__(self, args: ModelArgs, layer_id: int, fmt: str, expert_fmt: str, par: ParallelConfig) -> None:
         super().__init__()
         self.args = args
         self.gate = Gate(args, hash_routed=layer_id < args.n_hash_layers)
-        self.experts = Experts(args, expert_fmt, args.n_routed_experts)
-        self.shared_experts = SharedExpert(args, fmt)
+        first, n_local = par.experts(args)  # EP: this rank's routed experts
+        self.experts = Experts(args, expert_fmt, n_local, first)
+        self.shared_experts = SharedExpert(args, fmt, args.moe_inter_dim // par.tp_size)  # TP: split inter dim
 
     def forward(self, ops: Ops, x: Tensor, token_ids: Tensor) -> Tensor:
         a, shape = self.args, x.shape
@@ -291,10 +301,10 @@ class MoE(nn.Module):
                               a.n_activated_experts, a.score_func, a.route_scale)
         e = self.experts
         y = ops.moe_experts(x, w, ids, e.w1.lw, e.w2.lw, e.w3.lw, a.swiglu_limit, e.offset)  # fp32
-        y = ops.all_reduce(y, "ep")
+        y = ops.all_reduce(y, "ep")  # each EP rank summed only its own experts
         s = self.shared_experts  # no SwiGLU clamp on the shared expert (spec 6.2)
         h = ops.swiglu(ops.linear(x, s.w1.lw), ops.linear(x, s.w3.lw), 0.0)
-        y = y + ops.linear(h.to(x.dtype), s.w2.lw).float()
+        y = y + ops.all_reduce(ops.linear(h.to(x.dtype), s.w2.lw).float(), "tp")
         return y.to(x.dtype).view(shape)
 
 
@@ -302,14 +312,15 @@ class MoE(nn.Module):
 class Block(nn.Module):
     """Attention and MoE, each wrapped in a manifold-constrained hyper-connection over n residual streams."""
 
-    def __init__(self, args: ModelArgs, layer_id: int, fmt: str, expert_fmt: str) -> None:
+    def __init__(self, args: ModelArgs, layer_id: int, fmt: str, expert_fmt: str,
+                 par: ParallelConfig = SINGLE) -> None:
         super().__init__()
         self.args, self.layer_id = args, layer_id
         n, mix = args.hc_mult, (2 + args.hc_mult) * args.hc_mult
         self.attn_norm = RMSNorm(args.dim)
         self.ffn_norm = RMSNorm(args.dim)
-        self.attn = Attention(args, layer_id, fmt)
-        self.ffn = MoE(args, layer_id, fmt, expert_fmt)
+        self.attn = Attention(args, layer_id, fmt, par)
+        self.ffn = MoE(args, layer_id, fmt, expert_fmt, par)
         self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale = (
             _fp32_param(mix, n * args.dim), _fp32_param(mix), _fp32_param(3))
         self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale = (
@@ -332,8 +343,9 @@ class MTPBlock(Block):
     """Multi-token prediction (spec 8): combines the main streams at position i with the embedding of token i+1
     and predicts token i+2. Shares embed and head with the main model."""
 
-    def __init__(self, args: ModelArgs, layer_id: int, fmt: str, expert_fmt: str) -> None:
-        super().__init__(args, layer_id, fmt, expert_fmt)
+    def __init__(self, args: ModelArgs, layer_id: int, fmt: str, expert_fmt: str,
+                 par: ParallelConfig = SINGLE) -> None:
+        super().__init__(args, layer_id, fmt, expert_fmt, par)
         n = args.hc_mult
         self.e_proj = Linear(args.dim, args.dim, fmt)
         self.h_proj = Linear(args.dim, args.dim, fmt)
@@ -345,25 +357,28 @@ class MTPBlock(Block):
 # -- the model --------------------------------------------------------------------------------------------------------
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs, ops: Ops, dtype: torch.dtype = torch.float32,
-                 weights: str = "dequantized") -> None:
+                 weights: str = "dequantized", parallel: ParallelConfig = SINGLE) -> None:
         """weights "dequantized": every linear is dense in `dtype` (FP8/FP4 checkpoints are dequantised at load);
         "quantized": FP8/FP4 weights stay in their format with scales and the backend's linear consumes them."""
         super().__init__()
         if weights not in ("dequantized", "quantized"):
             raise ValueError(f"weights must be 'dequantized' or 'quantized', got {weights!r}")
-        self.args, self.ops, self.dtype, self.weights_mode = args, ops, dtype, weights
+        parallel.validate(args)
+        self.args, self.ops, self.dtype, self.weights_mode, self.parallel = args, ops, dtype, weights, parallel
         quant = weights == "quantized"
         fmt = "fp8" if quant and args.dtype == "fp8" else "none"
         expert_fmt = {"fp4": "fp4", "fp8": "fp8", "bf16": "none"}[args.expert_dtype] if quant else "none"
         n = args.hc_mult
-        self.embed = nn.Embedding(args.vocab_size, args.dim)
+        vocab_local = args.vocab_size // parallel.tp_size  # TP: vocabulary-parallel embedding and head
+        self.vocab_start = parallel.tp_rank * vocab_local
+        self.embed = nn.Embedding(vocab_local, args.dim)
         self.embed.weight.requires_grad_(False)
-        self.layers = nn.ModuleList(Block(args, i, fmt, expert_fmt) for i in range(args.n_layers))
+        self.layers = nn.ModuleList(Block(args, i, fmt, expert_fmt, parallel) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim)
-        self.head = Linear(args.dim, args.vocab_size)
+        self.head = Linear(args.dim, vocab_local)
         self.hc_head_fn, self.hc_head_base, self.hc_head_scale = (
             _fp32_param(n, n * args.dim), _fp32_param(n), _fp32_param(1))
-        self.mtp = nn.ModuleList(MTPBlock(args, args.n_layers + i, fmt, expert_fmt)
+        self.mtp = nn.ModuleList(MTPBlock(args, args.n_layers + i, fmt, expert_fmt, parallel)
                                  for i in range(args.n_mtp_layers))
         rd = args.rope_head_dim
         self.rope_window = RopeTable(rope_frequencies(rd, args.rope_theta, 0, 1.0, args.beta_fast, args.beta_slow))
@@ -402,7 +417,7 @@ class Transformer(nn.Module):
         cache.check_room(slots, start, S)
         pos = start[:, None] + torch.arange(S, device=tokens.device)  # [B,S]
         ops, a = self.ops, self.args
-        h = F.embedding(tokens, self.embed.weight)  # [B,S,d]
+        h = self.embedding(tokens)  # [B,S,d]
         X = h.unsqueeze(2).repeat(1, 1, a.hc_mult, 1)  # [B,S,n,d]: n identical streams
         hidden = []
         for i, layer in enumerate(self.layers):
@@ -411,6 +426,14 @@ class Transformer(nn.Module):
         logits = self._head(X, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, self.norm)
         cache.lengths[slots] += S
         return (logits, hidden) if return_hidden else logits
+
+    def embedding(self, tokens: Tensor) -> Tensor:
+        """Vocabulary-parallel lookup: each TP rank holds a slice of rows, the others contribute zeros."""
+        local = tokens - self.vocab_start
+        n = self.embed.weight.shape[0]
+        inside = (local >= 0) & (local < n)
+        h = F.embedding(local.clamp(0, n - 1), self.embed.weight) * inside.unsqueeze(-1).to(self.embed.weight.dtype)
+        return self.ops.all_reduce(h, "tp")
 
     def _head(self, X: Tensor, fn: Tensor, scale: Tensor, base: Tensor, norm: RMSNorm) -> Tensor:
         a, ops = self.args, self.ops
@@ -432,7 +455,7 @@ class Transformer(nn.Module):
         if start is None:
             start = cache.lengths[slots] - S
         pos = start.to(next_tokens.device)[:, None] + torch.arange(S, device=next_tokens.device)
-        e = ops.rms_norm(F.embedding(next_tokens, self.embed.weight), mtp.enorm.weight, a.norm_eps)
+        e = ops.rms_norm(self.embedding(next_tokens), mtp.enorm.weight, a.norm_eps)
         X = ops.linear(e, mtp.e_proj.lw).unsqueeze(2) + ops.linear(
             ops.rms_norm(streams, mtp.hnorm.weight, a.norm_eps), mtp.h_proj.lw)
         layer_id = a.n_layers

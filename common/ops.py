@@ -99,8 +99,15 @@ class Ops:
         """Lightning indexer. q [B,S,H,Di], k [B,T,Di] (compressed keys), weights [B,S,H] fp32,
         visible [B,S] int: query (b,s) may only see keys t < visible[b,s].
         score[b,s,t] = sum_h weights[b,s,h] * relu(q[b,s,h] . k[b,t]) (fp32).
-        Returns [B,S,min(topk,T)] int64 indices of the highest-scoring visible keys, -1 where fewer are visible."""
+        Returns [B,S,min(topk,T)] int64 indices of the highest-scoring visible keys, -1 where fewer are visible.
+        Equal scores resolve to the lower index (so every backend selects the same set)."""
         raise NotImplementedError
+
+    def indexer_scores(self, q: Tensor, k: Tensor, weights: Tensor) -> Tensor:
+        """The indexer's scores without selection, [B,S,T] fp32: what tensor parallelism all-reduces across the
+        ranks' head shards before `topk_visible`. This default is a torch composition (a named fallback)."""
+        dots = torch.einsum("bshd,btd->bsht", q.float(), k.float()).relu()
+        return torch.einsum("bsht,bsh->bst", dots, weights.float())
 
     # -- MoE -----------------------------------------------------------------------------------------------------------
     def moe_gate(self, x: Tensor, weight: Tensor, bias: Tensor | None, tid2eid: Tensor | None,
@@ -155,6 +162,17 @@ class Ops:
     def describe(self) -> dict[str, str]:
         """op name -> which implementation this backend uses and why (printed by `dsv4 doctor`)."""
         return {}
+
+
+def topk_visible(score: Tensor, visible: Tensor, topk: int) -> Tensor:
+    """[B,S,min(topk,T)] indices of the best keys t < visible[b,s], -1 padded. A stable descending sort resolves
+    equal scores (e.g. all-zero ReLU rows) to the lower index, so every backend selects the same set."""
+    T = score.shape[-1]
+    kk = min(topk, T)
+    allowed = torch.arange(T, device=score.device) < visible[..., None]
+    score = score.masked_fill(~allowed, float("-inf"))
+    sel = score.sort(dim=-1, descending=True, stable=True).indices[..., :kk]
+    return torch.where(torch.gather(allowed, -1, sel), sel, torch.full_like(sel, -1))
 
 
 OP_NAMES = [

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .ops import LinearWeight, Ops
+from .ops import OP_NAMES, LinearWeight, Ops, topk_visible
 from .quant import E2M1_VALUES, FP8_MAX, dequant_weight, pow2_ceil, round_to_e2m1_codes
 
 ATTN_QUERY_CHUNK = 256  # queries per gather in sparse_attention: bounds the [S, K, D] gather
@@ -116,20 +116,7 @@ class ReferenceOps(Ops):
         return (score.float().softmax(dim=2) * kv.float()).sum(dim=2)
 
     def indexer_topk(self, q: Tensor, k: Tensor, weights: Tensor, visible: Tensor, topk: int) -> Tensor:
-        T = k.shape[1]
-        kk = min(topk, T)
-        if kk == 0:
-            return torch.full((*q.shape[:2], 0), -1, dtype=torch.long, device=q.device)
-        dots = torch.einsum("bshd,btd->bsht", q.float(), k.float()).relu()
-        score = torch.einsum("bsht,bsh->bst", dots, weights.float())
-        t = torch.arange(T, device=q.device)
-        allowed = t[None, None, :] < visible[..., None]
-        score = score.masked_fill(~allowed, float("-inf"))
-        # stable descending sort: equal scores (e.g. all-zero ReLU rows) resolve to the lower index, so every
-        # backend selects the same set
-        sel = score.sort(dim=-1, descending=True, stable=True).indices[..., :kk]
-        ok = torch.gather(allowed, -1, sel)
-        return torch.where(ok, sel, torch.full_like(sel, -1))
+        return topk_visible(self.indexer_scores(q, k, weights), visible, topk)
 
     # -- MoE -----------------------------------------------------------------------------------------------------------
     def moe_gate(self, x: Tensor, weight: Tensor, bias: Tensor | None, tid2eid: Tensor | None,
@@ -199,17 +186,11 @@ class ReferenceOps(Ops):
         return (pre.unsqueeze(-1) * x.float()).sum(-2).to(x.dtype)
 
     def describe(self) -> dict[str, str]:
-        return {name: "pure torch (reference)" for name in _op_names()}
+        return {name: "pure torch (reference)" for name in OP_NAMES}
 
 
 def _expert(w: LinearWeight, e: int) -> LinearWeight:
     return LinearWeight(w.weight[e], None if w.scale is None else w.scale[e], w.fmt)
-
-
-def _op_names() -> list[str]:
-    from .ops import OP_NAMES
-
-    return OP_NAMES
 
 
 def softmax_scale(head_dim: int) -> float:

@@ -176,7 +176,8 @@ def model_target(model: torch.nn.Module, name: str) -> tuple[str, int | None]:
 def load_tensor_into(model: torch.nn.Module, targets: dict[str, Tensor], name: str, value: Tensor,
                      get_scale: Callable[[str], Tensor | None], source: str = "checkpoint") -> str | None:
     """Copy one checkpoint tensor into the model, converting formats. Returns the model name filled, or None when
-    the tensor is a scale consumed together with its weight. `targets` = dict(model.named_parameters + buffers)."""
+    the tensor is a scale consumed together with its weight. `targets` = dict(model.named_parameters + buffers).
+    With tensor parallelism (model.parallel) the rank's slice of a split tensor is taken (parallel.tp_split_dim)."""
     if name.endswith(".scale"):
         return None
     target_name, expert = model_target(model, name)
@@ -202,6 +203,7 @@ def load_tensor_into(model: torch.nn.Module, targets: dict[str, Tensor], name: s
     if dst.dtype in (torch.float8_e4m3fn, torch.int8):  # the model keeps this weight quantised
         if value.dtype != dst.dtype:
             raise CheckpointError(f"{source}: tensor '{name}': model expects {dst.dtype} storage, got {value.dtype}")
+        value, scale = _tp_slice(model, name, value), _tp_slice(model, scale_name, scale)
         _check_shape(source, name, value.shape, dst.shape)
         dst.copy_(value)
         dst_scale = targets[target_name[: -len("weight")] + "scale"]
@@ -214,9 +216,20 @@ def load_tensor_into(model: torch.nn.Module, targets: dict[str, Tensor], name: s
         dense = dequant_weight(value, scale, stored_fmt) if stored_fmt != "none" else value
     except ValueError as e:
         raise CheckpointError(f"{source}: tensor '{name}': {e}") from None
+    dense = _tp_slice(model, name, dense)
     _check_shape(source, name, dense.shape, dst.shape)
     dst.copy_(dense.to(dst.dtype))
     return target_name
+
+
+def _tp_slice(model: torch.nn.Module, name: str, t: Tensor) -> Tensor:
+    par = getattr(model, "parallel", None)
+    if par is None or par.tp_size == 1:
+        return t
+    from .parallel import shard, tp_split_dim
+
+    dim = tp_split_dim(name)
+    return t if dim is None else shard(t, dim, par.tp_rank, par.tp_size, f"tensor '{name}'")
 
 
 def _check_shape(source: str, name: str, got: torch.Size, want: torch.Size) -> None:
@@ -250,10 +263,12 @@ def load_state_dict_official(model: torch.nn.Module, tensors: dict[str, Tensor],
 
 
 def build_random_model(args: ModelArgs, ops, dtype: torch.dtype = torch.float32, seed: int = 0,
-                       weights: str = "dequantized"):
-    """The embedded default: the model of `args` with the deterministic random checkpoint of `seed`."""
+                       weights: str = "dequantized", parallel=None):
+    """The embedded default: the model of `args` with the deterministic random checkpoint of `seed`
+    (this rank's shard of it under tensor/expert parallelism)."""
     from .model import Transformer
+    from .parallel import SINGLE
 
-    model = Transformer(args, ops, dtype=dtype, weights=weights)
+    model = Transformer(args, ops, dtype=dtype, weights=weights, parallel=parallel or SINGLE)
     load_state_dict_official(model, dict(random_checkpoint(args, seed)), source=f"random checkpoint (seed {seed})")
     return model.to(ops.device)

@@ -1,0 +1,119 @@
+"""Tensor and expert parallelism: the rank layout, the sharding rule of every checkpoint tensor, and the collective
+ops seam. The model's arithmetic never sees torch.distributed: it calls ops.all_reduce / ops.all_gather, which are
+identities in one process and real collectives inside `DistributedOps`.
+
+Layout: world = max(tp, ep) ranks, the larger a multiple of the smaller. TP groups are blocks of `tp` consecutive
+ranks, EP groups blocks of `ep` consecutive ranks. Every rank sees the same tokens; a TP group splits attention
+heads, the indexer heads, the output groups, the vocabulary and the shared expert; an EP group splits the routed
+experts. V4 attention has a single shared KV head (MQA), so each TP rank keeps the whole (small) KV cache.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .config import ModelArgs
+from .ops import OP_NAMES, Ops
+
+
+class ParallelError(ValueError):
+    """A TP/EP layout that does not fit the model or the world size."""
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tp_size: int = 1
+    tp_rank: int = 0
+    ep_size: int = 1
+    ep_rank: int = 0
+
+    @classmethod
+    def for_rank(cls, rank: int, world: int, tp: int, ep: int) -> ParallelConfig:
+        if max(tp, ep) != world or world % min(tp, ep):
+            raise ParallelError(f"world size {world} must equal max(tp={tp}, ep={ep}), the larger a multiple of "
+                                "the smaller")
+        return cls(tp, rank % tp, ep, rank % ep)
+
+    def validate(self, args: ModelArgs) -> None:
+        tp, ep = self.tp_size, self.ep_size
+        for name in ("n_heads", "o_groups", "index_n_heads", "vocab_size", "moe_inter_dim"):
+            if getattr(args, name) % tp:
+                raise ParallelError(f"tp={tp} must divide {name}={getattr(args, name)}")
+        if args.n_routed_experts % ep:
+            raise ParallelError(f"ep={ep} must divide n_routed_experts={args.n_routed_experts}")
+
+    def experts(self, args: ModelArgs) -> tuple[int, int]:
+        """(first expert, number of experts) held by this rank."""
+        n = args.n_routed_experts // self.ep_size
+        return self.ep_rank * n, n
+
+
+SINGLE = ParallelConfig()
+
+# checkpoint name pattern -> dim split across TP ranks (names without the expert index; see weights.model_target)
+_TP_RULES: list[tuple[re.Pattern, int]] = [
+    (re.compile(r"(^|\.)attn\.wq_b\.(weight|scale)$"), 0),  # query heads
+    (re.compile(r"(^|\.)attn\.wo_a\.weight$"), 0),  # output groups
+    (re.compile(r"(^|\.)attn\.wo_b\.(weight|scale)$"), 1),  # row-parallel: partial sums, all-reduced
+    (re.compile(r"(^|\.)attn\.attn_sink$"), 0),
+    (re.compile(r"(^|\.)attn\.indexer\.wq_b\.(weight|scale)$"), 0),  # indexer heads
+    (re.compile(r"(^|\.)attn\.indexer\.weights_proj\.weight$"), 0),
+    (re.compile(r"^(embed|head)\.weight$"), 0),  # vocabulary
+    (re.compile(r"(^|\.)shared_experts\.(w1|w3)\.(weight|scale)$"), 0),
+    (re.compile(r"(^|\.)shared_experts\.w2\.(weight|scale)$"), 1),
+]
+
+
+def tp_split_dim(name: str) -> int | None:
+    """The dim along which TP ranks split checkpoint tensor `name`, or None when it is replicated."""
+    for pattern, dim in _TP_RULES:
+        if pattern.search(name):
+            return dim
+    return None
+
+
+def shard(t: Tensor, dim: int, rank: int, size: int, what: str = "tensor") -> Tensor:
+    if t.shape[dim] % size:
+        raise ParallelError(f"{what}: dim {dim} of shape {list(t.shape)} does not split into {size} parts")
+    n = t.shape[dim] // size
+    return t.narrow(dim, rank * n, n)
+
+
+# -- collectives -----------------------------------------------------------------------------------------------------
+class DistributedOps(Ops):
+    """Wraps a backend's ops: every op is the backend's; all_reduce / all_gather become torch.distributed calls on
+    the TP or EP process group."""
+
+    def __init__(self, inner: Ops, groups: dict[str, object]) -> None:
+        self.inner, self.groups = inner, groups
+        self.name, self.device = f"{inner.name}+dist", inner.device
+        for op in OP_NAMES + ["indexer_scores"]:
+            setattr(self, op, getattr(inner, op))
+
+    def all_reduce(self, x: Tensor, group: str = "tp") -> Tensor:
+        import torch.distributed as dist
+
+        g = self.groups[group]
+        if dist.get_world_size(g) == 1:
+            return x
+        x = x.contiguous()
+        dist.all_reduce(x, group=g)
+        return x
+
+    def all_gather(self, x: Tensor, dim: int, group: str = "tp") -> Tensor:
+        import torch.distributed as dist
+
+        g = self.groups[group]
+        n = dist.get_world_size(g)
+        if n == 1:
+            return x
+        parts = [torch.empty_like(x) for _ in range(n)]
+        dist.all_gather(parts, x.contiguous(), group=g)
+        return torch.cat(parts, dim=dim)
+
+    def describe(self) -> dict[str, str]:
+        return self.inner.describe()
