@@ -278,11 +278,11 @@ class Experts(nn.Module):
 
 
 class SharedExpert(nn.Module):
-    def __init__(self, args: ModelArgs, fmt: str, inter: int) -> None:
+    def __init__(self, args: ModelArgs, fmt: str) -> None:
         super().__init__()
-        self.w1 = Linear(args.dim, inter, fmt)
-        self.w2 = Linear(inter, args.dim, fmt)
-        self.w3 = Linear(args.dim, inter, fmt)
+        self.w1 = Linear(args.dim, args.moe_inter_dim, fmt)
+        self.w2 = Linear(args.moe_inter_dim, args.dim, fmt)
+        self.w3 = Linear(args.dim, args.moe_inter_dim, fmt)
 
 
 class MoE(nn.Module):
@@ -292,7 +292,7 @@ class MoE(nn.Module):
         self.gate = Gate(args, hash_routed=layer_id < args.n_hash_layers)
         first, n_local = par.experts(args)  # EP: this rank's routed experts
         self.experts = Experts(args, expert_fmt, n_local, first)
-        self.shared_experts = SharedExpert(args, fmt, args.moe_inter_dim // par.tp_size)  # TP: split inter dim
+        self.shared_experts = SharedExpert(args, fmt)  # replicated on every TP rank, as in the official split
 
     def forward(self, ops: Ops, x: Tensor, token_ids: Tensor) -> Tensor:
         a, shape = self.args, x.shape
@@ -304,7 +304,7 @@ class MoE(nn.Module):
         y = ops.all_reduce(y, "ep")  # each EP rank summed only its own experts
         s = self.shared_experts  # no SwiGLU clamp on the shared expert (spec 6.2)
         h = ops.swiglu(ops.linear(x, s.w1.lw), ops.linear(x, s.w3.lw), 0.0)
-        y = y + ops.all_reduce(ops.linear(h.to(x.dtype), s.w2.lw).float(), "tp")
+        y = y + ops.linear(h.to(x.dtype), s.w2.lw).float()
         return y.to(x.dtype).view(shape)
 
 

@@ -4,8 +4,9 @@ identities in one process and real collectives inside `DistributedOps`.
 
 Layout: world = max(tp, ep) ranks, the larger a multiple of the smaller. TP groups are blocks of `tp` consecutive
 ranks, EP groups blocks of `ep` consecutive ranks. Every rank sees the same tokens; a TP group splits attention
-heads, the indexer heads, the output groups, the vocabulary and the shared expert; an EP group splits the routed
-experts. V4 attention has a single shared KV head (MQA), so each TP rank keeps the whole (small) KV cache.
+heads, the indexer heads, the output groups and the vocabulary (as the official model-parallel files do; the shared
+expert is replicated); an EP group splits the routed experts. V4 attention has a single shared KV head (MQA), so
+each TP rank keeps the whole (small) KV cache.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class ParallelConfig:
 
     def validate(self, args: ModelArgs) -> None:
         tp, ep = self.tp_size, self.ep_size
-        for name in ("n_heads", "o_groups", "index_n_heads", "vocab_size", "moe_inter_dim"):
+        for name in ("n_heads", "o_groups", "index_n_heads", "vocab_size"):
             if getattr(args, name) % tp:
                 raise ParallelError(f"tp={tp} must divide {name}={getattr(args, name)}")
         if args.n_routed_experts % ep:
@@ -54,26 +55,22 @@ class ParallelConfig:
 
 SINGLE = ParallelConfig()
 
-# checkpoint name pattern -> dim split across TP ranks (names without the expert index; see weights.model_target)
-_TP_RULES: list[tuple[re.Pattern, int]] = [
-    (re.compile(r"(^|\.)attn\.wq_b\.(weight|scale)$"), 0),  # query heads
-    (re.compile(r"(^|\.)attn\.wo_a\.weight$"), 0),  # output groups
-    (re.compile(r"(^|\.)attn\.wo_b\.(weight|scale)$"), 1),  # row-parallel: partial sums, all-reduced
-    (re.compile(r"(^|\.)attn\.attn_sink$"), 0),
-    (re.compile(r"(^|\.)attn\.indexer\.wq_b\.(weight|scale)$"), 0),  # indexer heads
-    (re.compile(r"(^|\.)attn\.indexer\.weights_proj\.weight$"), 0),
-    (re.compile(r"^(embed|head)\.weight$"), 0),  # vocabulary
-    (re.compile(r"(^|\.)shared_experts\.(w1|w3)\.(weight|scale)$"), 0),
-    (re.compile(r"(^|\.)shared_experts\.w2\.(weight|scale)$"), 1),
-]
+# module name -> dim split across TP ranks, as the official convert.py cuts its model-parallel files: column-parallel
+# (dim 0) query/indexer heads, output groups, attention sinks and vocabulary; row-parallel (dim 1) wo_b, whose partial
+# sums are all-reduced. Everything else, the shared expert included, is replicated; routed experts go by index (EP).
+TP_SPLIT_DIMS: dict[str, int] = {"embed": 0, "head": 0, "wq_b": 0, "wo_a": 0, "wo_b": 1, "attn_sink": 0,
+                                 "weights_proj": 0}
+_EXPERT = re.compile(r"\.experts\.(\d+)\.")
 
 
 def tp_split_dim(name: str) -> int | None:
-    """The dim along which TP ranks split checkpoint tensor `name`, or None when it is replicated."""
-    for pattern, dim in _TP_RULES:
-        if pattern.search(name):
-            return dim
-    return None
+    """The dim along which TP ranks split checkpoint tensor `name` (a scale follows its weight), or None when every
+    rank holds all of it."""
+    if _EXPERT.search(name):
+        return None
+    parts = name.split(".")
+    module = parts[-2] if len(parts) > 1 and parts[-1] in ("weight", "scale") else parts[-1]
+    return TP_SPLIT_DIMS.get(module)
 
 
 def shard(t: Tensor, dim: int, rank: int, size: int, what: str = "tensor") -> Tensor:

@@ -174,10 +174,12 @@ def model_target(model: torch.nn.Module, name: str) -> tuple[str, int | None]:
 
 
 def load_tensor_into(model: torch.nn.Module, targets: dict[str, Tensor], name: str, value: Tensor,
-                     get_scale: Callable[[str], Tensor | None], source: str = "checkpoint") -> str | None:
+                     get_scale: Callable[[str], Tensor | None], source: str = "checkpoint",
+                     sliced: bool = False) -> str | None:
     """Copy one checkpoint tensor into the model, converting formats. Returns the model name filled, or None when
     the tensor is a scale consumed together with its weight. `targets` = dict(model.named_parameters + buffers).
-    With tensor parallelism (model.parallel) the rank's slice of a split tensor is taken (parallel.tp_split_dim)."""
+    With tensor parallelism (model.parallel) the rank's slice of a split tensor is taken (parallel.tp_split_dim),
+    unless the caller already read only that slice (`sliced`, with `get_scale` returning sliced scales too)."""
     if name.endswith(".scale"):
         return None
     target_name, expert = model_target(model, name)
@@ -203,7 +205,8 @@ def load_tensor_into(model: torch.nn.Module, targets: dict[str, Tensor], name: s
     if dst.dtype in (torch.float8_e4m3fn, torch.int8):  # the model keeps this weight quantised
         if value.dtype != dst.dtype:
             raise CheckpointError(f"{source}: tensor '{name}': model expects {dst.dtype} storage, got {value.dtype}")
-        value, scale = _tp_slice(model, name, value), _tp_slice(model, scale_name, scale)
+        if not sliced:
+            value, scale = _tp_slice(model, name, value), _tp_slice(model, scale_name, scale)
         _check_shape(source, name, value.shape, dst.shape)
         dst.copy_(value)
         dst_scale = targets[target_name[: -len("weight")] + "scale"]
@@ -216,7 +219,8 @@ def load_tensor_into(model: torch.nn.Module, targets: dict[str, Tensor], name: s
         dense = dequant_weight(value, scale, stored_fmt) if stored_fmt != "none" else value
     except ValueError as e:
         raise CheckpointError(f"{source}: tensor '{name}': {e}") from None
-    dense = _tp_slice(model, name, dense)
+    if not sliced:
+        dense = _tp_slice(model, name, dense)
     _check_shape(source, name, dense.shape, dst.shape)
     dst.copy_(dense.to(dst.dtype))
     return target_name

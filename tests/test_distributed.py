@@ -38,7 +38,7 @@ def tokens():
     return torch.randint(0, ARGS.vocab_size, (1, PROMPT + DECODE), generator=torch.Generator().manual_seed(3))
 
 
-def worker(rank, world, port, tp, ep, out_dir, fail_rank):
+def worker(rank, world, port, tp, ep, out_dir, fail_rank, checkpoint):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     from dsv4.common.distributed import RankFailure, all_ranks_ok, init_parallel, process_group_cleanup
@@ -49,6 +49,11 @@ def worker(rank, world, port, tp, ep, out_dir, fail_rank):
         def load():
             if rank == fail_rank:
                 raise OSError("shard model-00002-of-00004.safetensors is truncated")
+            if checkpoint:  # each rank reads only its slices and experts from the sharded files
+                from dsv4.common.checkpoint import load_checkpoint
+
+                return load_checkpoint(checkpoint, rt.ops, dtype=torch.float32, parallel=rt.parallel,
+                                       max_seq_len=ARGS.max_seq_len, progress=False)
             return build_random_model(ARGS, rt.ops, parallel=rt.parallel)
 
         try:
@@ -62,8 +67,8 @@ def worker(rank, world, port, tp, ep, out_dir, fail_rank):
             save_file({"logits": logits.contiguous()}, str(out_dir / "logits.safetensors"))
 
 
-def launch(tmp_path, world, tp, ep, fail_rank=-1):
-    mp.spawn(worker, args=(world, free_port(), tp, ep, tmp_path, fail_rank), nprocs=world, join=True)
+def launch(tmp_path, world, tp, ep, fail_rank=-1, checkpoint=None):
+    mp.spawn(worker, args=(world, free_port(), tp, ep, tmp_path, fail_rank, checkpoint), nprocs=world, join=True)
 
 
 @pytest.fixture(scope="module")
@@ -71,9 +76,19 @@ def single():
     return run_model(build_random_model(ARGS, ReferenceOps()), tokens())
 
 
-@pytest.mark.parametrize("world, tp, ep", [(2, 2, 1), (2, 1, 2), (2, 2, 2), (4, 2, 4), (4, 1, 4)])
+@pytest.mark.parametrize("world, tp, ep", [(2, 2, 1), (2, 1, 2), (4, 2, 4), (4, 1, 4)])
 def test_parallel_logits_equal_single_process(tmp_path, single, world, tp, ep):
     launch(tmp_path, world, tp, ep)
+    got = load_file(str(tmp_path / "logits.safetensors"))["logits"]
+    torch.testing.assert_close(got, single, **TOL)
+
+
+def test_tp_ep_ranks_load_their_slices_from_a_checkpoint(tmp_path, single):
+    from dsv4.common.checkpoint import make_checkpoint
+
+    ckpt = tmp_path / "ckpt"
+    make_checkpoint(ARGS, ckpt, quant="fp4", seed=0)  # the release format; the same tensors as build_random_model
+    launch(tmp_path, 2, 2, 2, checkpoint=str(ckpt))
     got = load_file(str(tmp_path / "logits.safetensors"))["logits"]
     torch.testing.assert_close(got, single, **TOL)
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from dsv4.common.ops import topk_visible
 from torch import Tensor
+
+from dsv4.common.ops import topk_visible
 
 from ._common import cfg, dot_precision, launch_opts, pow2, upcast_dots
 
