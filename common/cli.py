@@ -4,12 +4,14 @@ embedded default, a tiny V4-shaped model with deterministic random weights), --b
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
 
 from .backend import CHOICES, BackendUnavailable, default_dtype, probe_backend, select_backend
 from .config import ConfigError, ModelArgs, load_named_config
+from .distributed import RankFailure, process_group_cleanup
 
 EMBEDDED_SEED = 0
 
@@ -42,6 +44,11 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weights", default="dequantized", choices=["dequantized", "quantized"],
                    help="dequantize FP8/FP4 weights at load, or keep them quantized for the backend's GEMMs")
     g.add_argument("--max-seq-len", type=int, default=None, help="cache length (default: the config's)")
+    g = p.add_argument_group("parallelism (launch with torchrun --nproc-per-node N -m dsv4 ...)")
+    g.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks: attention heads, output groups, vocab")
+    g.add_argument("--ep", type=int, default=1, help="expert-parallel ranks: routed experts (may exceed --tp)")
+    g.add_argument("--ep-comm", default="alltoall", choices=["alltoall", "allreduce"],
+                   help="how expert-parallel ranks exchange tokens: dispatch/combine (default) or output all-reduce")
 
 
 def make_ops(ns: argparse.Namespace):
@@ -56,23 +63,33 @@ def resolve_dtype(ns: argparse.Namespace, ops) -> torch.dtype:
 
 
 def load_model(ns: argparse.Namespace, ops=None, dtype: torch.dtype | None = None):
-    """(model, tokenizer, source description) for --model / the embedded default."""
+    """(model, tokenizer, source description) for --model / the embedded default. Under torchrun (or with
+    --tp/--ep > 1) this joins the process group, each rank loads only its shard, and only rank 0 prints."""
+    from .distributed import all_ranks_ok, init_parallel
     from .tokenizer import TextTokenizer
     from .weights import build_random_model
 
     ops = ops or make_ops(ns)
     dtype = dtype or resolve_dtype(ns, ops)
-    if ns.model:
-        from .checkpoint import load_checkpoint
+    rt = init_parallel(ops, getattr(ns, "tp", 1), getattr(ns, "ep", 1), ep_comm=getattr(ns, "ep_comm", "alltoall"))
+    if not rt.is_main:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - rank 0 speaks for the job
 
-        model = load_checkpoint(ns.model, ops, dtype=dtype, weights=ns.weights, max_seq_len=ns.max_seq_len)
-        tokenizer = TextTokenizer.from_dir(ns.model, model.args)
-        return model, tokenizer, f"checkpoint {ns.model}"
-    args = load_named_config(ns.config)
-    if ns.max_seq_len:
-        args = args.replace(max_seq_len=ns.max_seq_len)
-    model = build_random_model(args, ops, dtype=dtype, seed=EMBEDDED_SEED, weights=ns.weights)
-    return model, TextTokenizer.byte_level(args), f"embedded default ({ns.config}, random weights, seed 0)"
+    def load():
+        if ns.model:
+            from .checkpoint import load_checkpoint
+
+            model = load_checkpoint(ns.model, rt.ops, dtype=dtype, weights=ns.weights, max_seq_len=ns.max_seq_len,
+                                    parallel=rt.parallel, progress=rt.is_main)
+            return model, TextTokenizer.from_dir(ns.model, model.args), f"checkpoint {ns.model}"
+        args = load_named_config(ns.config)
+        if ns.max_seq_len:
+            args = args.replace(max_seq_len=ns.max_seq_len)
+        model = build_random_model(args, rt.ops, dtype=dtype, seed=EMBEDDED_SEED, weights=ns.weights,
+                                   parallel=rt.parallel)
+        return model, TextTokenizer.byte_level(args), f"embedded default ({ns.config}, random weights, seed 0)"
+
+    return all_ranks_ok("loading the model", load)
 
 
 # -- commands -----------------------------------------------------------------------------------------------------
@@ -162,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        return int(ns.func(ns) or 0)
-    except (ConfigError, BackendUnavailable, ValueError, FileNotFoundError) as e:
+        with process_group_cleanup():
+            return int(ns.func(ns) or 0)
+    except (ConfigError, BackendUnavailable, ValueError, FileNotFoundError, RankFailure) as e:
         print(f"dsv4: error: {e}", file=sys.stderr)
         return 2

@@ -51,9 +51,11 @@ class Runtime:
         return self.rank == 0
 
 
-def init_parallel(ops: Ops, tp: int, ep: int, timeout_s: float = DEFAULT_TIMEOUT_S) -> Runtime:
+def init_parallel(ops: Ops, tp: int, ep: int, timeout_s: float = DEFAULT_TIMEOUT_S,
+                  ep_comm: str = "alltoall") -> Runtime:
     """Join the process group torchrun set up (or run alone when tp = ep = 1) and wrap `ops` with collectives.
-    The device's index is taken from LOCAL_RANK, so each rank drives its own card."""
+    The device's index is taken from LOCAL_RANK, so each rank drives its own card. ep_comm: how routed experts
+    exchange tokens (see DistributedOps.moe_experts)."""
     rank, world, local = world_from_env()
     if world == 1 and tp == ep == 1:
         return Runtime(0, 1, ParallelConfig(), ops)
@@ -65,7 +67,7 @@ def init_parallel(ops: Ops, tp: int, ep: int, timeout_s: float = DEFAULT_TIMEOUT
         dist.init_process_group(collective_backend(ops.device), rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout_s))
     groups = {"tp": _block_group(rank, world, tp), "ep": _block_group(rank, world, ep)}
-    return Runtime(rank, world, par, DistributedOps(ops, groups))
+    return Runtime(rank, world, par, DistributedOps(ops, groups, ep_comm))
 
 
 def _block_group(rank: int, world: int, size: int):

@@ -300,8 +300,8 @@ class MoE(nn.Module):
         w, ids = ops.moe_gate(x, self.gate.weight, self.gate.bias, self.gate.tid2eid, token_ids.flatten(),
                               a.n_activated_experts, a.score_func, a.route_scale)
         e = self.experts
-        y = ops.moe_experts(x, w, ids, e.w1.lw, e.w2.lw, e.w3.lw, a.swiglu_limit, e.offset)  # fp32
-        y = ops.all_reduce(y, "ep")  # each EP rank summed only its own experts
+        # fp32; under expert parallelism the ops dispatch tokens to the experts' ranks and combine the results
+        y = ops.moe_experts(x, w, ids, e.w1.lw, e.w2.lw, e.w3.lw, a.swiglu_limit, e.offset)
         s = self.shared_experts  # no SwiGLU clamp on the shared expert (spec 6.2)
         h = ops.swiglu(ops.linear(x, s.w1.lw), ops.linear(x, s.w3.lw), 0.0)
         y = y + ops.linear(h.to(x.dtype), s.w2.lw).float()

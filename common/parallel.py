@@ -85,11 +85,61 @@ class DistributedOps(Ops):
     """Wraps a backend's ops: every op is the backend's; all_reduce / all_gather become torch.distributed calls on
     the TP or EP process group."""
 
-    def __init__(self, inner: Ops, groups: dict[str, object]) -> None:
-        self.inner, self.groups = inner, groups
+    def __init__(self, inner: Ops, groups: dict[str, object], ep_comm: str = "alltoall") -> None:
+        if ep_comm not in ("alltoall", "allreduce"):
+            raise ValueError(f"ep_comm must be 'alltoall' or 'allreduce', got {ep_comm!r}")
+        self.inner, self.groups, self.ep_comm = inner, groups, ep_comm
         self.name, self.device = f"{inner.name}+dist", inner.device
         for op in OP_NAMES + ["indexer_scores"]:
-            setattr(self, op, getattr(inner, op))
+            if op != "moe_experts":
+                setattr(self, op, getattr(inner, op))
+
+    def moe_experts(self, x: Tensor, weights: Tensor, ids: Tensor, w1, w2, w3, swiglu_limit: float,
+                    expert_offset: int = 0) -> Tensor:
+        """Expert parallelism. "allreduce": every rank runs its experts on all tokens, then the outputs are summed.
+        "alltoall" (the DeepEP / MC2 pattern): each rank takes a shard of the tokens, dispatches every (token,
+        expert) pair to the rank owning the expert, gets the weighted results back, combines its shard, and the
+        shards are gathered."""
+        import torch.distributed as dist
+
+        g = self.groups["ep"]
+        n_ranks = dist.get_world_size(g)
+        if n_ranks == 1:
+            return self.inner.moe_experts(x, weights, ids, w1, w2, w3, swiglu_limit, expert_offset)
+        if self.ep_comm == "allreduce":
+            y = self.inner.moe_experts(x, weights, ids, w1, w2, w3, swiglu_limit, expert_offset)
+            return self.all_reduce(y, "ep")
+        T, d = x.shape
+        k, n_local, me = ids.shape[1], w1.weight.shape[0], dist.get_rank(g)
+        per = -(-T // n_ranks)
+        lo, hi = min(me * per, T), min((me + 1) * per, T)
+        # dispatch: this shard's (token, slot) pairs, grouped by the rank that owns the expert
+        tok = torch.arange(lo, hi, device=x.device).repeat_interleave(k)
+        eid = ids[lo:hi].flatten()
+        wgt = weights[lo:hi].flatten().float()
+        order = torch.argsort(eid // n_local, stable=True)
+        tok, eid, wgt = tok[order], eid[order], wgt[order]
+        send = torch.bincount(eid // n_local, minlength=n_ranks)
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=g)
+        send_l, recv_l = send.tolist(), recv.tolist()
+
+        def exchange(t: Tensor, out_rows: list[int], in_rows: list[int]) -> Tensor:
+            out = t.new_empty((sum(out_rows), *t.shape[1:]))
+            dist.all_to_all_single(out, t.contiguous(), out_rows, in_rows, group=g)
+            return out
+
+        x_in = exchange(x[tok], recv_l, send_l)
+        id_in = exchange(eid, recv_l, send_l)
+        w_in = exchange(wgt, recv_l, send_l)
+        # the owner runs its experts on the pairs it received, one pair per row
+        y_in = self.inner.moe_experts(x_in, w_in[:, None], id_in[:, None], w1, w2, w3, swiglu_limit, expert_offset)
+        y_back = exchange(y_in, send_l, recv_l)  # combine: results return in dispatch order
+        shard = torch.zeros(per, d, dtype=torch.float32, device=x.device)
+        shard.index_add_(0, tok - lo, y_back)
+        parts = [torch.empty_like(shard) for _ in range(n_ranks)]
+        dist.all_gather(parts, shard, group=g)
+        return torch.cat(parts)[:T]
 
     def all_reduce(self, x: Tensor, group: str = "tp") -> Tensor:
         import torch.distributed as dist

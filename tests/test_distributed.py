@@ -38,13 +38,13 @@ def tokens():
     return torch.randint(0, ARGS.vocab_size, (1, PROMPT + DECODE), generator=torch.Generator().manual_seed(3))
 
 
-def worker(rank, world, port, tp, ep, out_dir, fail_rank, checkpoint):
+def worker(rank, world, port, tp, ep, out_dir, fail_rank, checkpoint, ep_comm):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     from dsv4.common.distributed import RankFailure, all_ranks_ok, init_parallel, process_group_cleanup
 
     with process_group_cleanup():
-        rt = init_parallel(ReferenceOps(), tp, ep, timeout_s=60)
+        rt = init_parallel(ReferenceOps(), tp, ep, timeout_s=60, ep_comm=ep_comm)
 
         def load():
             if rank == fail_rank:
@@ -67,8 +67,9 @@ def worker(rank, world, port, tp, ep, out_dir, fail_rank, checkpoint):
             save_file({"logits": logits.contiguous()}, str(out_dir / "logits.safetensors"))
 
 
-def launch(tmp_path, world, tp, ep, fail_rank=-1, checkpoint=None):
-    mp.spawn(worker, args=(world, free_port(), tp, ep, tmp_path, fail_rank, checkpoint), nprocs=world, join=True)
+def launch(tmp_path, world, tp, ep, fail_rank=-1, checkpoint=None, ep_comm="alltoall"):
+    mp.spawn(worker, args=(world, free_port(), tp, ep, tmp_path, fail_rank, checkpoint, ep_comm), nprocs=world,
+             join=True)
 
 
 @pytest.fixture(scope="module")
@@ -76,9 +77,10 @@ def single():
     return run_model(build_random_model(ARGS, ReferenceOps()), tokens())
 
 
-@pytest.mark.parametrize("world, tp, ep", [(2, 2, 1), (2, 1, 2), (4, 2, 4), (4, 1, 4)])
-def test_parallel_logits_equal_single_process(tmp_path, single, world, tp, ep):
-    launch(tmp_path, world, tp, ep)
+@pytest.mark.parametrize("world, tp, ep, ep_comm", [
+    (2, 2, 1, "alltoall"), (2, 1, 2, "alltoall"), (4, 2, 4, "alltoall"), (4, 1, 4, "allreduce")])
+def test_parallel_logits_equal_single_process(tmp_path, single, world, tp, ep, ep_comm):
+    launch(tmp_path, world, tp, ep, ep_comm=ep_comm)
     got = load_file(str(tmp_path / "logits.safetensors"))["logits"]
     torch.testing.assert_close(got, single, **TOL)
 
