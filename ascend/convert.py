@@ -1,0 +1,116 @@
+"""Weight conversion for chips without FP8/FP4 GEMMs (910B / 910C), and FP4 -> FP8 re-encoding for the 950 path.
+
+Formats produced (LinearWeight.fmt; the Ascend backend consumes all of them):
+- "w8a8": weight int8 [..., out, in] (checkpoint orientation), scale fp32 [..., out]: symmetric per output channel,
+  W ~ q * scale[o]. Runs as npu_dynamic_quant (per-token int8 activations) + npu_quant_matmul / npu_grouped_matmul.
+- "w4a8": weight int32 [..., in, out/8] = int4 values in the op-ready [K, N] layout, 8 per int32 along N
+  (formats.pack_int4), scale fp32 [..., in/G, out]: symmetric per (group of G input rows, output channel).
+  Runs as npu_grouped_matmul with int8 activations (the W4A8 form). The published Ascend V4 weights are w8a8 /
+  w4a8 conversions (torch-npu-ops.md section 8).
+- "fp8" from "fp4": FP4 experts re-encoded as FP8 128x128 blocks so the 950 FP8 grouped GEMM can run them; exact
+  whenever the per-32 FP4 scales inside one 128x128 block span at most 2^14 (checked by fp4_to_fp8_is_exact).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from dsv4.common.ops import LinearWeight
+from dsv4.common.quant import dequant_weight, quantize_fp8
+
+from .formats import pack_int4, unpack_int4
+
+INT8_MAX = 127.0
+INT4_MAX = 7.0  # symmetric: -8 is never produced, so negation stays exact
+
+
+def dequant_any(w: LinearWeight) -> Tensor:
+    """fp32 [..., out, in] for every format, including the Ascend ones."""
+    if w.fmt == "w8a8":
+        return w.weight.float() * w.scale.float().unsqueeze(-1)
+    if w.fmt == "w4a8":
+        q = unpack_int4(w.weight).float()  # [..., in, out]
+        G = q.shape[-2] // w.scale.shape[-2]
+        s = w.scale.float().repeat_interleave(G, dim=-2)
+        return (q * s).transpose(-1, -2)
+    return dequant_weight(w.weight, w.scale, w.fmt)
+
+
+def to_w8a8(w: LinearWeight) -> LinearWeight:
+    """Any float/FP8/FP4 weight -> int8 with one fp32 scale per output channel (amax / 127)."""
+    wf = dequant_any(w)
+    scale = wf.abs().amax(-1) / INT8_MAX
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row stays exactly zero
+    q = torch.round(wf / scale.unsqueeze(-1)).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return LinearWeight(q, scale, "w8a8")
+
+
+def to_w4a8(w: LinearWeight, group_size: int = 32) -> LinearWeight:
+    """Any float/FP8/FP4 weight -> int4 with per-(group of `group_size` inputs, output) scales, packed op-ready.
+    group_size 32 keeps the FP4 checkpoint's own 1x32 scale granularity; group_size = in gives per-channel."""
+    wf = dequant_any(w).transpose(-1, -2)  # [..., in, out]
+    K, N = wf.shape[-2:]
+    if K % group_size or N % 8:
+        raise ValueError(f"w4a8 needs in % {group_size} == 0 and out % 8 == 0, got in={K} out={N}")
+    g = wf.unflatten(-2, (K // group_size, group_size))  # [..., K/G, G, N]
+    amax = g.abs().amax(-2)  # [..., K/G, N]
+    amax = torch.where(amax > 0, amax, torch.ones_like(amax))
+    # 16 uniform levels fit a group's values poorly when they sit on the FP4 grid (0.5, 1.5 ... 6 times a scale);
+    # pick per group the scale amax/c (c in 5..7) with the smallest squared error
+    best_err, scale = None, None
+    for c in (INT4_MAX, 6.5, 6.0, 5.5, 5.0):
+        s = amax / c
+        err = (torch.round(g / s.unsqueeze(-2)).clamp(-INT4_MAX, INT4_MAX) * s.unsqueeze(-2) - g).square().sum(-2)
+        if best_err is None:
+            best_err, scale = err, s
+        else:
+            better = err < best_err
+            best_err, scale = torch.where(better, err, best_err), torch.where(better, s, scale)
+    q = torch.round(g / scale.unsqueeze(-2)).clamp(-INT4_MAX, INT4_MAX).flatten(-3, -2)
+    return LinearWeight(pack_int4(q), scale, "w4a8")
+
+
+def fp4_to_fp8(w: LinearWeight) -> LinearWeight:
+    """FP4 (e2m1, 1x32 scales) -> FP8 e4m3 with 128x128 power-of-two block scales (common/quant.py format)."""
+    if w.fmt != "fp4":
+        raise ValueError(f"expected an fp4 weight, got {w.fmt!r}")
+    q, s = quantize_fp8(dequant_weight(w.weight, w.scale, "fp4"))
+    return LinearWeight(q, s, "fp8")
+
+
+def fp4_to_fp8_is_exact(w: LinearWeight) -> bool:
+    return torch.equal(dequant_any(fp4_to_fp8(w)), dequant_any(w))
+
+
+def conversion_error(w: LinearWeight, fmt: str = "w8a8", tokens: int = 32, seed: int = 0,
+                     group_size: int = 32) -> dict[str, float]:
+    """Accuracy cost of a conversion: the converted GEMM as the Ascend 910B path runs it (emulated: per-token int8
+    activations via npu_dynamic_quant, integer GEMM, dequant) vs the GEMM with the original weight dequantised
+    (no activation quantisation), on `tokens` random N(0,1) bf16 activations. Also the weight-only error."""
+    from . import create_ops  # deferred: convert is importable without the backend
+
+    gen = torch.Generator().manual_seed(seed)
+    W = dequant_any(w)
+    if W.dim() != 2:
+        raise ValueError("conversion_error takes one [out, in] weight (index an expert first)")
+    x = torch.randn(tokens, W.shape[1], generator=gen).to(torch.bfloat16)
+    conv = to_w8a8(w) if fmt == "w8a8" else to_w4a8(w, group_size)
+    ops = create_ops(emulate=True, chip="910b")
+    y_ref = x.float() @ W.t()
+    y = ops.linear(x, conv).float()
+    err = (y - y_ref).abs()
+    werr = (dequant_any(conv) - W).abs()
+    return {"max_abs": err.max().item(), "mean_abs": err.mean().item(),
+            "rel_rms": (err.square().mean().sqrt() / y_ref.square().mean().sqrt()).item(),
+            "weight_max_abs": werr.max().item(), "weight_mean_abs": werr.mean().item()}
+
+
+def convert_for_chip(w: LinearWeight, chip: str, expert: bool = False) -> LinearWeight:
+    """What AscendOps would convert a checkpoint weight to on `chip` (done once at load time to avoid the
+    backend's on-the-fly conversion): 950 keeps FP8 (FP4 -> FP8), 910B/910C get w8a8 (dense) / w4a8 (experts)."""
+    if w.fmt in ("none", "w8a8", "w4a8"):
+        return w
+    if chip.startswith("950"):
+        return fp4_to_fp8(w) if w.fmt == "fp4" else w
+    return to_w4a8(w) if expert else to_w8a8(w)

@@ -1,0 +1,78 @@
+"""CPU emulation of the manifold-constrained hyper-connection ops (torch-npu-ops.md section 5; 950PR/950DT only).
+
+Row layout of phi / bias (n^2 + 2n rows): [0, n) pre weights, [n, 2n) post weights, [2n, 2n + n^2) the residual
+mixing matrix, row-major h_res[j, k] = row 2n + j*n + k (the DeepSeek-V4 kernel's layout, which these ops were built
+for; our reading of OPDOC:npu_mhc_pre).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .basic import HALF_ACT, check, is_a5
+
+MHC_STREAMS = (4, 6, 8)
+
+
+def _check_chip(chip: str, op: str) -> None:
+    check(is_a5(chip), op, f"only on 950PR/950DT, chip is {chip}")
+
+
+def npu_mhc_pre(chip: str, x: Tensor, phi: Tensor, alpha: Tensor, bias: Tensor, *, gamma: Tensor | None = None,
+                norm_eps: float = 1e-6, hc_eps: float = 1e-6, out_flag: int = 0,
+                inner_precise: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """x (B,S,n,D) or (T,n,D) bf16/fp16. mix = (flat(x) @ phi^T) * inv_rms, inv_rms = rsqrt(mean(flat(x)^2)+eps);
+    h_pre = sigmoid(mix[:n]*alpha0 + bias[:n]) + hc_eps; h_post = 2*sigmoid(mix[n:2n]*alpha1 + bias[n:2n]);
+    h_res = (mix[2n:]*alpha2 + bias[2n:]) as n x n, un-normalised (Sinkhorn is npu_mhc_sinkhorn);
+    h_in = sum_j h_pre_j x_j in x.dtype. Returns (h_in, h_post, h_res, inv_rms, h_mix, h_pre); the last three only
+    with out_flag (training), else None."""
+    op = "npu_mhc_pre"
+    _check_chip(chip, op)
+    check(x.dim() in (3, 4) and x.dtype in HALF_ACT, op, "x must be (B,S,n,D)/(T,n,D) bf16/fp16")
+    n, D = x.shape[-2], x.shape[-1]
+    check(n in MHC_STREAMS, op, f"n must be one of {MHC_STREAMS}, got {n}")
+    check(D % 16 == 0 and D <= 16384, op, f"D must be 16-aligned and <= 16384, got {D}")
+    rows = n * n + 2 * n
+    check(phi.dtype == torch.float32 and tuple(phi.shape) == (rows, n * D), op, f"phi must be fp32 ({rows}, {n * D})")
+    check(alpha.dtype == torch.float32 and alpha.numel() == 3, op, "alpha must be fp32 [3]")
+    check(bias.dtype == torch.float32 and bias.numel() == rows, op, f"bias must be fp32 [{rows}]")
+    check(gamma is None, op, "gamma (a fused norm weight) is not emulated")
+    xf = x.flatten(-2).float()
+    inv_rms = torch.rsqrt(xf.square().mean(-1, keepdim=True) + norm_eps)
+    mix = (xf @ phi.t()) * inv_rms
+    h_pre = torch.sigmoid(mix[..., :n] * alpha[0] + bias[:n]) + hc_eps
+    h_post = 2.0 * torch.sigmoid(mix[..., n:2 * n] * alpha[1] + bias[n:2 * n])
+    h_res = (mix[..., 2 * n:] * alpha[2] + bias[2 * n:]).unflatten(-1, (n, n))
+    h_in = (h_pre.unsqueeze(-1) * x.float()).sum(-2).to(x.dtype)
+    if out_flag:
+        return h_in, h_post, h_res, inv_rms, mix, h_pre
+    return h_in, h_post, h_res, None, None, None
+
+
+def npu_mhc_sinkhorn(chip: str, x: Tensor, eps: float = 1e-6, num_iters: int = 20, out_flag: int = 0) -> Tensor:
+    """Sinkhorn of fp32 [..., n, n] (indexed [j, k]): softmax over k (the first row normalisation) + eps, then a
+    column normalisation, then (num_iters - 1) x (row, column) normalisations, each dividing by (sum + eps)."""
+    op = "npu_mhc_sinkhorn"
+    _check_chip(chip, op)
+    check(x.dtype == torch.float32 and x.shape[-1] == x.shape[-2], op, "x must be fp32 [..., n, n]")
+    check(num_iters >= 1, op, "num_iters must be >= 1")
+    c = x.softmax(-1) + eps
+    c = c / (c.sum(-2, keepdim=True) + eps)
+    for _ in range(num_iters - 1):
+        c = c / (c.sum(-1, keepdim=True) + eps)
+        c = c / (c.sum(-2, keepdim=True) + eps)
+    return c
+
+
+def npu_mhc_post(chip: str, x: Tensor, h_res: Tensor, h_out: Tensor, h_post: Tensor) -> Tensor:
+    """y[k] = sum_j h_res[j, k] * x[j] + h_post[k] * h_out: x (B,S,n,D) the residual streams, h_res fp32 (B,S,n,n),
+    h_out (B,S,D) the sub-layer output, h_post fp32 (B,S,n). fp32 math, returned in h_out's dtype."""
+    op = "npu_mhc_post"
+    _check_chip(chip, op)
+    n = x.shape[-2]
+    check(x.dtype in HALF_ACT and h_out.dtype == x.dtype, op, "x / h_out must be bf16/fp16")
+    check(tuple(h_res.shape[-2:]) == (n, n) and h_post.shape[-1] == n, op, "h_res (..,n,n), h_post (..,n) expected")
+    y = torch.einsum("...jk,...jd->...kd", h_res.float(), x.float()) + h_post.float().unsqueeze(-1) * \
+        h_out.float().unsqueeze(-2)
+    return y.to(h_out.dtype)

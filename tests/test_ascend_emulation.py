@@ -1,0 +1,221 @@
+"""The emulated torch_npu operators against small hand-computed cases: layouts, index formats, documented
+constraints (torch-npu-ops.md). These pin the op contracts the Ascend backend relies on."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dsv4.ascend.emulation import NpuOpError, make_torch_npu
+from dsv4.ascend.formats import pack_int4, round_e4m3, unpack_int4
+
+A5 = make_torch_npu("950dt")
+A2 = make_torch_npu("910b")
+
+
+def test_chip_namespaces_hide_ops_the_chip_lacks():
+    assert hasattr(A5, "npu_mhc_pre") and not hasattr(A2, "npu_mhc_pre")
+    assert hasattr(A2, "npu_moe_finalize_routing") and not hasattr(A5, "npu_moe_finalize_routing")
+    assert not hasattr(make_torch_npu("910c", "7.1.0"), "npu_lightning_indexer")  # first in 7.3.0
+    assert hasattr(make_torch_npu("910c", "7.3.0"), "npu_lightning_indexer")
+
+
+def test_rms_norm_returns_y_and_fp32_rstd():
+    x = torch.tensor([[3.0, 4.0], [1.0, 1.0]], dtype=torch.bfloat16)
+    y, rstd = A2.npu_rms_norm(x, torch.tensor([1.0, 2.0]), epsilon=0.0)
+    assert rstd.dtype == torch.float32 and rstd.shape == (2, 1)
+    assert torch.allclose(rstd[:, 0], torch.tensor([1 / math.sqrt(12.5), 1.0]))
+    assert y.dtype == torch.bfloat16
+    assert torch.allclose(y.float(), torch.tensor([[3 / math.sqrt(12.5), 8 / math.sqrt(12.5)], [1.0, 2.0]]),
+                          atol=1e-2)
+
+
+def test_rotary_mul_interleave_and_half_hand():
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0]).view(1, 1, 1, 4)
+    c0, s0, c1, s1 = 0.6, 0.8, 0.0, 1.0
+    r1 = torch.tensor([c0, c0, c1, c1]).view(1, 1, 1, 4)  # interleave: full width, repeat-interleaved
+    r2 = torch.tensor([s0, s0, s1, s1]).view(1, 1, 1, 4)
+    y = A5.npu_rotary_mul(x, r1, r2, rotary_mode="interleave").flatten()
+    # pair (1,2) rotated by (0.6, 0.8): (1*.6 - 2*.8, 1*.8 + 2*.6); pair (3,4) by 90 degrees: (-4, 3)
+    assert torch.allclose(y, torch.tensor([0.6 - 1.6, 0.8 + 1.2, -4.0, 3.0]))
+    y = A5.npu_rotary_mul(x, torch.zeros(1, 1, 1, 4), torch.ones(1, 1, 1, 4), rotary_mode="half").flatten()
+    assert torch.equal(y, torch.tensor([-3.0, -4.0, 1.0, 2.0]))  # rotate_half
+    with pytest.raises(NpuOpError):
+        A5.npu_rotary_mul(x, r1.view(1, 1, 4), r2, rotary_mode="interleave")  # rank mismatch
+
+
+def test_dynamic_quant_and_quant_matmul_hand():
+    x = torch.tensor([[1.0, -2.0, 0.5], [0.0, 0.0, 0.0]], dtype=torch.bfloat16)
+    q, s = A2.npu_dynamic_quant(x)
+    assert torch.allclose(s, torch.tensor([2 / 127, 0.0]))
+    assert q.tolist() == [[64, -127, 32], [0, 0, 0]]  # 63.5 -> 64 and 31.75 -> 32
+    with pytest.raises(NpuOpError):
+        A2.npu_dynamic_quant(x.float())  # fp16/bf16 only
+    w = torch.tensor([[1, 2], [3, 4], [5, 6]], dtype=torch.int8)  # [k=3, n=2]
+    y = A2.npu_quant_matmul(q, w, torch.tensor([0.5, 2.0]), pertoken_scale=s, output_dtype=torch.bfloat16)
+    want = torch.tensor([[64 - 381 + 160, 128 - 508 + 192], [0, 0]]) * torch.tensor([0.5, 2.0]) * s[:, None]
+    assert torch.allclose(y.float(), want, rtol=8e-3)
+    f8 = torch.ones(2, 128).to(torch.float8_e4m3fn)
+    with pytest.raises(NpuOpError, match="950"):
+        A2.npu_quant_matmul(f8, f8.t(), torch.ones(1, 1), pertoken_scale=torch.ones(2, 1),
+                            output_dtype=torch.bfloat16, group_sizes=[1, 128, 128])
+    y = A5.npu_quant_matmul(f8, f8.t().contiguous(), torch.full((1, 1), 0.5), pertoken_scale=torch.full((2, 1), 2.0),
+                            output_dtype=torch.bfloat16, group_sizes=[1, 128, 128])
+    assert torch.equal(y.float(), torch.full((2, 2), 128.0))
+
+
+def test_init_routing_v2_three_tokens():
+    x = torch.tensor([[10.0, 11.0], [20.0, 21.0], [30.0, 31.0]])
+    ids = torch.tensor([[1, 0], [2, 1], [0, 2]], dtype=torch.int32)
+    # flattened src = t*k + j: experts [1,0,2,1,0,2]; stable sort -> src order [1,4,0,3,2,5]
+    ex, row, cnt, _ = A2.npu_moe_init_routing_v2(x, ids, active_num=6, expert_num=4, expert_tokens_num_type=1,
+                                                 expert_tokens_num_flag=True)
+    assert ex[:, 0].tolist() == [10.0, 30.0, 10.0, 20.0, 20.0, 30.0]
+    assert row.tolist() == [2, 0, 4, 3, 1, 5]  # scatter index: output row of each src
+    assert cnt.tolist() == [2, 2, 2, 0]  # expert 3 gets no token
+    _, gather, cum, _ = A2.npu_moe_init_routing_v2(x, ids, active_num=6, expert_num=4, expert_tokens_num_type=0,
+                                                   expert_tokens_num_flag=True, row_idx_type=1)
+    assert gather.tolist() == [1, 4, 0, 3, 2, 5] and cum.tolist() == [2, 4, 6, 6]
+    ex, row, cnt, _ = A2.npu_moe_init_routing_v2(x, ids, active_num=6, expert_num=4, expert_tokens_num_type=1,
+                                                 expert_tokens_num_flag=True, active_expert_range=[1, 3])
+    assert ex[:4, 0].tolist() == [10.0, 20.0, 20.0, 30.0] and ex[4:].abs().sum() == 0
+    assert row.tolist() == [0, -1, 2, 1, -1, 3] and cnt.tolist() == [2, 2]
+    with pytest.raises(NpuOpError):
+        A2.npu_moe_init_routing_v2(x, ids.long(), expert_num=4)  # ids must be int32
+
+
+def test_grouped_matmul_group_list_forms_and_empty_group():
+    x = torch.arange(12.0).view(4, 3)
+    w = torch.stack([torch.eye(3), 2 * torch.eye(3), 3 * torch.eye(3)])  # [E=3, K, N]
+    kw = dict(split_item=3, group_type=0)
+    y_cnt = A2.npu_grouped_matmul([x], [w], group_list=torch.tensor([1, 0, 3]), group_list_type=1, **kw)[0]
+    y_cum = A2.npu_grouped_matmul([x], [w], group_list=torch.tensor([1, 1, 4]), group_list_type=0, **kw)[0]
+    assert torch.equal(y_cnt, y_cum)
+    assert torch.equal(y_cnt, torch.cat([x[:1], 3 * x[1:]]))
+    with pytest.raises(NpuOpError):
+        A2.npu_grouped_matmul([x], [w], group_list=torch.tensor([1, 0, 5]), group_list_type=1, **kw)
+    # W8A8: int8 rows, per-expert per-channel scale, per-token scale
+    xq = torch.tensor([[1, 2], [3, 4]], dtype=torch.int8)
+    wq = torch.tensor([[[1, 0], [0, 1]], [[2, 0], [0, 2]]], dtype=torch.int8)
+    y = A2.npu_grouped_matmul([xq], [wq], scale=[torch.tensor([[1.0, 1.0], [0.5, 0.25]])],
+                              per_token_scale=[torch.tensor([1.0, 2.0])], group_list=torch.tensor([1, 1]),
+                              group_list_type=1, output_dtype=torch.bfloat16, **kw)[0]
+    assert y.float().tolist() == [[1.0, 2.0], [6.0, 4.0]]
+
+
+def test_grouped_matmul_int4_per_group():
+    q = torch.randint(-7, 8, (1, 64, 8))
+    s = torch.rand(1, 2, 8) + 0.5  # two groups of 32 along K
+    xq = torch.randint(-127, 128, (3, 64), dtype=torch.int8)
+    pts = torch.rand(3) + 0.1
+    y = A2.npu_grouped_matmul([xq], [pack_int4(q)], scale=[s], per_token_scale=[pts], group_list=torch.tensor([3]),
+                              group_list_type=1, split_item=3, group_type=0, output_dtype=torch.bfloat16)[0]
+    wd = (q.float() * s.repeat_interleave(32, dim=1))[0]
+    assert torch.allclose(y.float(), (xq.float() @ wd) * pts[:, None], rtol=8e-3)
+
+
+def test_int4_pack_roundtrip_and_nibble_order():
+    q = torch.tensor([[1, -1, 2, -8, 7, 0, 3, -2]])
+    p = pack_int4(q)
+    assert p.dtype == torch.int32 and p.shape == (1, 1)
+    assert int(p) & 0xF == 1 and (int(p) >> 4) & 0xF == 0xF  # element 0 in the lowest nibble
+    assert torch.equal(unpack_int4(p).long(), q)
+
+
+def test_round_e4m3_matches_the_dtype_cast():
+    all_vals = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    vals = all_vals[torch.isfinite(all_vals)].unique().sort().values
+    mids = (vals[1:] + vals[:-1]) / 2  # exact ties: round-half-even must agree
+    probe = torch.cat([vals, mids, mids + 1e-7, mids - 1e-7, torch.randn(4000) * 50]).clamp(-448, 448)
+    assert torch.equal(round_e4m3(probe), probe.to(torch.float8_e4m3fn).float())
+
+
+def test_finalize_routing_hand():
+    rows = torch.tensor([[1.0], [2.0], [4.0], [8.0]])
+    dst = torch.tensor([3, 0, -1, 1], dtype=torch.int32)  # token-major: (t0,j0)->3, (t0,j1)->0, (t1,j0) dropped
+    experts = torch.tensor([[1, 0], [5, 0]], dtype=torch.int32)
+    out = A2.npu_moe_finalize_routing(rows, torch.ones(2, 1), None, None, torch.tensor([[0.5, 2.0], [3.0, 1.0]]),
+                                      dst, experts)
+    assert out.flatten().tolist() == [1 + 0.5 * 8 + 2 * 1, 1 + 1 * 2]
+
+
+def test_gating_top_k_softmax_sigmoid_hash():
+    x = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
+    y, ids, s = A2.npu_moe_gating_top_k(x, 2, norm_type=0, out_flag=True, routed_scaling_factor=2.0)
+    p = x.softmax(-1)
+    assert ids.dtype == torch.int32 and ids.tolist() == [[3, 2]]
+    assert torch.allclose(y, 2 * p[:, [3, 2]]) and torch.allclose(s, p)
+    bias = torch.tensor([10.0, 0.0, 0.0, 0.0])
+    y, ids, _ = A2.npu_moe_gating_top_k(x, 2, bias=bias, norm_type=1)
+    sg = x.sigmoid()[0]
+    assert ids.tolist() == [[0, 3]]  # the bias picks expert 0; weights still come from the unbiased scores
+    assert torch.allclose(y, torch.stack([sg[0], sg[3]]).view(1, 2) / (sg[0] + sg[3]))
+    tid2eid = torch.tensor([[1, 2], [0, 3]], dtype=torch.int32)
+    _, ids, _ = A2.npu_moe_gating_top_k(x, 2, input_ids=torch.tensor([1]), tid2eid=tid2eid, norm_type=1)
+    assert ids.tolist() == [[0, 3]]
+
+
+def test_lightning_indexer_bsnd_causal_and_constraints():
+    # 1 batch, 3 queries, 1 head, 4 keys; k_j = e_j scaled so score = w * relu(q_j) is easy to read
+    q = torch.zeros(1, 3, 1, 128)
+    q[0, :, 0, :4] = torch.tensor([[1.0, 4.0, 2.0, 3.0]] * 3)
+    k = torch.zeros(1, 4, 1, 128)
+    k[0, :, 0, :4] = torch.eye(4)
+    w = torch.ones(1, 3, 1, dtype=torch.bfloat16)
+    idx, _ = A2.npu_lightning_indexer(q.bfloat16(), k.bfloat16(), w, sparse_count=3, sparse_mode=3)
+    assert idx.dtype == torch.int32 and idx.shape == (1, 3, 1, 3)
+    # right-down causal with S1=3, S2=4: query i sees keys j <= i + 1
+    assert idx[0, :, 0].tolist() == [[1, 0, -1], [1, 2, 0], [1, 3, 2]]
+    bad = dict(sparse_count=3, sparse_mode=0)
+    with pytest.raises(NpuOpError, match="D must be 128"):
+        A2.npu_lightning_indexer(q[..., :64].bfloat16(), k[..., :64].bfloat16(), w, **bad)
+    with pytest.raises(NpuOpError, match="sparse_count"):
+        A2.npu_lightning_indexer(q.bfloat16(), k.bfloat16(), w, sparse_count=2500)
+    with pytest.raises(NpuOpError, match="heads"):
+        A5.npu_lightning_indexer(q.bfloat16(), k.bfloat16(), w, **bad)  # N1=1 not in {8,...,64} on 950
+    with pytest.raises(NpuOpError, match="weights dtype"):
+        A5.npu_lightning_indexer(q.expand(1, 3, 8, 128).bfloat16(), k.bfloat16(), w.expand(1, 3, 8).float(), **bad)
+    with pytest.raises(NpuOpError, match="bf16 or fp16"):
+        A2.npu_lightning_indexer(q, k, w, **bad)
+
+
+def test_sparse_flash_attention_one_query_and_constraints():
+    torch.manual_seed(0)
+    q, qr = torch.randn(1, 1, 2, 512).bfloat16(), torch.randn(1, 1, 2, 64).bfloat16()
+    kv, kr = torch.randn(1, 6, 1, 512).bfloat16(), torch.randn(1, 6, 1, 64).bfloat16()
+    idx = torch.tensor([4, 1, -1, -1], dtype=torch.int32).view(1, 1, 1, 4)
+    sinks = torch.tensor([0.5, -1.0])
+    out = A5.npu_sparse_flash_attention(q, kv, kv, idx, 0.05, query_rope=qr, key_rope=kr, sparse_mode=0,
+                                        attention_mode=2, sinks=sinks)[0]
+    keys = torch.cat([kv, kr], -1)[0, [4, 1], 0].float()
+    for h in range(2):
+        lg = torch.cat([torch.cat([q, qr], -1)[0, 0, h].float() @ keys.t() * 0.05, sinks[h:h + 1]])
+        p = lg.softmax(0)[:2].bfloat16().float()
+        assert torch.allclose(out[0, 0, h].float(), p @ keys[:, :512], atol=2e-2)
+    kw = dict(query_rope=qr, key_rope=kr, sparse_mode=0, attention_mode=2)
+    with pytest.raises(NpuOpError, match="950"):
+        A2.npu_sparse_flash_attention(q, kv, kv, idx, 0.05, sinks=sinks, **kw)
+    with pytest.raises(NpuOpError, match="packed"):
+        A5.npu_sparse_flash_attention(q, kv, kv, idx.flip(-1), 0.05, **kw)
+    with pytest.raises(NpuOpError, match="512"):
+        A5.npu_sparse_flash_attention(q[..., :128], kv[..., :128], kv[..., :128], idx, 0.05, **kw)
+    none = torch.full((1, 1, 1, 4), -1, dtype=torch.int32)
+    assert A5.npu_sparse_flash_attention(q, kv, kv, none, 0.05, sinks=sinks, **kw)[0].abs().sum() == 0
+
+
+def test_mhc_ops_hand():
+    c = A5.npu_mhc_sinkhorn(torch.randn(3, 4, 4), num_iters=20)
+    assert torch.allclose(c.sum(-2), torch.ones(3, 4), atol=1e-5)  # columns exactly normalised last
+    assert torch.allclose(c.sum(-1), torch.ones(3, 4), atol=1e-3)
+    x = torch.arange(8.0).view(1, 1, 4, 2).bfloat16()
+    res = torch.eye(4).view(1, 1, 4, 4)
+    y = A5.npu_mhc_post(x, res, torch.ones(1, 1, 2).bfloat16(), torch.tensor([[[1.0, 0, 0, 2]]]))
+    assert y.float().flatten().tolist() == [1, 2, 2, 3, 4, 5, 8, 9]
+    from dsv4.ascend.emulation.mhc import npu_mhc_post
+
+    with pytest.raises(NpuOpError, match="950"):  # called directly for an A2 chip (the namespace hides it)
+        npu_mhc_post("910b", x, res, torch.ones(1, 1, 2).bfloat16(), torch.ones(1, 1, 4))
+    with pytest.raises(NpuOpError, match="n must be"):
+        A5.npu_mhc_pre(torch.zeros(1, 1, 3, 16).bfloat16(), torch.zeros(15, 48), torch.zeros(3), torch.zeros(15))

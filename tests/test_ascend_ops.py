@@ -1,0 +1,377 @@
+"""Every AscendOps op (emulate=True, i.e. through the emulated torch_npu operators) against ReferenceOps.
+
+fp32: tight (atol ~1e-5) wherever the two compute the same formula. bf16: each looser tolerance is justified where
+it is set. `last_path` is asserted so each test knows whether the fused op or the composition ran.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dsv4.ascend import create_ops
+from dsv4.ascend.convert import dequant_any, to_w4a8
+from dsv4.common.ops import LinearWeight
+from dsv4.common.quant import quantize_fp4, quantize_fp8
+from dsv4.common.reference import ReferenceOps
+
+REF = ReferenceOps()
+BF16_ULP = 2.0 ** -8  # relative spacing of bf16 (8 significant bits)
+
+
+def ops_for(chip: str = "950dt", **kw):
+    return create_ops(emulate=True, chip=chip, **kw)
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def randn(*shape, seed=0, dtype=torch.float32, scale=1.0):
+    return (torch.randn(*shape, generator=gen(seed)) * scale).to(dtype)
+
+
+# -- normalisation and rope ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("chip", ["950dt", "910b"])
+def test_rms_norm(chip):
+    ops = ops_for(chip)
+    x, w = randn(3, 5, 256), randn(256, seed=1)
+    torch.testing.assert_close(ops.rms_norm(x, w, 1e-6), REF.rms_norm(x, w, 1e-6), atol=1e-5, rtol=1e-5)
+    assert ops.last_path["rms_norm"] == "npu_rms_norm"
+    # bf16: both normalise in fp32 and round once; only the fp32 op order differs -> at most 1 bf16 ulp
+    xb = x.bfloat16()
+    torch.testing.assert_close(ops.rms_norm(xb, w, 1e-6).float(), REF.rms_norm(xb, w, 1e-6).float(),
+                               rtol=BF16_ULP, atol=1e-6)
+
+
+def test_head_rms_norm():
+    ops = ops_for()
+    q = randn(2, 3, 4, 128)
+    torch.testing.assert_close(ops.head_rms_norm(q, 1e-6), REF.head_rms_norm(q, 1e-6), atol=1e-5, rtol=1e-5)
+    assert ops.last_path["head_rms_norm"] == "npu_rms_norm"
+    # bf16: computed in bf16 arithmetic like the official code (npu_rms_norm's fp32 math would differ by 1 ulp)
+    qb = q.bfloat16()
+    assert torch.equal(ops.head_rms_norm(qb, 1e-6), REF.head_rms_norm(qb, 1e-6))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("inverse", [False, True])
+def test_rope(dtype, inverse):
+    ops = ops_for("910c")
+    x = randn(2, 5, 3, 64, dtype=dtype)
+    ang = torch.rand(2, 5, 32, generator=gen(2)) * 6
+    got = ops.rope(x, ang.cos(), ang.sin(), inverse=inverse)
+    assert ops.last_path["rope"] == "npu_rotary_mul(interleave)"
+    # the same fp32 products in both, one final rounding: equal up to fp32 rounding of the sum
+    torch.testing.assert_close(got.float(), REF.rope(x, ang.cos(), ang.sin(), inverse).float(), atol=1e-6, rtol=1e-6)
+    back = ops.rope(ops.rope(x.float(), ang.cos(), ang.sin()), ang.cos(), ang.sin(), inverse=True)
+    torch.testing.assert_close(back, x.float(), atol=1e-5, rtol=1e-5)
+
+
+# -- quantisation simulations --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["e4m3", "clamp"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_sim_bit_exact(mode, dtype):
+    ops = ops_for("910b")
+    # magnitudes from 1e-6 to 1e3 so blocks hit subnormal codes, the 1e-4 amax floor and saturation
+    x = randn(4, 256) * torch.exp(torch.rand(4, 256, generator=gen(3)) * 20 - 14)
+    x = x.to(dtype)
+    assert torch.equal(ops.fp8_sim(x, 64, mode), REF.fp8_sim(x, 64, mode))
+
+
+def test_fp4_sim_bit_exact_including_ties():
+    ops = ops_for()
+    ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 5.9, 6.0, -0.25, -2.5, -5.0, 0.0, 1e-3, 3.0, 4.0])
+    x = torch.cat([ties, -ties]).repeat(4)  # each 32-block has amax 6 -> scale 1, values stay exact ties
+    assert torch.equal(ops.fp4_sim(x.view(4, 32), 32), REF.fp4_sim(x.view(4, 32), 32))
+    y = randn(3, 128, seed=4) * 7
+    assert torch.equal(ops.fp4_sim(y, 32), REF.fp4_sim(y, 32))
+    assert torch.equal(ops.fp4_sim(y.bfloat16(), 32), REF.fp4_sim(y.bfloat16(), 32))
+
+
+def test_hadamard():
+    ops = ops_for()
+    x = randn(3, 128)
+    torch.testing.assert_close(ops.hadamard(x), REF.hadamard(x), atol=1e-5, rtol=1e-5)
+
+
+# -- linear ------------------------------------------------------------------------------------------------------------
+def fp8_weight(out=256, inp=256, seed=5):
+    q, s = quantize_fp8(randn(out, inp, seed=seed) * 0.05)
+    return LinearWeight(q, s, "fp8")
+
+
+def fp4_weight(*lead, out=256, inp=256, seed=6):
+    q, s = quantize_fp4(randn(*lead, out, inp, seed=seed) * 0.05)
+    return LinearWeight(q, s, "fp4")
+
+
+def test_linear_dense_exact():
+    ops = ops_for()
+    x, w = randn(7, 3, 256), LinearWeight(randn(128, 256, seed=1), None, "none")
+    assert torch.equal(ops.linear(x, w), REF.linear(x, w))
+
+
+@pytest.mark.parametrize("make", [fp8_weight, fp4_weight])
+def test_linear_fp8_path_on_950(make):
+    ops = ops_for("950dt")
+    w = make()
+    x = randn(5, 3, 256, seed=7)  # 15 tokens: not a multiple of any block
+    torch.testing.assert_close(ops.linear(x, w), REF.linear(x, w), atol=1e-5, rtol=1e-5)
+    yb = ops.linear(x.bfloat16(), w)
+    assert ops.last_path["linear"].startswith("npu_quant_matmul FP8")
+    # bf16: the same FP8 codes and scales; fp64 (emulated op) vs fp32 accumulation can flip the final bf16
+    # rounding -> 1 ulp of the output magnitude
+    ref = REF.linear(x.bfloat16(), w).float()
+    torch.testing.assert_close(yb.float(), ref, rtol=BF16_ULP, atol=BF16_ULP * ref.abs().max().item())
+
+
+def test_linear_w8a8_on_910b():
+    ops = ops_for("910b")
+    w = fp8_weight()
+    x = randn(9, 256, seed=8).bfloat16()
+    y = ops.linear(x, w).float()
+    assert ops.last_path["linear"] == "npu_dynamic_quant + npu_quant_matmul (W8A8)"
+    conv = ops.native_weight(w)
+    assert conv.fmt == "w8a8" and conv.weight.dtype == torch.int8 and conv.scale.shape == (256,)
+    # by hand: per-token int8 activations (amax/127), per-channel int8 weights
+    xs = x.float().abs().amax(-1, keepdim=True) / 127
+    want = (torch.round(x.float() / xs) * xs) @ (conv.weight.float() * conv.scale[:, None]).t()
+    torch.testing.assert_close(y, want, rtol=BF16_ULP, atol=BF16_ULP * want.abs().max().item())
+    # vs the FP8 reference: dominated by the reference's own e4m3 activation rounding (3 mantissa bits, ~2.5% RMS
+    # relative); int8 activations / weights add < 1%
+    ref = REF.linear(x, w).float()
+    assert ((y - ref).square().mean().sqrt() / ref.square().mean().sqrt()) < 4e-2
+    # fp32 activations take the torch composition of the same math
+    y32 = ops.linear(x.float(), w)
+    assert "torch W8A8" in ops.last_path["linear"]
+    torch.testing.assert_close(y32, want, atol=1e-4, rtol=1e-4)
+
+
+# -- attention ---------------------------------------------------------------------------------------------------------
+def attn_inputs(D, dtype, seed=9, B=2, S=5, H=4, N=11, K=6):
+    q = randn(B, S, H, D, seed=seed, dtype=dtype)
+    kv = randn(B, N, D, seed=seed + 1, dtype=dtype)
+    sink = randn(H, seed=seed + 2)
+    idx = torch.randint(0, N, (B, S, K), generator=gen(seed + 3))
+    idx[torch.rand(B, S, K, generator=gen(seed + 4)) < 0.3] = -1  # -1 anywhere, not only at the end
+    idx[0, 0] = -1  # a query with nothing to attend to -> zeros
+    return q, kv, sink, idx
+
+
+def test_sparse_attention_fp32_composition():
+    ops = ops_for()
+    q, kv, sink, idx = attn_inputs(128, torch.float32)
+    got = ops.sparse_attention(q, kv, sink, idx, 128 ** -0.5)
+    assert "512" in ops.last_path["sparse_attention"]  # head_dim 128 does not fit the 512+64 SFA
+    torch.testing.assert_close(got, REF.sparse_attention(q, kv, sink, idx, 128 ** -0.5), atol=1e-5, rtol=1e-5)
+    assert got[0, 0].abs().sum() == 0
+
+
+@pytest.mark.parametrize("chip", ["950dt", "910b"])
+def test_sparse_attention_bf16_512(chip):
+    ops = ops_for(chip)
+    q, kv, sink, idx = attn_inputs(512, torch.bfloat16, H=2)
+    got = ops.sparse_attention(q, kv, sink, idx, 512 ** -0.5).float()
+    if chip == "950dt":
+        assert ops.last_path["sparse_attention"].startswith("npu_sparse_flash_attention")
+    else:
+        assert "sinks" in ops.last_path["sparse_attention"]  # A2/A3 SFA has no sinks -> composition
+    # both round P to bf16 before PV; a 1e-7 fp32 difference in P can flip that rounding (one bf16 ulp of P, then
+    # summed over <= 6 keys of |kv| <~ 4) plus the output's own bf16 rounding
+    ref = REF.sparse_attention(q, kv, sink, idx, 512 ** -0.5).float()
+    torch.testing.assert_close(got, ref, atol=6 * 4 * BF16_ULP * 0.5, rtol=BF16_ULP)
+    assert got[0, 0].abs().sum() == 0
+
+
+def test_compress_pool():
+    ops = ops_for()
+    kv, score = randn(2, 3, 8, 16), randn(2, 3, 8, 16, seed=1)
+    score[:, 0, :4] = float("-inf")  # absent tokens
+    torch.testing.assert_close(ops.compress_pool(kv, score), REF.compress_pool(kv, score), atol=1e-6, rtol=1e-6)
+
+
+def sorted_rows(t):
+    return t.sort(-1).values
+
+
+def indexer_inputs(H, dtype, T=12, S=7, B=2, seed=11):
+    q = randn(B, S, H, 128, seed=seed, dtype=dtype)
+    k = randn(B, T, 128, seed=seed + 1, dtype=dtype)
+    w = randn(B, S, H, seed=seed + 2)
+    visible = torch.randint(0, T + 1, (B, S), generator=gen(seed + 3))
+    visible[0, 0], visible[1, 0] = 0, T  # nothing visible / everything visible
+    return q, k, w, visible
+
+
+@pytest.mark.parametrize("topk", [5, 20])  # 20 > T = 12: top-k larger than the compressed entries
+def test_indexer_topk_fp32_composition(topk):
+    ops = ops_for("910b")
+    q, k, w, vis = indexer_inputs(4, torch.float32)
+    got = ops.indexer_topk(q, k, w, vis, topk)
+    assert ops.last_path["indexer_topk"].startswith("torch")
+    want = REF.indexer_topk(q, k, w, vis, topk)
+    assert got.shape == want.shape == (2, 7, min(topk, 12)) and got.dtype == torch.int64
+    assert torch.equal(sorted_rows(got), sorted_rows(want))
+    assert (got[0, 0] == -1).all()
+
+
+@pytest.mark.parametrize("chip,heads", [("910b", 4), ("950dt", 8), ("950dt", 4)])
+@pytest.mark.parametrize("topk", [5, 20])
+def test_indexer_topk_bf16(chip, heads, topk):
+    ops = ops_for(chip)
+    q, k, w, vis = indexer_inputs(heads, torch.bfloat16)
+    got = ops.indexer_topk(q, k, w, vis, topk)
+    fused = not (chip == "950dt" and heads == 4)  # 950 indexer takes N1 in {8,16,24,32,64}
+    assert ops.last_path["indexer_topk"].startswith("npu_lightning_indexer" if fused else "torch")
+    # 950 takes bf16 weights only: the reference gets the same bf16-rounded weights so the selection is exact
+    w_ref = w.bfloat16().float() if chip == "950dt" and fused else w
+    want = REF.indexer_topk(q, k, w_ref, vis, topk)
+    assert torch.equal(sorted_rows(got), sorted_rows(want))
+
+
+# -- MoE ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("score_func", ["sqrtsoftplus", "softmax", "sigmoid"])
+@pytest.mark.parametrize("hashed", [False, True])
+def test_moe_gate(score_func, hashed):
+    ops = ops_for("910b")
+    x, W, bias = randn(9, 64), randn(8, 64, seed=1) * 0.2, randn(8, seed=2) * 0.1
+    tid2eid = torch.stack([torch.randperm(8, generator=gen(i))[:2] for i in range(16)]).int() if hashed else None
+    tok = torch.randint(0, 16, (9,), generator=gen(3)) if hashed else None
+    b = None if hashed else bias
+    gw, gi = ops.moe_gate(x, W, b, tid2eid, tok, 2, score_func, 1.5)
+    rw, ri = REF.moe_gate(x, W, b, tid2eid, tok, 2, score_func, 1.5)
+    fused = score_func != "sqrtsoftplus"
+    assert ops.last_path["moe_gate"].startswith("npu_moe_gating_top_k" if fused else "torch")
+    assert torch.equal(gi, ri) and gi.dtype == torch.int64
+    torch.testing.assert_close(gw, rw, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("limit", [0.0, 1.5])
+def test_swiglu(limit):
+    ops = ops_for()
+    g, u = randn(6, 32) * 3, randn(6, 32, seed=1) * 3
+    torch.testing.assert_close(ops.swiglu(g, u, limit), REF.swiglu(g, u, limit), atol=1e-6, rtol=1e-6)
+
+
+def moe_case(T=7, k=2, E=4, d=128, inter=128, seed=12):
+    x = randn(T, d, seed=seed)
+    ids = torch.tensor([[0, 2], [2, 0], [1, 0], [0, 2], [2, 1], [1, 2], [0, 1]])[:T]  # expert 3: no tokens
+    w = torch.rand(T, k, generator=gen(seed + 1)) + 0.1
+    mk = [LinearWeight(randn(E, inter, d, seed=seed + 2) * 0.1, None, "none"),
+          LinearWeight(randn(E, d, inter, seed=seed + 3) * 0.1, None, "none"),
+          LinearWeight(randn(E, inter, d, seed=seed + 4) * 0.1, None, "none")]
+    return x, w, ids, mk
+
+
+@pytest.mark.parametrize("chip", ["910b", "950dt"])  # finalize_routing (A2) vs torch un-permute
+def test_moe_experts_dense_fp32(chip):
+    ops = ops_for(chip)
+    x, w, ids, (w1, w2, w3) = moe_case()
+    got = ops.moe_experts(x, w, ids, w1, w2, w3, 0.5)  # small limit: the clamp really bites
+    path = ops.last_path["moe_experts"]
+    assert path.startswith("npu_moe_init_routing_v2") and ("finalize" in path) == (chip == "910b")
+    torch.testing.assert_close(got, REF.moe_experts(x, w, ids, w1, w2, w3, 0.5), atol=1e-5, rtol=1e-5)
+
+
+def test_moe_experts_expert_offset_drops_other_ranks():
+    ops = ops_for("910b")
+    x, w, ids, (w1, w2, w3) = moe_case(E=4)
+    ids = ids + 1  # global ids 1..4; this rank holds experts [2, 4)
+    local = [LinearWeight(t.weight[1:3], None, "none") for t in (w1, w2, w3)]
+    got = ops.moe_experts(x, w, ids, *local, 10.0, expert_offset=2)
+    torch.testing.assert_close(got, REF.moe_experts(x, w, ids, *local, 10.0, expert_offset=2), atol=1e-5, rtol=1e-5)
+    assert got[2].abs().sum() > 0
+
+
+def test_moe_experts_fp4_on_950():
+    ops = ops_for("950dt")
+    x, w, ids, _ = moe_case()
+    w1, w3 = fp4_weight(4, out=128, inp=128, seed=20), fp4_weight(4, out=128, inp=128, seed=21)
+    w2 = fp4_weight(4, out=128, inp=128, seed=22)
+    ref = REF.moe_experts(x, w, ids, w1, w2, w3, 10.0)
+    # fp32: FP4 re-encoded as FP8 exactly, activations FP8-simulated, dequantised float grouped GEMM
+    torch.testing.assert_close(ops.moe_experts(x, w, ids, w1, w2, w3, 10.0), ref, atol=1e-5, rtol=1e-5)
+    got = ops.moe_experts(x.bfloat16(), w, ids, w1, w2, w3, 10.0)
+    assert "FP8 block-scaled" in ops.last_path["moe_experts"]
+    refb = REF.moe_experts(x.bfloat16(), w, ids, w1, w2, w3, 10.0)
+    # bf16: the w1/w3 outputs and h are rounded to bf16 in both; a 1-ulp flip there moves the FP8 quantisation
+    # of h by at most one e4m3 step (2^-3 relative) on that element -> bound the error at 1% of the output scale
+    assert (got - refb).abs().max() < 1e-2 * refb.abs().max()
+
+
+def test_moe_experts_w4a8_on_910b():
+    ops = ops_for("910b")
+    x, w, ids, _ = moe_case()
+    ws = [fp4_weight(4, out=128, inp=128, seed=s) for s in (30, 31, 32)]
+    got = ops.moe_experts(x.bfloat16(), w, ids, *ws, 10.0)
+    assert "W4A8" in ops.last_path["moe_experts"]
+    # exact bookkeeping: the same computation with the converted weights dequantised and int8 activations
+    conv = [to_w4a8(t) for t in ws]
+    dense = [LinearWeight(dequant_any(c).bfloat16(), None, "none") for c in conv]
+
+    class Int8Act(ReferenceOps):
+        def linear(self, xx, lw):  # per-token int8 activation quant, like npu_dynamic_quant
+            s = xx.float().abs().amax(-1, keepdim=True) / 127
+            return super().linear((torch.round(xx.float() / s) * s).to(xx.dtype), lw)
+
+    want = Int8Act().moe_experts(x.bfloat16(), w, ids, *dense, 10.0)
+    # bf16 weights in `dense` vs exact int4*scale products in the op: the weight rounding (2^-9 relative)
+    # accumulated over K = 128 random terms -> 2% of the output scale
+    assert (got - want).abs().max() < 2e-2 * want.abs().max()
+    ref = REF.moe_experts(x.bfloat16(), w, ids, *ws, 10.0)
+    # FP4 -> int4 re-quantisation costs ~9% relative RMS per GEMM on random weights (convert.conversion_error);
+    # three GEMMs in a chain compound to ~17% here
+    assert ((got - ref).square().mean().sqrt() / ref.square().mean().sqrt()) < 0.25
+
+
+# -- hyper-connections ------------------------------------------------------------------------------------------------
+def hc_inputs(dtype, n=4, d=64, seed=13):
+    x = randn(2, 3, n, d, seed=seed, dtype=dtype)
+    fn = randn((2 + n) * n, n * d, seed=seed + 1) * 0.05
+    scale, base = torch.rand(3, generator=gen(seed + 2)) + 0.5, randn((2 + n) * n, seed=seed + 3) * 0.1
+    return x, fn, scale, base
+
+
+@pytest.mark.parametrize("chip", ["950dt", "910b"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_hc_pre_post_head(chip, dtype):
+    ops = ops_for(chip)
+    x, fn, scale, base = hc_inputs(dtype)
+    y, post, comb = ops.hc_pre(x, fn, scale, base, 20, 1e-6, 1e-6)
+    ry, rpost, rcomb = REF.hc_pre(x, fn, scale, base, 20, 1e-6, 1e-6)
+    fused = chip == "950dt" and dtype == torch.bfloat16  # the mHC ops are 950-only and take bf16/fp16
+    assert ops.last_path["hc_pre"].startswith("npu_mhc_pre" if fused else "torch")
+    torch.testing.assert_close(post, rpost, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(comb, rcomb, atol=1e-5, rtol=1e-5)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=BF16_ULP)  # one rounding
+    torch.testing.assert_close(y.float(), ry.float(), **tol)
+    sub = randn(2, 3, 64, seed=3, dtype=dtype)
+    got = ops.hc_post(sub, x, post, comb)
+    assert ops.last_path["hc_post"].startswith("npu_mhc_post" if fused else "torch")
+    torch.testing.assert_close(got.float(), REF.hc_post(sub, x, rpost, rcomb).float(), **tol)
+    hfn, hscale, hbase = fn[:4], scale[:1], base[:4]
+    got = ops.hc_head(x, hfn, hscale, hbase, 1e-6, 1e-6)
+    assert ops.last_path["hc_head"].startswith("npu_mhc_pre" if fused else "torch")
+    torch.testing.assert_close(got.float(), REF.hc_head(x, hfn, hscale, hbase, 1e-6, 1e-6).float(), **tol)
+
+
+def test_every_op_is_overridden_and_described():
+    from dsv4.ascend.backend import AscendOps
+    from dsv4.common.ops import OP_NAMES, Ops
+
+    for name in OP_NAMES:
+        assert getattr(AscendOps, name) is not getattr(Ops, name), name
+    assert set(ops_for().describe()) >= set(OP_NAMES) | {"indexer_scores"}
+
+
+def test_indexer_ties_resolve_to_lower_index():
+    # all-zero ReLU rows: every score ties at 0; the interface picks the lowest indices, in every path
+    q = -torch.ones(1, 2, 8, 128)
+    k = torch.ones(1, 10, 128)
+    w, vis = torch.ones(1, 2, 8), torch.tensor([[10, 6]])
+    want = REF.indexer_topk(q, k, w, vis, 4)
+    for chip, dtype in (("910b", torch.float32), ("910b", torch.bfloat16), ("950dt", torch.bfloat16)):
+        ops = ops_for(chip)
+        got = ops.indexer_topk(q.to(dtype), k.to(dtype), w, vis, 4)
+        assert torch.equal(sorted_rows(got), sorted_rows(want)), (chip, dtype, ops.last_path["indexer_topk"])
