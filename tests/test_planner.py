@@ -7,6 +7,7 @@ import math
 
 import pytest
 import yaml
+
 from dsv4.common import planner as pl
 from dsv4.common.config import load_named_config
 
