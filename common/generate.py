@@ -233,7 +233,7 @@ class _Engine:
             if not spec:
                 logits = model(piece, self.cache, slots=sl)
                 continue
-            logits, hidden = model(piece, self.cache, slots=sl, return_hidden=True)
+            logits, hidden = model(piece, self.cache, slots=sl, return_hidden="last")
             X = hidden[-1]
             streams = X if pending is None else torch.cat([pending, X], dim=1)
             q0 = c0 - (pending is not None)  # first MTP position fed now
@@ -255,7 +255,7 @@ class _Engine:
         start = self.cache.lengths[sl].clone()
         x = self.cur[sl][:, None]
         if spec:
-            logits, hidden = model(x, self.cache, slots=sl, return_hidden=True)
+            logits, hidden = model(x, self.cache, slots=sl, return_hidden="last")
         else:
             logits = model(x, self.cache, slots=sl)
         nxt = self._choose(logits[:, -1], lo, hi)
@@ -311,7 +311,7 @@ class _Engine:
             if self._completes_block(L + 1):
                 snaps[lo + i] = self._snapshot(lo + i, (L + 1) % W)
         x = torch.stack([self.cur[sl], self.draft[sl]], dim=1)
-        logits, hidden = model(x, cache, slots=sl, return_hidden=True)
+        logits, hidden = model(x, cache, slots=sl, return_hidden="last")
         g = logits.argmax(-1)  # [B,2]
         acc = g[:, 0] == self.draft[sl]
         acc_list = acc.tolist()

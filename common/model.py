@@ -217,8 +217,9 @@ class Attention(nn.Module):
         if S == 1:
             cache.kv[torch.arange(B), pos[:, 0] % W] = kv[:, 0]
             keys, chunk_row = cache.kv, None
-        else:
-            keys, chunk_row = torch.cat([cache.kv, kv], dim=1), cache.kv.shape[1]
+        else:  # only the rows in use travel with the chunk, not the whole max_seq_len cache
+            used = W + (int(pos[:, -1].max() + 1) // self.ratio if self.ratio else 0)
+            keys, chunk_row = torch.cat([cache.kv[:, :used], kv], dim=1), used
         idx = [self.window_indices(pos, start, chunk_row)]
         if self.ratio == 4:
             sel = self.indexer(ops, x, qr, pos, cos, sin, cache, rope)
@@ -403,12 +404,13 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def forward(self, tokens: Tensor, cache: KVCache | None = None, slots: slice | None = None,
-                return_hidden: bool = False) -> Tensor | tuple[Tensor, list[Tensor]]:
+                return_hidden: bool | str = False) -> Tensor | tuple[Tensor, list[Tensor]]:
         """Logits [B,S,V] fp32 for every position of `tokens` [B,S].
 
         Without a cache this is a full forward from position 0. With a cache, the chunk continues the sequences in
         `slots` (default: the first B) at their cached lengths, and the cache is advanced. With return_hidden, also
-        returns the hidden streams [B,S,n,d] after each block (the last entry feeds the MTP module)."""
+        returns the hidden streams [B,S,n,d] after each block; return_hidden="last" keeps only the last block's
+        (what the MTP module needs) instead of holding every layer's alive."""
         B, S = tokens.shape
         if cache is None:
             cache = self.new_cache(B, S)
@@ -422,7 +424,8 @@ class Transformer(nn.Module):
         hidden = []
         for i, layer in enumerate(self.layers):
             X = layer(ops, X, pos, tokens, cache.layers[i].view(slots), self.rope_for(i))
-            hidden.append(X)
+            if return_hidden and (return_hidden != "last" or i == len(self.layers) - 1):
+                hidden.append(X)
         logits = self._head(X, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, self.norm)
         cache.lengths[slots] += S
         return (logits, hidden) if return_hidden else logits

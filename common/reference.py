@@ -97,13 +97,12 @@ class ReferenceOps(Ops):
     def sparse_attention(self, q: Tensor, kv: Tensor, sink: Tensor, indices: Tensor, softmax_scale: float) -> Tensor:
         B, S, H, D = q.shape
         out = torch.empty_like(q)
-        kvf = kv.float()
         batch = torch.arange(B, device=q.device)[:, None, None]
         for s0 in range(0, S, ATTN_QUERY_CHUNK):
             qs = q[:, s0:s0 + ATTN_QUERY_CHUNK].float()  # [B,s,H,D]
             idx = indices[:, s0:s0 + ATTN_QUERY_CHUNK].long()  # [B,s,K]
             valid = idx >= 0
-            keys = kvf[batch, idx.clamp(min=0)]  # [B,s,K,D]
+            keys = kv[batch, idx.clamp(min=0)].float()  # [B,s,K,D]: gather first, so only used rows convert
             logits = torch.einsum("bshd,bskd->bshk", qs, keys) * softmax_scale
             logits = logits.masked_fill(~valid[:, :, None, :], float("-inf"))
             sink_col = sink.float().view(1, 1, H, 1).expand(*logits.shape[:3], 1)
