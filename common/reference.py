@@ -148,10 +148,11 @@ class ReferenceOps(Ops):
                     w3: LinearWeight, swiglu_limit: float, expert_offset: int = 0) -> Tensor:
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         n_local = w1.weight.shape[0]
-        for e in range(n_local):
-            tok, slot = torch.nonzero(ids == e + expert_offset, as_tuple=True)
-            if tok.numel() == 0:
+        for g in ids.unique().tolist():  # only experts that received tokens (idle ones cost ops at E = 256)
+            e = g - expert_offset
+            if not 0 <= e < n_local:
                 continue
+            tok, slot = torch.nonzero(ids == g, as_tuple=True)
             xe = x[tok]
             h = self.swiglu(self.linear(xe, _expert(w1, e)), self.linear(xe, _expert(w3, e)), swiglu_limit)
             h = h * weights[tok, slot, None].float()
