@@ -102,6 +102,21 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     return run_generate(ns, model, tokenizer)
 
 
+def add_parity_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, metavar="DIR",
+                   help="checkpoint directory (default: the embedded model of --config with random weights)")
+    p.add_argument("--weights", default="dequantized", choices=["dequantized", "quantized"],
+                   help="dequantize FP8/FP4 weights at load, or keep them quantized for the backend's GEMMs")
+    p.add_argument("--max-seq-len", type=int, default=None, help="cache length (default: the config's)")
+
+
+def cmd_parity(ns: argparse.Namespace) -> int:
+    from .parity import model_source_from_loader, run_parity
+
+    source = model_source_from_loader(ns, lambda ns_, ops, dtype: load_model(ns_, ops, dtype)[0], ns.model)
+    return run_parity(ns, source)
+
+
 def cmd_doctor(ns: argparse.Namespace) -> int:
     print(f"torch {torch.__version__}")
     for name in ("reference", "ascend", "cuda"):
@@ -159,9 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_plan_arguments(p)
     p.set_defaults(func=run_plan)
 
-    from .parity import add_parity_commands
+    from .parity import add_parity_arguments
 
-    add_parity_commands(sub, add_model_arguments, load_model)
+    p = add_parity_arguments(sub, extra=add_parity_model_arguments)
+    p.set_defaults(func=cmd_parity)
 
     from .bench import add_bench_arguments, run_bench
 
