@@ -12,6 +12,7 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+torch.set_num_threads(1)  # as in tests/conftest.py: small ops, shared cores
 
 import parity_support  # noqa: E402
 import pytest  # noqa: E402
