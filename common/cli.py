@@ -72,8 +72,9 @@ def load_model(ns: argparse.Namespace, ops=None, dtype: torch.dtype | None = Non
     ops = ops or make_ops(ns)
     dtype = dtype or resolve_dtype(ns, ops)
     rt = init_parallel(ops, getattr(ns, "tp", 1), getattr(ns, "ep", 1), ep_comm=getattr(ns, "ep_comm", "alltoall"))
-    if not rt.is_main:
-        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - rank 0 speaks for the job
+    if not rt.is_main and not os.environ.get("DSV4_DEBUG"):
+        # rank 0 speaks for the job (other ranks' failures reach it through all_ranks_ok); DSV4_DEBUG=1 keeps all
+        sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115
 
     def load():
         if ns.model:
