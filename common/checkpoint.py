@@ -513,6 +513,8 @@ def load_into_model(model: torch.nn.Module, path: str | Path, progress: bool = T
 
 def config_path(path: str | Path) -> Path:
     p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such checkpoint directory or file")
     return (p if p.is_dir() else p.parent) / CONFIG_FILE
 
 

@@ -44,6 +44,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weights", default="dequantized", choices=["dequantized", "quantized"],
                    help="dequantize FP8/FP4 weights at load, or keep them quantized for the backend's GEMMs")
     g.add_argument("--max-seq-len", type=int, default=None, help="cache length (default: the config's)")
+    g.add_argument("--npu-graph", action="store_true",
+                   help="ascend only: run the model as a TorchAir graph (unverified without NPU hardware)")
     g = p.add_argument_group("parallelism (launch with torchrun --nproc-per-node N -m dsv4 ...)")
     g.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks: attention heads, output groups, vocab")
     g.add_argument("--ep", type=int, default=1, help="expert-parallel ranks: routed experts (may exceed --tp)")
@@ -90,7 +92,17 @@ def load_model(ns: argparse.Namespace, ops=None, dtype: torch.dtype | None = Non
                                    parallel=rt.parallel)
         return model, TextTokenizer.byte_level(args), f"embedded default ({ns.config}, random weights, seed 0)"
 
-    return all_ranks_ok("loading the model", load)
+    model, tokenizer, source = all_ranks_ok("loading the model", load)
+    if getattr(ns, "npu_graph", False):
+        if not model.ops.name.startswith("ascend"):
+            raise ValueError(f"--npu-graph needs the ascend backend, not {model.ops.name!r}")
+        from dsv4.ascend import compile_graph
+
+        try:
+            model = compile_graph(model)
+        except RuntimeError as e:
+            raise ValueError(f"--npu-graph: {e}") from None
+    return model, tokenizer, source
 
 
 # -- commands -----------------------------------------------------------------------------------------------------
