@@ -3,7 +3,8 @@
 `self.npu` is the real `torch_npu` module on hardware, or the CPU emulation (ascend/emulation) with emulate=True;
 the code path is otherwise identical. Per op, the fused torch_npu operator is used where the capability table
 (capability.py) gives the chip that op AND the call's shapes / dtypes fit its documented constraints; otherwise a
-torch composition (compose.py) runs. `last_path[op]` records the path of the latest call, `describe()` the policy.
+torch composition runs (the reference ops, or compose.py where Ascend differs). `last_path[op]` records the path
+of the latest call, `describe()` the policy.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dsv4.common.ops import OP_NAMES, LinearWeight, Ops
+from dsv4.common.reference import ReferenceOps
 
 from . import compose
 from .capability import FP8_CHIPS, LATEST_RELEASE, custom_op, op_available
@@ -39,6 +41,9 @@ class AscendOps(Ops):
         self.use_custom_ops = use_custom_ops
         self.last_path: dict[str, str] = {}
         self._converted: dict[int, tuple[weakref.ref, LinearWeight]] = {}
+        # where no fused operator fits, the plain-torch reference runs (it uses only stock torch ops, so it runs on
+        # the NPU too); Ascend-specific compositions (no FP8 dtype on A2/A3, int8 quantisation) live in compose.py
+        self._torch = ReferenceOps(self.device)
 
     # -- plumbing ---------------------------------------------------------------------------------------------------
     def has(self, op: str) -> bool:
@@ -113,11 +118,11 @@ class AscendOps(Ops):
 
     def fp4_sim(self, x: Tensor, block: int) -> Tensor:
         self._took("fp4_sim", "torch")
-        return compose.fp4_sim(x, block)
+        return self._torch.fp4_sim(x, block)
 
     def hadamard(self, x: Tensor) -> Tensor:
         self._took("hadamard", "torch (matmul with H_n)")
-        return compose.hadamard(x)
+        return self._torch.hadamard(x)
 
     # -- linear -----------------------------------------------------------------------------------------------------
     def linear(self, x: Tensor, w: LinearWeight) -> Tensor:
@@ -188,7 +193,7 @@ class AscendOps(Ops):
         why = self._sfa_fits(q, kv)
         if why is not None:
             self._took("sparse_attention", f"torch ({why})")
-            return compose.sparse_attention(q, kv, sink, indices, softmax_scale)
+            return self._torch.sparse_attention(q, kv, sink, indices, softmax_scale)
         self._took("sparse_attention", "npu_sparse_flash_attention (950, sinks)")
         B, S, H, _ = q.shape
         # SFA wants valid indices packed first, -1 padding last; ours may come in any order
@@ -234,7 +239,7 @@ class AscendOps(Ops):
         why = self._li_fits(q, k, kk)
         if why is not None:
             self._took("indexer_topk", f"torch ({why})")
-            return compose.indexer_topk(q, k, weights, visible, kk)
+            return self._torch.indexer_topk(q, k, weights, visible, kk)
         self._took("indexer_topk", "npu_lightning_indexer (TND query, paged key)")
         # the op's causal modes do not express "query (b,s) sees keys t < visible[b,s]"; a paged key with one
         # "batch" per query does: every query's block_table row points at its batch's key blocks and its kv length
@@ -363,7 +368,7 @@ class AscendOps(Ops):
             return out[0], out[1], out[2]
         # A2/A3 have no mHC op and no Sinkhorn op: composed in torch
         self._took("hc_pre", f"torch ({why})")
-        return compose.hc_pre(x, fn, scale, base, iters, hc_eps, norm_eps)
+        return self._torch.hc_pre(x, fn, scale, base, iters, hc_eps, norm_eps)
 
     def hc_post(self, x: Tensor, residual: Tensor, post: Tensor, comb: Tensor) -> Tensor:
         why = self._mhc_fits(residual)
@@ -371,7 +376,7 @@ class AscendOps(Ops):
             self._took("hc_post", "npu_mhc_post")
             return self.npu.npu_mhc_post(residual, comb.float(), x, post.float())
         self._took("hc_post", f"torch ({why or 'mixed dtypes'})")
-        return compose.hc_post(x, residual, post, comb)
+        return self._torch.hc_post(x, residual, post, comb)
 
     def hc_head(self, x: Tensor, fn: Tensor, scale: Tensor, base: Tensor, hc_eps: float, norm_eps: float) -> Tensor:
         why = self._mhc_fits(x)
@@ -384,7 +389,7 @@ class AscendOps(Ops):
             self._took("hc_head", "npu_mhc_pre (zero-padded post/res rows)")
             return self.npu.npu_mhc_pre(x, phi, alpha, bias, norm_eps=norm_eps, hc_eps=hc_eps)[0]
         self._took("hc_head", f"torch ({why})")
-        return compose.hc_head(x, fn, scale, base, hc_eps, norm_eps)
+        return self._torch.hc_head(x, fn, scale, base, hc_eps, norm_eps)
 
     # ------------------------------------------------------------------------------------------------------------------
     def describe(self) -> dict[str, str]:

@@ -42,6 +42,10 @@ CAPABILITIES: dict[str, OpCap] = {
     "npu_moe_init_routing_v2": OpCap(CHIPS, "7.1.0", "section 10 'Expert FFN' row"),
     "npu_grouped_matmul": OpCap(CHIPS, "7.1.0", "int8/int4 on all chips; FP8 operands only on 950"),
     "npu_moe_finalize_routing": OpCap(("910b",), "7.1.0", "its page lists A2 only (section 6)"),
+    # MC2 expert-parallel communication: the op pages list A2/A3 only and define their limits (ep_world_size, H, BS)
+    # only for those products; section 10's "same" for 950 is a summary line, not a contract, so 950 is left out
+    "npu_moe_distribute_dispatch": OpCap(A2A3, "7.1.0", "MC2 EP dispatch over an HCCL group name (section 6)"),
+    "npu_moe_distribute_combine": OpCap(A2A3, "7.1.0", "MC2 EP combine over an HCCL group name (section 6)"),
 }
 
 # dtypes the quantised GEMMs accept per chip (section 8: A2/A3 pages list only int8/int4 paths; 950 adds FP8/MXFP4)

@@ -13,7 +13,7 @@ import functools
 import types
 
 from ..capability import DEFAULT_EMULATED_CHIP, LATEST_RELEASE, normalise_chip, op_in_table
-from . import attention, basic, mhc, moe
+from . import attention, basic, mc2, mhc, moe
 from .basic import NpuOpError
 
 _OPS = {
@@ -31,6 +31,8 @@ _OPS = {
     "npu_moe_init_routing_v2": moe.npu_moe_init_routing_v2,
     "npu_grouped_matmul": moe.npu_grouped_matmul,
     "npu_moe_finalize_routing": moe.npu_moe_finalize_routing,
+    "npu_moe_distribute_dispatch": mc2.npu_moe_distribute_dispatch,
+    "npu_moe_distribute_combine": mc2.npu_moe_distribute_combine,
 }
 EMULATED_OPS = tuple(_OPS)
 
