@@ -49,7 +49,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("parallelism (launch with torchrun --nproc-per-node N -m dsv4 ...)")
     g.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks: attention heads, output groups, vocab")
     g.add_argument("--ep", type=int, default=1, help="expert-parallel ranks: routed experts (may exceed --tp)")
-    g.add_argument("--ep-comm", default="alltoall", choices=["alltoall", "allreduce"],
+    g.add_argument("--ep-comm", default="alltoall", choices=["alltoall", "allreduce", "mc2"],
                    help="how expert-parallel ranks exchange tokens: dispatch/combine (default) or output all-reduce")
 
 

@@ -55,7 +55,11 @@ def init_parallel(ops: Ops, tp: int, ep: int, timeout_s: float = DEFAULT_TIMEOUT
                   ep_comm: str = "alltoall") -> Runtime:
     """Join the process group torchrun set up (or run alone when tp = ep = 1) and wrap `ops` with collectives.
     The device's index is taken from LOCAL_RANK, so each rank drives its own card. ep_comm: how routed experts
-    exchange tokens (see DistributedOps.moe_experts)."""
+    exchange tokens (see DistributedOps.moe_experts); "mc2" (ascend backend only) uses torch_npu's MC2
+    dispatch/combine ops (dsv4.ascend.ep)."""
+    if ep_comm == "mc2" and getattr(ops, "name", None) != "ascend":
+        raise ValueError(f"ep_comm='mc2' uses torch_npu's MC2 dispatch/combine ops: it needs the ascend backend, "
+                         f"not {getattr(ops, 'name', type(ops).__name__)!r} (use 'alltoall')")
     rank, world, local = world_from_env()
     if world == 1 and tp == ep == 1:
         return Runtime(0, 1, ParallelConfig(), ops)
@@ -67,6 +71,11 @@ def init_parallel(ops: Ops, tp: int, ep: int, timeout_s: float = DEFAULT_TIMEOUT
         dist.init_process_group(collective_backend(ops.device), rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout_s))
     groups = {"tp": _block_group(rank, world, tp), "ep": _block_group(rank, world, ep)}
+    if ep_comm == "mc2":  # the MC2 ops want a communicator of their own (no other op may use it)
+        from dsv4.ascend.ep import Mc2DistributedOps  # lazily: torch_npu machinery only on this path
+
+        groups["ep_mc2"] = _block_group(rank, world, ep)
+        return Runtime(rank, world, par, Mc2DistributedOps(ops, groups))
     return Runtime(rank, world, par, DistributedOps(ops, groups, ep_comm))
 
 
