@@ -65,6 +65,7 @@ def child_generate(ns: argparse.Namespace) -> None:
 
 def child_load(ns: argparse.Namespace) -> None:
     import torch
+
     from dsv4.common.checkpoint import load_checkpoint
     from dsv4.common.reference import ReferenceOps
 

@@ -12,6 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
 from dsv4.common.checkpoint import (
     INDEX_FILE,
     CheckpointError,
@@ -32,8 +35,6 @@ from dsv4.common.model import Transformer
 from dsv4.common.quant import dequant_fp4, dequant_fp8, dequant_weight, e8m0_to_float
 from dsv4.common.reference import ReferenceOps
 from dsv4.common.weights import args_for_quant, build_random_model, checkpoint_layout
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
 OPS = ReferenceOps()
 

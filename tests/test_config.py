@@ -1,6 +1,7 @@
 import json
 
 import pytest
+
 from dsv4.common.config import ConfigError, ModelArgs, load_named_config
 
 

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from dsv4.common.config import load_named_config
 from dsv4.common.reference import ReferenceOps
 from dsv4.common.weights import build_random_model

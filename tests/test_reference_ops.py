@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+
 from dsv4.common.ops import LinearWeight
 from dsv4.common.quant import quantize_fp8
 from dsv4.common.reference import ReferenceOps
