@@ -7,7 +7,8 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from .parity import BisectResult, Comparison
+from .parity import Comparison
+from .parity_bisect import BisectResult
 
 LOGIT_COLUMNS = ("cosine", "max_abs", "max_abs_norm", "kl", "kl_max", "top1", "topk", "thousandth")
 
