@@ -82,10 +82,13 @@ def test_outputs_every_position_and_hidden_states(tiny):
     assert (hidden[0][:, :, 0] - hidden[0][:, :, 1]).abs().max() > 0
 
 
-def test_batch_rows_independent(tiny):
+def test_batch_rows_independent():
+    # only GEMM blocking differs between a batch of 2 and a batch of 1; clamp mode keeps that 1e-6 noise from
+    # flipping an FP8 rounding of the KV (which would move some logits by 1e-3 and hide a real cross-row leak)
+    model = build_random_model(TINY.replace(kv_fp8_sim="clamp"), OPS)
     x = tokens(50, batch=2)
-    both = tiny(x)
-    torch.testing.assert_close(both[1:], tiny(x[1:]), rtol=0, atol=1e-5)  # only GEMM blocking may differ
+    both = model(x)
+    torch.testing.assert_close(both[1:], model(x[1:]), rtol=0, atol=5e-5)
 
 
 def test_bf16_close_to_fp32():
