@@ -79,7 +79,7 @@ def _resolve_source(ns: argparse.Namespace, model_source: ModelSource | None) ->
     if model_source is not None:
         return model_source
     return default_model_source(getattr(ns, "config", "tiny") or "tiny", getattr(ns, "seed", 0),
-                                getattr(ns, "kv_fp8_sim", None))
+                                getattr(ns, "kv_fp8_sim", None), getattr(ns, "weights", "dequantized"))
 
 
 def _prompts_for(ns: argparse.Namespace, vocab_size: int, tol: Tolerances, pair: str | None = None) -> Tensor:

@@ -73,10 +73,12 @@ def _random_tensors(args: ModelArgs, seed: int) -> dict[str, Tensor]:
     return _RANDOM_CHECKPOINTS[key]
 
 
-def default_model_source(config: str = "tiny", seed: int = 0, kv_fp8_sim: str | None = None) -> ModelSource:
+def default_model_source(config: str = "tiny", seed: int = 0, kv_fp8_sim: str | None = None,
+                         weights: str = "dequantized") -> ModelSource:
     """The embedded default: the model build_random_model(load_named_config(config), ops, dtype, seed) builds.
     kv_fp8_sim overrides the config ("clamp" makes the model continuous, for tight fp32 bounds). One CPU copy per
-    dtype is built once and deep-copied onto each backend."""
+    dtype is built once and deep-copied onto each backend. weights="quantized" keeps the FP8/FP4 weights for the
+    backends' quantised GEMMs (on 910B/910C the Ascend backend converts them to W8A8/W4A8)."""
     from .model import Transformer
     from .weights import load_state_dict_official
 
@@ -88,7 +90,7 @@ def default_model_source(config: str = "tiny", seed: int = 0, kv_fp8_sim: str | 
     def factory(ops: Ops, dtype: torch.dtype) -> nn.Module:
         if dtype not in built:
             # the same steps as weights.build_random_model, with the checkpoint tensors cached
-            base = Transformer(args, ops, dtype=dtype)
+            base = Transformer(args, ops, dtype=dtype, weights=weights)
             load_state_dict_official(base, _random_tensors(args, seed), source=f"random checkpoint (seed {seed})")
             base.ops = None  # the cached copy must not keep (or deep-copy) a backend
             built[dtype] = base
@@ -97,7 +99,7 @@ def default_model_source(config: str = "tiny", seed: int = 0, kv_fp8_sim: str | 
         return model.to(ops.device)
 
     return ModelSource(factory, random_fingerprint(args.arch_hash(), seed),
-                       f"random {config} (seed {seed}, kv_fp8_sim {args.kv_fp8_sim})", args.vocab_size,
+                       f"random {config} (seed {seed}, kv_fp8_sim {args.kv_fp8_sim}, weights {weights})", args.vocab_size,
                        args.arch_hash())
 
 
