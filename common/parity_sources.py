@@ -99,8 +99,8 @@ def default_model_source(config: str = "tiny", seed: int = 0, kv_fp8_sim: str | 
         return model.to(ops.device)
 
     return ModelSource(factory, random_fingerprint(args.arch_hash(), seed),
-                       f"random {config} (seed {seed}, kv_fp8_sim {args.kv_fp8_sim}, weights {weights})", args.vocab_size,
-                       args.arch_hash())
+                       f"random {config} (seed {seed}, kv_fp8_sim {args.kv_fp8_sim}, weights {weights})",
+                       args.vocab_size, args.arch_hash())
 
 
 @dataclass
