@@ -1,5 +1,6 @@
-"""Checkpoint files: reading the official DeepSeek-V4 safetensors layouts into the model, and writing deterministic
-random checkpoints in exactly the Hugging Face layout (spec section 7).
+"""Checkpoint files: reading the official DeepSeek-V4 safetensors layouts into the model (spec section 7), validated
+against the config before anything is copied. Writing deterministic random checkpoints in the Hugging Face layout
+(`make_checkpoint`, `dsv4 make-checkpoint`) lives in common/checkpoint_writer.py and is importable from here too.
 
 Layouts read:
 - HF: sharded `model-0000K-of-0000N.safetensors` + `model.safetensors.index.json` (or unindexed `*.safetensors`),
@@ -16,39 +17,42 @@ No pickle anywhere: safetensors and JSON only.
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 from tqdm import tqdm
 
-from .config import FP8_BLOCK, HF_FIELD_MAP, ConfigError, ModelArgs, load_named_config
+from .checkpoint_writer import (
+    CONFIG_FILE,
+    INDEX_FILE,
+    WrittenCheckpoint,
+    add_make_checkpoint_arguments,
+    make_checkpoint,
+    parse_size,
+    run_make_checkpoint,
+    shard_plan,
+    spec_nbytes,
+)
+from .config import FP8_BLOCK, HF_FIELD_MAP, ConfigError, ModelArgs
 from .parallel import TP_SPLIT_DIMS, ParallelConfig, tp_split_dim
 from .weights import (
-    QUANT_MODES,
     CheckpointError,
     TensorSpec,
-    args_for_quant,
     checkpoint_layout,
     load_tensor_into,
     model_target,
     model_targets,
-    random_checkpoint,
 )
 
-INDEX_FILE = "model.safetensors.index.json"
-CONFIG_FILE = "config.json"
 _MP_FILE = re.compile(r"model(\d+)-mp(\d+)\.safetensors$")
 _EXPERT = re.compile(r"(?:^|\.)ffn\.experts\.(\d+)\.")
-_DEFAULT_MAX_SHARD = 5 * 10**9  # what HF's save_pretrained uses ("5GB")
 
 # long HF / legacy name segments -> the release's short names (convert.py's renames and its V3-era mapping; matched
 # per dotted segment, so e.g. "mlp" inside another word is left alone)
@@ -160,6 +164,12 @@ class Entry:
         if self.cat_dim is not None:
             shape[self.cat_dim] = sum(p.shape[self.cat_dim] for p in self.parts)
         return tuple(shape)
+
+
+def _narrow(t: Tensor, sl: tuple[int, int, int]) -> Tensor:
+    """The (dim, start, stop) slice of a tensor read whole (tp_slice), as its own contiguous tensor."""
+    dim, start, stop = sl
+    return t.narrow(dim, start, stop - start).contiguous()
 
 
 def _wrap(file: Path, what: str, e: Exception) -> CheckpointError:
@@ -366,7 +376,7 @@ class CheckpointReader:
         if t.dtype == torch.float4_e2m1fn_x2:
             t = t.view(torch.int8)
         if sl is not None and part.dtype == "F4":
-            t = t.narrow(sl[0], sl[1], sl[2] - sl[1]).contiguous()
+            t = _narrow(t, sl)
         return t
 
     def read(self, name: str, tp_rank: int = 0, tp_size: int = 1) -> Tensor:
@@ -379,7 +389,7 @@ class CheckpointReader:
         if len(e.parts) == 1:
             return self._read_part(e.parts[0], sl)
         full = torch.cat([self._read_part(p, None) for p in e.parts], dim=e.cat_dim)
-        return full if sl is None else full.narrow(sl[0], sl[1], sl[2] - sl[1]).contiguous()
+        return full if sl is None else _narrow(full, sl)
 
     def names_by_file(self) -> dict[Path, list[str]]:
         out: dict[Path, list[str]] = {f: [] for f in self.files}
@@ -553,120 +563,9 @@ def load_checkpoint(path: str | Path, ops: Any, dtype: torch.dtype | None = None
     return model.to(ops.device)
 
 
-# -- writing -----------------------------------------------------------------------------------------------------------
-_DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F8_E4M3": 1, "F8_E8M0": 1, "I8": 1, "I32": 4, "I64": 8}
-_TORCH_DTYPE_NAME = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32",
-                     torch.float8_e4m3fn: "F8_E4M3", torch.float8_e8m0fnu: "F8_E8M0", torch.int8: "I8",
-                     torch.int32: "I32", torch.int64: "I64"}
-
-
-def spec_nbytes(spec: TensorSpec) -> int:
-    n = _DTYPE_BYTES[spec.dtype]
-    for s in spec.shape:
-        n *= s
-    return n
-
-
-def shard_plan(layout: dict[str, TensorSpec], max_shard_bytes: int) -> list[list[str]]:
-    """Tensors (in layout order) grouped greedily into shards of at most max_shard_bytes (a larger tensor gets a
-    shard of its own), as save_pretrained does."""
-    shards: list[list[str]] = [[]]
-    size = 0
-    for name, spec in layout.items():
-        n = spec_nbytes(spec)
-        if shards[-1] and size + n > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += n
-    return shards
-
-
-@dataclass
-class WrittenCheckpoint:
-    path: Path
-    shards: list[Path] = field(default_factory=list)
-    total_size: int = 0
-    n_tensors: int = 0
-
-
-def make_checkpoint(args: ModelArgs, out_dir: str | Path, quant: str = "none", seed: int = 0,
-                    shard_size_bytes: int | None = None, tokenizer: bool = True) -> WrittenCheckpoint:
-    """Write the deterministic random checkpoint of (args, quant, seed) in the HF layout: sharded
-    model-0000K-of-0000N.safetensors, model.safetensors.index.json, config.json and tokenizer files.
-
-    quant: "none" (bf16), "fp8" (FP8 linears and experts) or "fp4" (the release: FP8 linears, FP4 experts). The
-    default shard size is a quarter of the total (capped at 5 GB), so even the tiny model gets several shards.
-    Memory: one shard at a time."""
-    a = args_for_quant(args, quant)
-    layout = checkpoint_layout(a)
-    total = sum(spec_nbytes(s) for s in layout.values())
-    limit = shard_size_bytes if shard_size_bytes else min(_DEFAULT_MAX_SHARD, max(1, -(-total // 4)))
-    shards = shard_plan(layout, limit)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    file_of = {n: names[i] for i, group in enumerate(shards) for n in group}
-    written = WrittenCheckpoint(out, total_size=total, n_tensors=len(layout))
-    k, buffer = 0, {}
-    for name, t in random_checkpoint(a, seed):
-        spec = layout[name]
-        if tuple(t.shape) != spec.shape or _TORCH_DTYPE_NAME.get(t.dtype) != spec.dtype:  # generator/layout drift
-            raise CheckpointError(f"random checkpoint: tensor '{name}' is {t.dtype} {list(t.shape)}, layout says "
-                                  f"{spec.dtype} {list(spec.shape)}")
-        buffer[name] = t
-        if len(buffer) == len(shards[k]):
-            save_file(buffer, str(out / names[k]), metadata={"format": "pt"})
-            written.shards.append(out / names[k])
-            k, buffer = k + 1, {}
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(file_of.items()))}
-    (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    (out / CONFIG_FILE).write_text(json.dumps(a.to_hf_config(), indent=2) + "\n")
-    if tokenizer:
-        from .tokenizer import save_tokenizer
-
-        save_tokenizer(out, a)
-    return written
-
-
-
-# -- command line ------------------------------------------------------------------------------------------------------
-_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-
-
-def parse_size(text: str) -> int:
-    """'5GB', '64MiB', '123456' -> bytes (HF's convention: GB = 10^9, GiB = 2^30)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
-    if not m or m.group(2).upper() not in _SIZE_UNITS:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 5GB, 64MiB, 1000000)")
-    value = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).upper()])
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
-    return value
-
-
-def add_make_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default="tiny", help="config name (tiny, flash, pro) or YAML/JSON path")
-    parser.add_argument("--out", required=True, metavar="DIR", help="output directory (created if absent)")
-    parser.add_argument("--quant", default="fp4", choices=QUANT_MODES,
-                        help="weight formats: none = bf16; fp8 = FP8 linears and experts; fp4 = as released "
-                             "(FP8 linears, FP4 experts). Default: fp4")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (the embedded default uses 0)")
-    parser.add_argument("--shard-size", type=parse_size, default=None, metavar="SIZE",
-                        help="max shard size, e.g. 5GB or 2MiB (default: a quarter of the total, at most 5GB)")
-
-
-def run_make_checkpoint(ns: argparse.Namespace) -> int:
-    args = load_named_config(ns.config)
-    w = make_checkpoint(args, ns.out, quant=ns.quant, seed=ns.seed, shard_size_bytes=ns.shard_size)
-    print(f"wrote {w.path}: {w.n_tensors} tensors, {w.total_size / 1e6:.1f} MB in {len(w.shards)} shard(s), "
-          f"quant={ns.quant}, seed={ns.seed}")
-    return 0
-
-
 __all__ = [
-    "CheckpointError", "CheckpointReader", "Entry", "SEGMENT_RENAMES", "TP_SPLIT_DIMS", "add_make_checkpoint_arguments",
-    "canonical_name", "config_path", "expert_index", "load_checkpoint", "load_into_model",
-    "make_checkpoint", "parse_size", "read_header", "run_make_checkpoint", "shard_plan", "spec_nbytes",
-    "tp_slice", "tp_split_dim", "validate_checkpoint",
+    "CONFIG_FILE", "CheckpointError", "CheckpointReader", "Entry", "INDEX_FILE", "SEGMENT_RENAMES", "TP_SPLIT_DIMS",
+    "WrittenCheckpoint", "add_make_checkpoint_arguments", "canonical_name", "config_path", "expert_index",
+    "load_checkpoint", "load_into_model", "make_checkpoint", "parse_size", "read_header", "run_make_checkpoint",
+    "shard_plan", "spec_nbytes", "tp_slice", "tp_split_dim", "validate_checkpoint",
 ]
