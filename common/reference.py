@@ -19,6 +19,15 @@ from .quant import E2M1_VALUES, FP8_MAX, dequant_weight, pow2_ceil, round_to_e2m
 ATTN_QUERY_CHUNK = 256  # queries per gather in sparse_attention: bounds the [S, K, D] gather
 
 
+def f32(t: Tensor) -> Tensor:
+    """t in fp32. A no-op `.float()` still costs a dispatch, and a decode step of a small model is dispatch-bound."""
+    return t if t.dtype == torch.float32 else t.float()
+
+
+def like(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 @lru_cache(maxsize=8)
 def hadamard_matrix(n: int) -> Tensor:
     """Sylvester-ordered Hadamard matrix H_n (entries +-1), fp32."""
@@ -33,11 +42,11 @@ def hadamard_matrix(n: int) -> Tensor:
 def sinkhorn(c: Tensor, iters: int, eps: float) -> Tensor:
     """Sinkhorn onto doubly-stochastic matrices, as the official kernel: a softmax over the last dim counts as the
     first row normalisation, then a column normalisation, then (iters-1) x (row, column). c [..., n, n] fp32 [j, k]."""
-    c = c.softmax(-1) + eps
-    c = c / (c.sum(-2, keepdim=True) + eps)
+    c = c.softmax(-1).add_(eps)
+    c.div_(c.sum(-2, keepdim=True).add_(eps))  # in place: the same arithmetic, fewer allocations per tiny op
     for _ in range(iters - 1):
-        c = c / (c.sum(-1, keepdim=True) + eps)
-        c = c / (c.sum(-2, keepdim=True) + eps)
+        c.div_(c.sum(-1, keepdim=True).add_(eps))
+        c.div_(c.sum(-2, keepdim=True).add_(eps))
     return c
 
 
@@ -49,49 +58,49 @@ class ReferenceOps(Ops):
 
     # -- normalisation ------------------------------------------------------------------------------------------------
     def rms_norm(self, x: Tensor, weight: Tensor, eps: float) -> Tensor:
-        xf = x.float()
+        xf = f32(x)
         y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
-        return (weight.float() * y).to(x.dtype)
+        return like(f32(weight) * y, x.dtype)
 
     def head_rms_norm(self, q: Tensor, eps: float) -> Tensor:
         return q * torch.rsqrt(q.square().mean(-1, keepdim=True) + eps)
 
     # -- rotary --------------------------------------------------------------------------------------------------------
     def rope(self, x: Tensor, cos: Tensor, sin: Tensor, inverse: bool = False) -> Tensor:
-        xf = x.float().unflatten(-1, (-1, 2))  # [B,S,H,r/2,2]
+        xf = f32(x).unflatten(-1, (-1, 2))  # [B,S,H,r/2,2]
         a, b = xf[..., 0], xf[..., 1]
         c, s = cos.unsqueeze(2), sin.unsqueeze(2)  # [B,S,1,r/2]
         if inverse:
             s = -s
         out = torch.stack([a * c - b * s, a * s + b * c], dim=-1).flatten(-2)
-        return out.to(x.dtype)
+        return like(out, x.dtype)
 
     # -- simulated quantisation ----------------------------------------------------------------------------------------
     def fp8_sim(self, x: Tensor, block: int, mode: str = "e4m3") -> Tensor:
-        xf = x.float().unflatten(-1, (-1, block))
+        xf = f32(x).unflatten(-1, (-1, block))
         s = pow2_ceil(xf.abs().amax(-1, keepdim=True).clamp(min=1e-4) / FP8_MAX)
         q = (xf / s).clamp(-FP8_MAX, FP8_MAX)
-        q = q.to(torch.float8_e4m3fn).float() if mode == "e4m3" else q.to(x.dtype).float()
-        return (q * s).flatten(-2).to(x.dtype)
+        q = q.to(torch.float8_e4m3fn).float() if mode == "e4m3" else f32(like(q, x.dtype))
+        return like((q * s).flatten(-2), x.dtype)
 
     def fp4_sim(self, x: Tensor, block: int) -> Tensor:
-        xf = x.float().unflatten(-1, (-1, block))
+        xf = f32(x).unflatten(-1, (-1, block))
         s = pow2_ceil(xf.abs().amax(-1, keepdim=True).clamp(min=6.0 * 2.0 ** -126) / 6.0)
         q = E2M1_VALUES.to(x.device)[round_to_e2m1_codes(xf / s)]
-        return (q * s).flatten(-2).to(x.dtype)
+        return like((q * s).flatten(-2), x.dtype)
 
     def hadamard(self, x: Tensor) -> Tensor:
         n = x.shape[-1]
         h = hadamard_matrix(n).to(x.device)
-        return (x.float() @ h * n ** -0.5).to(x.dtype)
+        return like(f32(x) @ h * n ** -0.5, x.dtype)
 
     # -- linear --------------------------------------------------------------------------------------------------------
     def linear(self, x: Tensor, w: LinearWeight) -> Tensor:
         if w.fmt == "none":
-            return F.linear(x, w.weight.to(x.dtype))
+            return F.linear(x, like(w.weight, x.dtype))
         # the official FP8/FP4 GEMMs quantise the activation per token in 1x128 blocks (ue8m0 scales)
-        xq = self.fp8_sim(x.float(), 128)
-        return F.linear(xq, dequant_weight(w.weight, w.scale, w.fmt)).to(x.dtype)
+        xq = self.fp8_sim(f32(x), 128)
+        return like(F.linear(xq, dequant_weight(w.weight, w.scale, w.fmt)), x.dtype)
 
     # -- attention -----------------------------------------------------------------------------------------------------
     def sparse_attention(self, q: Tensor, kv: Tensor, sink: Tensor, indices: Tensor, softmax_scale: float) -> Tensor:
@@ -99,20 +108,20 @@ class ReferenceOps(Ops):
         out = torch.empty_like(q)
         batch = torch.arange(B, device=q.device)[:, None, None]
         for s0 in range(0, S, ATTN_QUERY_CHUNK):
-            qs = q[:, s0:s0 + ATTN_QUERY_CHUNK].float()  # [B,s,H,D]
+            qs = f32(q[:, s0:s0 + ATTN_QUERY_CHUNK])  # [B,s,H,D]
             idx = indices[:, s0:s0 + ATTN_QUERY_CHUNK].long()  # [B,s,K]
             valid = idx >= 0
             keys = kv[batch, idx.clamp(min=0)].float()  # [B,s,K,D]: gather first, so only used rows convert
             logits = torch.einsum("bshd,bskd->bshk", qs, keys) * softmax_scale
             logits = logits.masked_fill(~valid[:, :, None, :], float("-inf"))
-            sink_col = sink.float().view(1, 1, H, 1).expand(*logits.shape[:3], 1)
+            sink_col = f32(sink).view(1, 1, H, 1).expand(*logits.shape[:3], 1)
             probs = torch.cat([logits, sink_col], dim=-1).softmax(-1)[..., :-1]
-            probs = probs.to(q.dtype).float()  # the kernel rounds P to the activation dtype before PV
-            out[:, s0:s0 + ATTN_QUERY_CHUNK] = torch.einsum("bshk,bskd->bshd", probs, keys).to(q.dtype)
+            probs = f32(like(probs, q.dtype))  # the kernel rounds P to the activation dtype before PV
+            out[:, s0:s0 + ATTN_QUERY_CHUNK] = torch.einsum("bshk,bskd->bshd", probs, keys)  # copy_ casts
         return out
 
     def compress_pool(self, kv: Tensor, score: Tensor) -> Tensor:
-        return (score.float().softmax(dim=2) * kv.float()).sum(dim=2)
+        return (f32(score).softmax(dim=2) * f32(kv)).sum(dim=2)
 
     def indexer_topk(self, q: Tensor, k: Tensor, weights: Tensor, visible: Tensor, topk: int) -> Tensor:
         return topk_visible(self.indexer_scores(q, k, weights), visible, topk)
@@ -120,7 +129,7 @@ class ReferenceOps(Ops):
     # -- MoE -----------------------------------------------------------------------------------------------------------
     def moe_gate(self, x: Tensor, weight: Tensor, bias: Tensor | None, tid2eid: Tensor | None,
                  token_ids: Tensor | None, topk: int, score_func: str, route_scale: float) -> tuple[Tensor, Tensor]:
-        logits = x.float() @ weight.float().t()
+        logits = f32(x) @ f32(weight).t()
         if score_func == "sqrtsoftplus":
             scores = F.softplus(logits).sqrt()
         elif score_func == "softmax":
@@ -130,7 +139,7 @@ class ReferenceOps(Ops):
         if tid2eid is not None:
             ids = tid2eid[token_ids].long()
         else:
-            sel = scores + bias.float() if bias is not None else scores
+            sel = scores + f32(bias) if bias is not None else scores
             ids = sel.topk(topk, dim=-1).indices
         w = scores.gather(-1, ids)
         if score_func != "softmax":
@@ -138,7 +147,7 @@ class ReferenceOps(Ops):
         return w * route_scale, ids
 
     def swiglu(self, gate: Tensor, up: Tensor, limit: float) -> Tensor:
-        g, u = gate.float(), up.float()
+        g, u = f32(gate), f32(up)
         if limit > 0:
             u = u.clamp(-limit, limit)
             g = g.clamp(max=limit)
@@ -155,15 +164,15 @@ class ReferenceOps(Ops):
             tok, slot = torch.nonzero(ids == g, as_tuple=True)
             xe = x[tok]
             h = self.swiglu(self.linear(xe, _expert(w1, e)), self.linear(xe, _expert(w3, e)), swiglu_limit)
-            h = h * weights[tok, slot, None].float()
-            out.index_add_(0, tok, self.linear(h.to(x.dtype), _expert(w2, e)).float())
+            h = h * f32(weights[tok, slot, None])
+            out.index_add_(0, tok, f32(self.linear(like(h, x.dtype), _expert(w2, e))))
         return out
 
     # -- hyper-connections ---------------------------------------------------------------------------------------------
     def _hc_mix(self, x: Tensor, fn: Tensor, norm_eps: float) -> Tensor:
-        xf = x.flatten(-2).float()
+        xf = f32(x.flatten(-2))
         rs = torch.rsqrt(xf.square().mean(-1, keepdim=True) + norm_eps)
-        return (xf @ fn.float().t()) * rs
+        return (xf @ f32(fn).t()) * rs
 
     def hc_pre(self, x: Tensor, fn: Tensor, scale: Tensor, base: Tensor, iters: int, hc_eps: float,
                norm_eps: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -173,17 +182,17 @@ class ReferenceOps(Ops):
         post = 2 * torch.sigmoid(m[..., n:2 * n] * scale[1] + base[n:2 * n])
         comb = (m[..., 2 * n:] * scale[2] + base[2 * n:]).unflatten(-1, (n, n))
         comb = sinkhorn(comb, iters, hc_eps)
-        y = (pre.unsqueeze(-1) * x.float()).sum(-2).to(x.dtype)
+        y = like((pre.unsqueeze(-1) * f32(x)).sum(-2), x.dtype)
         return y, post, comb
 
     def hc_post(self, x: Tensor, residual: Tensor, post: Tensor, comb: Tensor) -> Tensor:
-        y = post.unsqueeze(-1) * x.float().unsqueeze(-2) + torch.einsum("bsjk,bsjd->bskd", comb, residual.float())
-        return y.to(x.dtype)
+        y = post.unsqueeze(-1) * f32(x).unsqueeze(-2) + torch.einsum("bsjk,bsjd->bskd", comb, f32(residual))
+        return like(y, x.dtype)
 
     def hc_head(self, x: Tensor, fn: Tensor, scale: Tensor, base: Tensor, hc_eps: float, norm_eps: float) -> Tensor:
         m = self._hc_mix(x, fn, norm_eps)
         pre = torch.sigmoid(m * scale[0] + base) + hc_eps
-        return (pre.unsqueeze(-1) * x.float()).sum(-2).to(x.dtype)
+        return like((pre.unsqueeze(-1) * f32(x)).sum(-2), x.dtype)
 
     def describe(self) -> dict[str, str]:
         return {name: "pure torch (reference)" for name in OP_NAMES}
