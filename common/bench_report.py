@@ -50,8 +50,8 @@ def verdicts(rows: list[ContextRow], compare: bool) -> list[str]:
         speedups = [r.decode_ms["nano"] / r.decode_ms["ours"] for r in rows]
         met = sum(s >= 1.5 for s in speedups)
         verdict = "met" if met == len(rows) else "MISSED"
-        out.append(f"- Target: CPU decode per token >= 1.5x faster than nano: **{verdict}** at {met}/{len(rows)} "
-                   "contexts (speedup nano/ours: "
+        out.append(f"- Target: CPU decode per token >= 1.5x faster than nano: **{verdict}** (met at {met}/{len(rows)} "
+                   "contexts; speedup nano/ours: "
                    + ", ".join(f"{fmt_ctx(r.context)} {s:.2f}x" for r, s in zip(rows, speedups, strict=True)) + ")")
     if len(rows) >= 2:
         lo, hi = rows[0], rows[-1]
