@@ -101,6 +101,38 @@ def test_rank_failing_to_load_ends_the_job_with_its_error(tmp_path):
     assert "loading failed" in msg and "rank 1: OSError" in msg and "truncated" in msg
 
 
+def crash_worker(rank, world, port, out_dir):
+    """Rank 1 dies abruptly after loading; rank 0 must get an error from its next collective, not hang."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from dsv4.common.distributed import all_ranks_ok, init_parallel
+
+    rt = init_parallel(ReferenceOps(), 2, 1, timeout_s=30)
+    model = all_ranks_ok("loading", lambda: build_random_model(ARGS, rt.ops, parallel=rt.parallel))
+    if rank == 1:
+        os._exit(3)  # a crash: no cleanup, no message
+    try:
+        run_model(model, tokens())
+    except Exception as e:  # the collective fails once the peer is gone
+        (out_dir / "error.txt").write_text(f"{type(e).__name__}: {e}")
+
+
+def test_rank_crash_mid_run_ends_rank0_with_an_error(tmp_path):
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=crash_worker, args=(r, 2, port, tmp_path)) for r in range(2)]
+    for p in procs:
+        p.start()
+    procs[0].join(timeout=120)  # the collective timeout is 30 s; a hang would outlive this
+    alive = procs[0].is_alive()
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert not alive, "rank 0 hung after rank 1 crashed"
+    assert procs[1].exitcode == 3
+    assert (tmp_path / "error.txt").exists(), "rank 0 ended without reporting the failed collective"
+
+
 def test_layout_errors():
     with pytest.raises(ParallelError, match="world size 4"):
         ParallelConfig.for_rank(0, 4, 2, 1)
