@@ -87,7 +87,8 @@ class RecordingOps:
     def __init__(self, inner: Ops, tracker: ScopeTracker | None = None) -> None:
         self.inner, self.tracker = inner, tracker
         self.records: list[tuple[str, Any]] = []
-        self.counts: dict[tuple[str, str], int] = {}
+        self.counts: dict[tuple[str, str, str], int] = {}
+        self.phase = ""  # "" during prefill, "decode<k>:" during the k-th one-token step
 
     def reset(self) -> None:
         self.records.clear()
@@ -95,9 +96,10 @@ class RecordingOps:
 
     def op_name(self, op: str) -> str:
         scope = self.tracker.scope if self.tracker else "model"
-        k = self.counts.get((scope, op), 0)
-        self.counts[(scope, op)] = k + 1
-        return f"{scope}/{op}#{k}"
+        key = (self.phase, scope, op)
+        k = self.counts.get(key, 0)
+        self.counts[key] = k + 1
+        return f"{self.phase}{scope}/{op}#{k}"
 
     def __getattr__(self, attr: str) -> Any:
         target = getattr(self.inner, attr)
@@ -180,37 +182,54 @@ class BisectResult:
 Proxy = TypeVar("Proxy", bound=RecordingOps)
 
 
-def _proxied_prefill(model: nn.Module, ops: Ops, make_proxy: Callable[[ScopeTracker], Proxy],
-                     prompts: Tensor) -> tuple[Proxy, Tensor, list[Tensor]]:
-    """One prefill of `prompts` with the model's `ops` swapped for make_proxy(tracker), then restored; the proxy
-    holds the records."""
+def _proxied_run(model: nn.Module, ops: Ops, make_proxy: Callable[[ScopeTracker], Proxy], prompts: Tensor,
+                 decode_steps: int = 0, tokens: list[Tensor] | None = None
+                 ) -> tuple[Proxy, Tensor, list[Tensor], list[Tensor]]:
+    """One prefill of `prompts`, then `decode_steps` one-token steps through the cache, with the model's `ops`
+    swapped for make_proxy(tracker), then restored; the proxy holds the records. The steps feed `tokens` when given
+    (so a second backend decodes exactly what the first did), else the greedy choices, which are returned."""
+    dev = model.embed.weight.device
+    B, S = prompts.shape
+    fed: list[Tensor] = []
     with ScopeTracker(model) as tr:
         proxy = make_proxy(tr)
         model.ops = proxy
-        logits, hidden = model(prompts.to(model.embed.weight.device), return_hidden=True)
-        model.ops = ops
-    return proxy, logits, hidden
+        try:
+            cache = model.new_cache(B, S + decode_steps)
+            logits, hidden = model(prompts.to(dev), cache, return_hidden=True)
+            step_logits = logits
+            for k in range(decode_steps):
+                proxy.phase = f"decode{k + 1}:"
+                nxt = tokens[k] if tokens is not None else step_logits[:, -1].argmax(-1, keepdim=True).cpu()
+                fed.append(nxt)
+                step_logits = model(nxt.to(dev), cache)
+        finally:
+            model.ops = ops
+    return proxy, logits, hidden, fed
 
 
 def bisect(factory: ModelFactory, ops_a: Ops, ops_b: Ops, prompts: Tensor, dtype: torch.dtype, tol: Tolerances,
-           pair: str | None = None, label_a: str | None = None, label_b: str | None = None) -> BisectResult:
-    """Localise a divergence between two backends on one prefill of `prompts`.
+           pair: str | None = None, label_a: str | None = None, label_b: str | None = None,
+           decode_steps: int = 0) -> BisectResult:
+    """Localise a divergence between two backends on one prefill of `prompts` and `decode_steps` one-token steps
+    after it (decode ops are named "decode<k>:<scope>/<op>#<n>"; both backends decode A's greedy tokens).
 
     Pass 1 runs model A through a ShadowOps: every op of B is fed A's exact inputs and judged by the 'op' bounds
     (the first violation is the op to blame). Pass 2 runs model B freely, recording op outputs, to show how the
     error accumulates op by op and layer by layer (judged by the 'hidden' bounds). Memory: every op output of
-    one prefill is kept on CPU, so use short prompts on large models."""
+    the run is kept on CPU, so use short prompts on large models."""
     label_a = label_a or ops_a.name
     label_b = label_b or ops_b.name
     pair = pair or Tolerances.pair_key(label_a, label_b)
     model_a = factory(ops_a, dtype)
     profile = profile_name(dtype, model_a.args.kv_fp8_sim)
     op_bounds = tol.bounds(pair, profile, "op")
-    shadow, logits_a, hidden_a = _proxied_prefill(model_a, ops_a,
-                                                  lambda tr: ShadowOps(ops_a, ops_b, op_bounds, tr), prompts)
+    shadow, logits_a, hidden_a, fed = _proxied_run(model_a, ops_a, lambda tr: ShadowOps(ops_a, ops_b, op_bounds, tr),
+                                                   prompts, decode_steps)
     del model_a
     model_b = factory(ops_b, dtype)
-    rec, logits_b, hidden_b = _proxied_prefill(model_b, ops_b, lambda tr: RecordingOps(ops_b, tr), prompts)
+    rec, logits_b, hidden_b, _ = _proxied_run(model_b, ops_b, lambda tr: RecordingOps(ops_b, tr), prompts,
+                                              decode_steps, fed)
 
     accumulated, structure_error = [], None
     names_a = [n for n, _ in shadow.records]

@@ -177,7 +177,8 @@ def cmd_bisect(ns: argparse.Namespace, model_source: ModelSource | None = None) 
     ops_a, ops_b = make_backend(a, ns.device), make_backend(b, ns.device)
     dtype = parse_dtype(ns.dtype[0])
     prompts = _prompts_for(ns, _vocab_size(source, ops_a), tol)
-    res = bisect(source.factory, ops_a, ops_b, prompts, dtype, tol, label_a=a, label_b=b)
+    res = bisect(source.factory, ops_a, ops_b, prompts, dtype, tol, label_a=a, label_b=b,
+                 decode_steps=_decode_steps(ns, tol))
     print(bisect_table(res, only_failures=not ns.verbose))
     print(res.summary())
     if ns.report:

@@ -189,6 +189,26 @@ def test_bisect_blames_the_first_call_of_an_always_broken_op(clamp_source: P.Mod
     assert {r.name.split("/")[1].split("#")[0] for r in res.replay if r.violations} == {"hc_post"}
 
 
+class DecodeOnlyBrokenAttention(ReferenceOps):
+    """Attention that is right for prompts but wrong for single-token steps: only a decode bisect can see it."""
+
+    def sparse_attention(self, q, kv, sink, indices, softmax_scale):
+        out = super().sparse_attention(q, kv, sink, indices, softmax_scale)
+        return out * 1.01 if q.shape[1] == 1 else out
+
+
+def test_bisect_follows_decode_steps(clamp_source: P.ModelSource) -> None:
+    res = P.bisect(clamp_source.factory, ReferenceOps(), DecodeOnlyBrokenAttention(), SHORT[:1], torch.float32,
+                   TOL, pair="reference-ascend", decode_steps=2)
+    # prefill agrees; the first decode step's first attention call is to blame
+    assert res.first_op == "decode1:layers.0.attn/sparse_attention#0", res.first_op
+    assert res.first_layer is None  # the per-layer hidden states compared are the prefill's
+    assert all(r.name.startswith("decode") for r in res.replay if r.violations)
+    clean = P.bisect(clamp_source.factory, ReferenceOps(), DecodeOnlyBrokenAttention(), SHORT[:1], torch.float32,
+                     TOL, pair="reference-ascend")
+    assert clean.first_op is None  # without decode steps the defect is invisible
+
+
 def test_bisect_of_identical_backends_is_clean(clamp_source: P.ModelSource, tmp_path: Path) -> None:
     res = P.bisect(clamp_source.factory, ReferenceOps(), ReferenceOps(), SHORT[:1], torch.float32, TOL,
                    pair="reference-ascend")
