@@ -43,16 +43,17 @@ from .checkpoint_writer import (
 from .config import FP8_BLOCK, HF_FIELD_MAP, ConfigError, ModelArgs
 from .parallel import TP_SPLIT_DIMS, ParallelConfig, tp_split_dim
 from .weights import (
+    EXPERT_NAME,
     CheckpointError,
     TensorSpec,
     checkpoint_layout,
+    expert_index,
     load_tensor_into,
     model_target,
     model_targets,
 )
 
 _MP_FILE = re.compile(r"model(\d+)-mp(\d+)\.safetensors$")
-_EXPERT = re.compile(r"(?:^|\.)ffn\.experts\.(\d+)\.")
 
 # long HF / legacy name segments -> the release's short names (convert.py's renames and its V3-era mapping; matched
 # per dotted segment, so e.g. "mlp" inside another word is left alone)
@@ -106,12 +107,6 @@ def canonical_name(key: str) -> str | None:
     if name.startswith("mtp.") and ("emb" in name or name.endswith("head.weight")):
         return None
     return name
-
-
-def expert_index(name: str) -> int | None:
-    """Routed expert id of a canonical name (`layers.3.ffn.experts.17.w1.weight` -> 17); None otherwise."""
-    m = _EXPERT.search(name)
-    return int(m.group(1)) if m else None
 
 
 def tp_slice(name: str, shape: Iterable[int], tp_rank: int, tp_size: int) -> tuple[int, int, int] | None:
@@ -408,7 +403,7 @@ def _check_counts(reader: CheckpointReader, args: ModelArgs, source: str) -> Non
     """Layer, MTP and expert counts of the checkpoint against the config, so that a mismatched config reads as one."""
     checks = (("layers", re.compile(r"^layers\.(\d+)\."), args.n_layers, "n_layers"),
               ("MTP layers", re.compile(r"^mtp\.(\d+)\."), args.n_mtp_layers, "n_mtp_layers"),
-              ("routed experts", _EXPERT, args.n_routed_experts, "n_routed_experts"))
+              ("routed experts", EXPERT_NAME, args.n_routed_experts, "n_routed_experts"))
     for what, pattern, declared, field_name in checks:
         seen: dict[int, str] = {}
         for name in reader.entries:

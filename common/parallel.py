@@ -11,7 +11,6 @@ each TP rank keeps the whole (small) KV cache.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +18,7 @@ from torch import Tensor
 
 from .config import ModelArgs
 from .ops import OP_NAMES, Ops
+from .weights import expert_index
 
 
 class ParallelError(ValueError):
@@ -60,13 +60,11 @@ SINGLE = ParallelConfig()
 # sums are all-reduced. Everything else, the shared expert included, is replicated; routed experts go by index (EP).
 TP_SPLIT_DIMS: dict[str, int] = {"embed": 0, "head": 0, "wq_b": 0, "wo_a": 0, "wo_b": 1, "attn_sink": 0,
                                  "weights_proj": 0}
-_EXPERT = re.compile(r"\.experts\.(\d+)\.")
-
 
 def tp_split_dim(name: str) -> int | None:
     """The dim along which TP ranks split checkpoint tensor `name` (a scale follows its weight), or None when every
     rank holds all of it."""
-    if _EXPERT.search(name):
+    if expert_index(name) is not None:
         return None
     parts = name.split(".")
     module = parts[-2] if len(parts) > 1 and parts[-1] in ("weight", "scale") else parts[-1]

@@ -6,6 +6,7 @@ Everything here works on a name -> tensor mapping; reading and writing safetenso
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -161,16 +162,22 @@ def random_checkpoint(args: ModelArgs, seed: int = 0) -> Iterator[tuple[str, Ten
 
 
 # -- filling a model ---------------------------------------------------------------------------------------------------
+# a routed expert's tensor: layers.3.ffn.experts.17.w1.weight (the one pattern the loader, validation and TP use)
+EXPERT_NAME = re.compile(r"(?:^|\.)ffn\.experts\.(\d+)\.")
+
+
+def expert_index(name: str) -> int | None:
+    """Routed expert id of a checkpoint name (`layers.3.ffn.experts.17.w1.weight` -> 17); None otherwise."""
+    m = EXPERT_NAME.search(name)
+    return int(m.group(1)) if m else None
+
+
 def model_target(model: torch.nn.Module, name: str) -> tuple[str, int | None]:
     """Checkpoint name -> (model parameter/buffer name, expert slot or None). Experts are stacked in the model."""
-    parts = name.split(".")
-    if "experts" in parts:
-        i = parts.index("experts")
-        if i + 1 < len(parts) and parts[i + 1].isdigit():
-            e = int(parts[i + 1])
-            stacked = ".".join(parts[: i + 1] + parts[i + 2:])
-            return stacked, e
-    return name, None
+    m = EXPERT_NAME.search(name)
+    if m is None:
+        return name, None
+    return name[: m.start(1)] + name[m.end(1) + 1:], int(m.group(1))  # drop the "17." segment
 
 
 def load_tensor_into(model: torch.nn.Module, targets: dict[str, Tensor], name: str, value: Tensor,
