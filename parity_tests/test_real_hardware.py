@@ -11,19 +11,14 @@ from dsv4.common.parity import compare_runs
 PROFILES = [("fp32", "clamp"), ("bf16", "e4m3")]
 
 
-@pytest.mark.npu
-@pytest.mark.parametrize("dtype,sim", PROFILES, ids=[f"{d}-{s}" for d, s in PROFILES])
-def test_reference_vs_npu(dtype: str, sim: str) -> None:
-    require("ascend (NPU)")
-    ref, got, pair = pair_runs("reference", "ascend (NPU)", dtype, sim)
-    comp = compare_runs(ref, got, TOL, pair=pair)
-    assert_no_violations(comp.violations, f"reference vs Ascend NPU [{comp.profile}]")
+HARDWARE = [pytest.param("ascend (NPU)", "Ascend NPU", marks=pytest.mark.npu, id="npu"),
+            pytest.param("cuda (GPU)", "CUDA GPU", marks=pytest.mark.cuda, id="gpu")]
 
 
-@pytest.mark.cuda
+@pytest.mark.parametrize("backend, device", HARDWARE)
 @pytest.mark.parametrize("dtype,sim", PROFILES, ids=[f"{d}-{s}" for d, s in PROFILES])
-def test_reference_vs_gpu(dtype: str, sim: str) -> None:
-    require("cuda (GPU)")
-    ref, got, pair = pair_runs("reference", "cuda (GPU)", dtype, sim)
+def test_reference_vs_hardware(backend: str, device: str, dtype: str, sim: str) -> None:
+    require(backend)
+    ref, got, pair = pair_runs("reference", backend, dtype, sim)
     comp = compare_runs(ref, got, TOL, pair=pair)
-    assert_no_violations(comp.violations, f"reference vs CUDA GPU [{comp.profile}]")
+    assert_no_violations(comp.violations, f"reference vs {device} [{comp.profile}]")
