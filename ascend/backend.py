@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dsv4.common.ops import OP_NAMES, LinearWeight, Ops
-from dsv4.common.reference import ReferenceOps
+from dsv4.common.model.ops import OP_NAMES, LinearWeight, Ops
+from dsv4.common.model.reference import ReferenceOps
 
 from . import compose
 from .capability import FP8_CHIPS, LATEST_RELEASE, custom_op, op_available

@@ -1,7 +1,7 @@
 """Torch compositions of the Ascend backend where its arithmetic must differ from the plain reference: FP8 rounding
 without an FP8 dtype (A2/A3), the int8 / FP8 activation quantisation feeding npu_quant_matmul, and the router on
 precomputed logits. Plain torch ops only, so they run on an NPU as well as on the CPU. Elsewhere the backend falls
-back to dsv4.common.reference directly.
+back to dsv4.common.model.reference directly.
 """
 
 from __future__ import annotations

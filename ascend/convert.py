@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from dsv4.common.ops import LinearWeight
-from dsv4.common.quant import dequant_weight, quantize_fp8
+from dsv4.common.model.ops import LinearWeight
+from dsv4.common.model.quant import dequant_weight, quantize_fp8
 
 from .formats import pack_int4, unpack_int4
 
@@ -72,7 +72,7 @@ def to_w4a8(w: LinearWeight, group_size: int = 32) -> LinearWeight:
 
 
 def fp4_to_fp8(w: LinearWeight) -> LinearWeight:
-    """FP4 (e2m1, 1x32 scales) -> FP8 e4m3 with 128x128 power-of-two block scales (common/quant.py format)."""
+    """FP4 (e2m1, 1x32 scales) -> FP8 e4m3 with 128x128 power-of-two block scales (common/model/quant.py format)."""
     if w.fmt != "fp4":
         raise ValueError(f"expected an fp4 weight, got {w.fmt!r}")
     q, s = quantize_fp8(dequant_weight(w.weight, w.scale, "fp4"))

@@ -13,7 +13,7 @@ Choices and why:
   experts 0..k-1 with weight 0, dropped after combine): the ops need 0 < BS on every rank (one decode token over 2
   ranks would leave a rank empty), equal BS keeps global_bs = 0 valid, and the all-gather wants equal shards.
   Batches above the documented BS limit (256 on A2, 512 on A3) go in several dispatch/combine rounds.
-- Routing weights: V4 (and common/reference.py) weight each expert's activation BEFORE w2. On A2 dispatch carries
+- Routing weights: V4 (and common/model/reference.py) weight each expert's activation BEFORE w2. On A2 dispatch carries
   expert_scales along (expand_scales), so the owner weights the rows before w2 and combine gets unit scales - the
   reference order. A3's dispatch takes no expert_scales (documented), so there combine applies them after w2: equal
   by linearity of w2 (fp32: rounding only; per-token dynamic int8 quantisation is scale-invariant up to rounding).
@@ -28,8 +28,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from dsv4.common.ops import LinearWeight
-from dsv4.common.parallel import DistributedOps
+from dsv4.common.model.ops import LinearWeight
+from dsv4.common.model.parallel import DistributedOps
 
 from .backend import AscendOps
 from .emulation import mc2

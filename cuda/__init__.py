@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from ..common.ops import Ops
+from dsv4.common.model.ops import Ops
 
 
 def _interpreter_env() -> bool:

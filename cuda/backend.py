@@ -24,8 +24,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..common.ops import OP_NAMES, LinearWeight, Ops
-from ..common.reference import ReferenceOps
+from dsv4.common.model.ops import OP_NAMES, LinearWeight, Ops
+from dsv4.common.model.reference import ReferenceOps
+
 from .kernels import attention, gemm, hc, indexer, moe, rows
 from .kernels._common import interpreting
 

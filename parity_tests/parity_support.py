@@ -5,18 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from dsv4.common.backend import probe_backend, select_backend
-from dsv4.common.ops import Ops
-from dsv4.common.parity import (
-    BackendRun,
-    ModelSource,
-    Tolerances,
-    default_model_source,
-    default_prompts,
-    emulation_available,
-    parse_dtype,
-    run_backend,
-)
+from dsv4.common.model.ops import Ops
+from dsv4.common.parity.compare import BackendRun, Tolerances, default_prompts, parse_dtype, run_backend
+from dsv4.common.parity.sources import ModelSource, default_model_source, emulation_available
+from dsv4.common.runtime.backend import probe_backend, select_backend
 
 TOL = Tolerances.load()
 RAN: dict[str, int] = {}  # backend label -> model runs made in this session (terminal summary)

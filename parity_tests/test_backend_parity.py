@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 from parity_support import TOL, assert_no_violations, pair_runs, require
 
-from dsv4.common.parity import compare_runs
+from dsv4.common.parity.compare import compare_runs
 
 PROFILES = [("fp32", "clamp"), ("fp32", "e4m3"), ("bf16", "e4m3")]
 CANDIDATES = ["ascend(emulated)", "cuda(interpreted)"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from parity_support import TOL, assert_no_violations, pair_runs, require
 
-from dsv4.common.parity import compare_runs
+from dsv4.common.parity.compare import compare_runs
 
 PROFILES = [("fp32", "clamp"), ("bf16", "e4m3")]
 

@@ -26,11 +26,12 @@ from pathlib import Path
 
 import torch
 
-from dsv4.common import planner
-from dsv4.common.backend import default_dtype, select_backend
-from dsv4.common.cache import KVCache, kv_bytes_per_token
-from dsv4.common.config import ModelArgs, load_named_config
-from dsv4.common.weights import build_random_model
+from dsv4.common.checkpoint.load import build_random_model
+from dsv4.common.model.cache import KVCache, kv_bytes_per_token
+from dsv4.common.model.config import ModelArgs, load_named_config
+from dsv4.common.model.ops import default_dtype
+from dsv4.common.planner import plan as planner
+from dsv4.common.runtime.backend import select_backend
 
 BEGIN, END = "<!-- bench_decode:begin -->", "<!-- bench_decode:end -->"
 MIB, GIB = 2.0 ** 20, 2.0 ** 30

@@ -41,7 +41,7 @@ def bench_attention(bench, batch: int) -> None:
 
 
 def bench_moe(bench) -> None:
-    from dsv4.common.quant import quantize_fp4
+    from dsv4.common.model.quant import quantize_fp4
     from dsv4.cuda.kernels.moe import moe_experts
 
     T, k, E, d, inter = 64, 6, 256, 4096, 2048
@@ -61,7 +61,7 @@ def bench_moe(bench) -> None:
 
 
 def bench_fp8_gemm(bench, M: int) -> None:
-    from dsv4.common.quant import quantize_fp8
+    from dsv4.common.model.quant import quantize_fp8
     from dsv4.cuda.kernels.gemm import linear
 
     N = K = 4096

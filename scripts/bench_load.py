@@ -34,9 +34,9 @@ TABLE_HEADER = ("| date | command | checkpoint | shards | model params | baselin
 def bench_args(size_gb: float):
     """A V4-shaped config (all three attention kinds, hash + biased layers, MTP) with the routed-expert count chosen
     so that the bf16 checkpoint is about size_gb."""
-    from dsv4.common.checkpoint import spec_nbytes
-    from dsv4.common.config import load_named_config
-    from dsv4.common.weights import args_for_quant, checkpoint_layout
+    from dsv4.common.checkpoint.layout import args_for_quant, checkpoint_layout
+    from dsv4.common.checkpoint.writer import spec_nbytes
+    from dsv4.common.model.config import load_named_config
 
     base = load_named_config("tiny").replace(vocab_size=32768, dim=1024, n_heads=8, q_lora_rank=512, o_groups=4,
                                              o_lora_rank=256, moe_inter_dim=512, index_n_heads=8, n_routed_experts=8,
@@ -56,7 +56,7 @@ def rss_bytes() -> int:
 
 
 def child_generate(ns: argparse.Namespace) -> None:
-    from dsv4.common.checkpoint import make_checkpoint
+    from dsv4.common.checkpoint.writer import make_checkpoint
 
     w = make_checkpoint(bench_args(ns.size_gb), ns.dir, quant=ns.quant, seed=0, shard_size_bytes=ns.shard_bytes,
                         tokenizer=False)
@@ -66,8 +66,8 @@ def child_generate(ns: argparse.Namespace) -> None:
 def child_load(ns: argparse.Namespace) -> None:
     import torch
 
-    from dsv4.common.checkpoint import load_checkpoint
-    from dsv4.common.reference import ReferenceOps
+    from dsv4.common.checkpoint.reader import load_checkpoint
+    from dsv4.common.model.reference import ReferenceOps
 
     torch.ones(1) + 1  # initialise torch's allocator and thread pool before the baseline
     baseline = rss_bytes()

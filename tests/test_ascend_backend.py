@@ -20,10 +20,10 @@ from dsv4.ascend.convert import (
     to_w4a8,
     to_w8a8,
 )
-from dsv4.common.backend import probe_backend, select_backend
-from dsv4.common.ops import LinearWeight
-from dsv4.common.quant import quantize_fp4, quantize_fp8
-from dsv4.common.reference import ReferenceOps
+from dsv4.common.model.ops import LinearWeight
+from dsv4.common.model.quant import quantize_fp4, quantize_fp8
+from dsv4.common.model.reference import ReferenceOps
+from dsv4.common.runtime.backend import probe_backend, select_backend
 
 
 def fp8w(seed=0, out=256, inp=256):

@@ -14,9 +14,9 @@ from safetensors.torch import load_file, save_file
 
 from dsv4.ascend import create_ops
 from dsv4.ascend.emulation import make_torch_npu
-from dsv4.common.config import load_named_config
-from dsv4.common.reference import ReferenceOps
-from dsv4.common.weights import build_random_model
+from dsv4.common.checkpoint.load import build_random_model
+from dsv4.common.model.config import load_named_config
+from dsv4.common.model.reference import ReferenceOps
 
 # clamp mode keeps the model continuous (see tests/test_distributed.py): EP changes fp32 summation orders by ~1e-7,
 # which must not flip an e4m3 rounding of the KV
@@ -137,7 +137,7 @@ def test_mc2_ops_per_chip():
 
 
 def test_mc2_needs_the_ascend_backend():
-    from dsv4.common.distributed import init_parallel
+    from dsv4.common.runtime.distributed import init_parallel
 
     with pytest.raises(ValueError, match="needs the ascend backend"):
         init_parallel(ReferenceOps(), 1, 2, ep_comm="mc2")
@@ -157,7 +157,7 @@ def test_envelope_documented_limits():
 # -- the model: EP = 2 over MC2 vs one process -------------------------------------------------------------------
 def model_worker(rank: int, world: int, port: int, out_dir: Path, chip: str) -> None:
     _env(rank, world, port)
-    from dsv4.common.distributed import init_parallel, process_group_cleanup
+    from dsv4.common.runtime.distributed import init_parallel, process_group_cleanup
 
     with process_group_cleanup():
         rt = init_parallel(create_ops("cpu", emulate=True, chip=chip), 1, 2, timeout_s=120, ep_comm="mc2")

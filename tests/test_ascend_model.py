@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from dsv4.ascend import create_ops
-from dsv4.common.config import load_named_config
-from dsv4.common.reference import ReferenceOps
-from dsv4.common.weights import build_random_model
+from dsv4.common.checkpoint.load import build_random_model
+from dsv4.common.model.config import load_named_config
+from dsv4.common.model.reference import ReferenceOps
 
 TINY = load_named_config("tiny")
 # 24 tokens: CSA layers emit 6 compressed entries (< index_topk 16, so the top-k asks for more than exists), HCA

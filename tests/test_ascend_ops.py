@@ -11,9 +11,9 @@ import torch
 
 from dsv4.ascend import create_ops
 from dsv4.ascend.convert import dequant_any, to_w4a8
-from dsv4.common.ops import LinearWeight
-from dsv4.common.quant import quantize_fp4, quantize_fp8
-from dsv4.common.reference import ReferenceOps
+from dsv4.common.model.ops import LinearWeight
+from dsv4.common.model.quant import quantize_fp4, quantize_fp8
+from dsv4.common.model.reference import ReferenceOps
 
 REF = ReferenceOps()
 BF16_ULP = 2.0 ** -8  # relative spacing of bf16 (8 significant bits)
@@ -358,7 +358,7 @@ def test_hc_pre_post_head(chip, dtype):
 
 def test_every_op_is_overridden_and_described():
     from dsv4.ascend.backend import AscendOps
-    from dsv4.common.ops import OP_NAMES, Ops
+    from dsv4.common.model.ops import OP_NAMES, Ops
 
     for name in OP_NAMES:
         assert getattr(AscendOps, name) is not getattr(Ops, name), name

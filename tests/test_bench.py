@@ -8,17 +8,12 @@ import re
 import pytest
 import torch
 
-from dsv4.common.bench import (
-    add_bench_arguments,
-    cache_nbytes,
-    logits_agreement,
-    parse_contexts,
-    required_seq_len,
-    run_bench,
-)
-from dsv4.common.cache import kv_bytes_per_token
-from dsv4.common.cli import add_model_arguments
-from dsv4.common.config import load_named_config
+from dsv4.common.bench.cli import add_bench_arguments, parse_contexts, run_bench
+from dsv4.common.bench.measure import logits_agreement, required_seq_len
+from dsv4.common.bench.runners import cache_nbytes
+from dsv4.common.model.cache import kv_bytes_per_token
+from dsv4.common.model.config import load_named_config
+from dsv4.common.runtime.loading import add_model_arguments
 
 
 def parse(argv: list[str]) -> argparse.Namespace:

@@ -15,26 +15,26 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from dsv4.common.checkpoint import (
-    INDEX_FILE,
-    CheckpointError,
+from dsv4.common.checkpoint.layout import CheckpointError, args_for_quant, checkpoint_layout, expert_index, tp_split_dim
+from dsv4.common.checkpoint.load import build_random_model
+from dsv4.common.checkpoint.reader import (
     CheckpointReader,
-    add_make_checkpoint_arguments,
     canonical_name,
-    expert_index,
     load_checkpoint,
     load_into_model,
+    tp_slice,
+)
+from dsv4.common.checkpoint.writer import (
+    INDEX_FILE,
+    add_make_checkpoint_arguments,
     make_checkpoint,
     parse_size,
     run_make_checkpoint,
-    tp_slice,
-    tp_split_dim,
 )
-from dsv4.common.config import ModelArgs, load_named_config
-from dsv4.common.model import Transformer
-from dsv4.common.quant import dequant_fp4, dequant_fp8, dequant_weight, e8m0_to_float
-from dsv4.common.reference import ReferenceOps
-from dsv4.common.weights import args_for_quant, build_random_model, checkpoint_layout
+from dsv4.common.model.config import ModelArgs, load_named_config
+from dsv4.common.model.quant import dequant_fp4, dequant_fp8, dequant_weight, e8m0_to_float
+from dsv4.common.model.reference import ReferenceOps
+from dsv4.common.model.transformer import Transformer
 
 OPS = ReferenceOps()
 

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from dsv4.common.config import ConfigError, ModelArgs, load_named_config
+from dsv4.common.model.config import ConfigError, ModelArgs, load_named_config
 
 
 def test_published_configs_load():

@@ -25,9 +25,9 @@ if not GPU:
 pytest.importorskip("triton")
 pytest.importorskip("numpy")  # the interpreter needs it
 
-from dsv4.common.ops import OP_NAMES, LinearWeight  # noqa: E402
-from dsv4.common.quant import quantize_fp4, quantize_fp8  # noqa: E402
-from dsv4.common.reference import ReferenceOps  # noqa: E402
+from dsv4.common.model.ops import OP_NAMES, LinearWeight  # noqa: E402
+from dsv4.common.model.quant import quantize_fp4, quantize_fp8  # noqa: E402
+from dsv4.common.model.reference import ReferenceOps  # noqa: E402
 from dsv4.cuda import create_ops, probe  # noqa: E402
 
 DEV = "cuda" if GPU else "cpu"
@@ -215,8 +215,8 @@ def test_tiny_model_logits(ops, ref):
       reference's indices;
     - quantised weights: FP8 activation quantisation turns 1e-7 relative noise (even the reference vs itself with
       reordered sums) into O(1) logit changes, so that model is compared op by op (next test)."""
-    model_mod = pytest.importorskip("dsv4.common.weights")
-    from dsv4.common.config import load_named_config
+    model_mod = pytest.importorskip("dsv4.common.checkpoint.load")
+    from dsv4.common.model.config import load_named_config
 
     args = load_named_config("tiny")
     # 80 tokens: 20 CSA entries > index_topk 16 (the top-k really selects); no HCA entry yet (ratio 128)
@@ -240,8 +240,8 @@ def test_tiny_model_logits(ops, ref):
 def test_tiny_model_quantized_op_by_op(ops, ref):
     """Quantised weights (FP8 linears, FP4 experts): every op call of a forward, fed the reference's inputs,
     returns the reference's result."""
-    model_mod = pytest.importorskip("dsv4.common.weights")
-    from dsv4.common.config import load_named_config
+    model_mod = pytest.importorskip("dsv4.common.checkpoint.load")
+    from dsv4.common.model.config import load_named_config
 
     args = load_named_config("tiny")
     seen: dict[str, float] = {}

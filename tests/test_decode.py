@@ -1,4 +1,4 @@
-"""Incremental decoding against the full-sequence forward (common/model.py + common/cache.py), fp32, tiny config.
+"""Incremental decoding against the full-sequence forward (common/model/transformer.py + cache.py), fp32, tiny config.
 
 Numerics: V4 simulates FP8 rounding of the KV (kv_fp8_sim="e4m3"). A chunked matmul and a one-shot matmul differ in
 the last fp32 bits, and that can flip an FP8 rounding, after which a few logits move by 1e-3..1e-1. With "clamp"
@@ -12,10 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dsv4.common.cache import KVCache, kv_bytes_per_token
-from dsv4.common.config import ModelArgs, load_named_config
-from dsv4.common.reference import ReferenceOps
-from dsv4.common.weights import build_random_model
+from dsv4.common.checkpoint.load import build_random_model
+from dsv4.common.model.cache import KVCache, kv_bytes_per_token
+from dsv4.common.model.config import ModelArgs, load_named_config
+from dsv4.common.model.reference import ReferenceOps
 
 MAX_SEQ = 1024
 SEQ_LEN = 515

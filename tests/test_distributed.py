@@ -8,10 +8,10 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from dsv4.common.config import load_named_config
-from dsv4.common.parallel import ParallelConfig, ParallelError
-from dsv4.common.reference import ReferenceOps
-from dsv4.common.weights import build_random_model
+from dsv4.common.checkpoint.load import build_random_model
+from dsv4.common.model.config import load_named_config
+from dsv4.common.model.parallel import ParallelConfig, ParallelError
+from dsv4.common.model.reference import ReferenceOps
 
 # clamp mode keeps the model continuous: TP sums partial products in another order (~1e-6 apart), which in e4m3
 # mode could flip an FP8 rounding of the KV and hide a real error behind noise
@@ -41,7 +41,7 @@ def tokens():
 def worker(rank, world, port, tp, ep, out_dir, fail_rank, checkpoint, ep_comm):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from dsv4.common.distributed import RankFailure, all_ranks_ok, init_parallel, process_group_cleanup
+    from dsv4.common.runtime.distributed import RankFailure, all_ranks_ok, init_parallel, process_group_cleanup
 
     with process_group_cleanup():
         rt = init_parallel(ReferenceOps(), tp, ep, timeout_s=60, ep_comm=ep_comm)
@@ -50,7 +50,7 @@ def worker(rank, world, port, tp, ep, out_dir, fail_rank, checkpoint, ep_comm):
             if rank == fail_rank:
                 raise OSError("shard model-00002-of-00004.safetensors is truncated")
             if checkpoint:  # each rank reads only its slices and experts from the sharded files
-                from dsv4.common.checkpoint import load_checkpoint
+                from dsv4.common.checkpoint.reader import load_checkpoint
 
                 return load_checkpoint(checkpoint, rt.ops, dtype=torch.float32, parallel=rt.parallel,
                                        max_seq_len=ARGS.max_seq_len, progress=False)
@@ -86,7 +86,7 @@ def test_parallel_logits_equal_single_process(tmp_path, single, world, tp, ep, e
 
 
 def test_tp_ep_ranks_load_their_slices_from_a_checkpoint(tmp_path, single):
-    from dsv4.common.checkpoint import make_checkpoint
+    from dsv4.common.checkpoint.writer import make_checkpoint
 
     ckpt = tmp_path / "ckpt"
     make_checkpoint(ARGS, ckpt, quant="fp4", seed=0)  # the release format; the same tensors as build_random_model
@@ -105,7 +105,7 @@ def crash_worker(rank, world, port, out_dir):
     """Rank 1 dies abruptly after loading; rank 0 must get an error from its next collective, not hang."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from dsv4.common.distributed import all_ranks_ok, init_parallel
+    from dsv4.common.runtime.distributed import all_ranks_ok, init_parallel
 
     rt = init_parallel(ReferenceOps(), 2, 1, timeout_s=30)
     model = all_ranks_ok("loading", lambda: build_random_model(ARGS, rt.ops, parallel=rt.parallel))

@@ -1,5 +1,5 @@
-"""Generation (common/generate.py): greedy and sampling, stop tokens, batches, streaming, MTP speculative decoding,
-context-length errors and the CLI entry point. fp32, tiny config.
+"""Generation (common/runtime/generate.py): greedy and sampling, stop tokens, batches, streaming, MTP speculative
+decoding, context-length errors and the CLI entry point. fp32, tiny config.
 
 The model runs with kv_fp8_sim="clamp": with "e4m3" a 2-token verify chunk and a 1-token decode can round the FP8 KV
 simulation differently (see tests/test_decode.py), which makes bit-level token comparisons between code paths
@@ -13,13 +13,13 @@ import argparse
 import pytest
 import torch
 
-from dsv4.common import generate as gen
-from dsv4.common.cache import ContextLengthError
-from dsv4.common.config import load_named_config
-from dsv4.common.generate import GenerationConfig, generate, sample_next
-from dsv4.common.reference import ReferenceOps
-from dsv4.common.tokenizer import TextTokenizer
-from dsv4.common.weights import build_random_model
+from dsv4.common.checkpoint.load import build_random_model
+from dsv4.common.checkpoint.tokenizer import TextTokenizer
+from dsv4.common.model.cache import ContextLengthError
+from dsv4.common.model.config import load_named_config
+from dsv4.common.model.reference import ReferenceOps
+from dsv4.common.runtime import generate as gen
+from dsv4.common.runtime.generate import GenerationConfig, generate, sample_next
 
 MAX_SEQ = 512
 

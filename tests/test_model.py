@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from dsv4.common.config import load_named_config
-from dsv4.common.reference import ReferenceOps
-from dsv4.common.weights import build_random_model
+from dsv4.common.checkpoint.load import build_random_model
+from dsv4.common.model.config import load_named_config
+from dsv4.common.model.reference import ReferenceOps
 
 OPS = ReferenceOps()
 TINY = load_named_config("tiny")
@@ -129,7 +129,7 @@ def test_mtp_predicts_from_streams(tiny):
 
 
 def test_context_longer_than_cache_errors(tiny):
-    from dsv4.common.cache import ContextLengthError
+    from dsv4.common.model.cache import ContextLengthError
 
     cache = tiny.new_cache(1, 32)
     with pytest.raises(ContextLengthError, match="max_seq_len=32"):

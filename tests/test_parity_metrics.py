@@ -11,17 +11,21 @@ import pytest
 import torch
 from torch import Tensor
 
-from dsv4.common import parity as P
-from dsv4.common.parity_report import comparison_table, write_report
-from dsv4.common.reference import ReferenceOps
+from dsv4.common.model.reference import ReferenceOps
+from dsv4.common.parity import bisect as B
+from dsv4.common.parity import cli as C
+from dsv4.common.parity import compare as P
+from dsv4.common.parity import golden as G
+from dsv4.common.parity import sources as S
+from dsv4.common.parity.report import comparison_table, write_report
 
 TOL = P.Tolerances.load()
 SHORT = P.default_prompts(512, batch=2, seq_len=16, seed=0)  # 4 CSA entries: every attention kind runs
 
 
 @pytest.fixture(scope="module")
-def clamp_source() -> P.ModelSource:
-    return P.default_model_source("tiny", seed=0, kv_fp8_sim="clamp")
+def clamp_source() -> S.ModelSource:
+    return S.default_model_source("tiny", seed=0, kv_fp8_sim="clamp")
 
 
 # -- metrics on hand-made tensors --------------------------------------------------------------------------------------
@@ -111,11 +115,11 @@ def test_tolerance_entries_need_a_justification() -> None:
 
 
 # -- op naming ---------------------------------------------------------------------------------------------------------
-def test_recording_proxy_names_ops_by_layer_and_module(clamp_source: P.ModelSource) -> None:
+def test_recording_proxy_names_ops_by_layer_and_module(clamp_source: S.ModelSource) -> None:
     ref = ReferenceOps()
     model = clamp_source.factory(ref, torch.float32)
-    with P.ScopeTracker(model) as tracker:
-        rec = P.RecordingOps(ref, tracker)
+    with B.ScopeTracker(model) as tracker:
+        rec = B.RecordingOps(ref, tracker)
         model.ops = rec
         model(SHORT[:1, :8])
     names = [n for n, _ in rec.records]
@@ -155,7 +159,7 @@ class NoisyHcPost(ReferenceOps):
         return y + 1e-2 * torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(y.dtype)
 
 
-def test_broken_op_fails_the_pair_comparison(clamp_source: P.ModelSource) -> None:
+def test_broken_op_fails_the_pair_comparison(clamp_source: S.ModelSource) -> None:
     ref_ops = ReferenceOps()
     target = clamp_source.factory(ref_ops, torch.float32).layers[2].ffn_norm.weight
     a = P.run_backend(clamp_source.factory(ref_ops, torch.float32), SHORT, 2, label="reference")
@@ -169,10 +173,10 @@ def test_broken_op_fails_the_pair_comparison(clamp_source: P.ModelSource) -> Non
     assert "FAIL" in comparison_table([c])
 
 
-def test_bisect_names_the_broken_op_and_layer(clamp_source: P.ModelSource) -> None:
+def test_bisect_names_the_broken_op_and_layer(clamp_source: S.ModelSource) -> None:
     ref_ops = ReferenceOps()
     target = clamp_source.factory(ref_ops, torch.float32).layers[2].ffn_norm.weight
-    res = P.bisect(clamp_source.factory, ref_ops, NoisyRmsNorm(target), SHORT, torch.float32, TOL,
+    res = B.bisect(clamp_source.factory, ref_ops, NoisyRmsNorm(target), SHORT, torch.float32, TOL,
                    pair="reference-ascend", label_b="noisy")
     # Block.forward's second direct rms_norm call is the ffn_norm: layers.2/rms_norm#1
     assert res.first_op == "layers.2/rms_norm#1"
@@ -182,8 +186,8 @@ def test_bisect_names_the_broken_op_and_layer(clamp_source: P.ModelSource) -> No
     assert "layers.2/rms_norm#1" in res.summary()
 
 
-def test_bisect_blames_the_first_call_of_an_always_broken_op(clamp_source: P.ModelSource) -> None:
-    res = P.bisect(clamp_source.factory, ReferenceOps(), NoisyHcPost(), SHORT[:1], torch.float32, TOL,
+def test_bisect_blames_the_first_call_of_an_always_broken_op(clamp_source: S.ModelSource) -> None:
+    res = B.bisect(clamp_source.factory, ReferenceOps(), NoisyHcPost(), SHORT[:1], torch.float32, TOL,
                    pair="reference-cuda")
     assert res.first_op == "layers.0/hc_post#0" and res.first_layer == "layers.0"
     assert {r.name.split("/")[1].split("#")[0] for r in res.replay if r.violations} == {"hc_post"}
@@ -197,20 +201,20 @@ class DecodeOnlyBrokenAttention(ReferenceOps):
         return out * 1.01 if q.shape[1] == 1 else out
 
 
-def test_bisect_follows_decode_steps(clamp_source: P.ModelSource) -> None:
-    res = P.bisect(clamp_source.factory, ReferenceOps(), DecodeOnlyBrokenAttention(), SHORT[:1], torch.float32,
+def test_bisect_follows_decode_steps(clamp_source: S.ModelSource) -> None:
+    res = B.bisect(clamp_source.factory, ReferenceOps(), DecodeOnlyBrokenAttention(), SHORT[:1], torch.float32,
                    TOL, pair="reference-ascend", decode_steps=2)
     # prefill agrees; the first decode step's first attention call is to blame
     assert res.first_op == "decode1:layers.0.attn/sparse_attention#0", res.first_op
     assert res.first_layer is None  # the per-layer hidden states compared are the prefill's
     assert all(r.name.startswith("decode") for r in res.replay if r.violations)
-    clean = P.bisect(clamp_source.factory, ReferenceOps(), DecodeOnlyBrokenAttention(), SHORT[:1], torch.float32,
+    clean = B.bisect(clamp_source.factory, ReferenceOps(), DecodeOnlyBrokenAttention(), SHORT[:1], torch.float32,
                      TOL, pair="reference-ascend")
     assert clean.first_op is None  # without decode steps the defect is invisible
 
 
-def test_bisect_of_identical_backends_is_clean(clamp_source: P.ModelSource, tmp_path: Path) -> None:
-    res = P.bisect(clamp_source.factory, ReferenceOps(), ReferenceOps(), SHORT[:1], torch.float32, TOL,
+def test_bisect_of_identical_backends_is_clean(clamp_source: S.ModelSource, tmp_path: Path) -> None:
+    res = B.bisect(clamp_source.factory, ReferenceOps(), ReferenceOps(), SHORT[:1], torch.float32, TOL,
                    pair="reference-ascend")
     assert res.ok and len(res.replay) > 100
     report = write_report(tmp_path, [], bisects=[res])
@@ -221,23 +225,23 @@ def test_bisect_of_identical_backends_is_clean(clamp_source: P.ModelSource, tmp_
 
 # -- golden files ------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def golden_file(tmp_path_factory: pytest.TempPathFactory, clamp_source: P.ModelSource) -> Path:
+def golden_file(tmp_path_factory: pytest.TempPathFactory, clamp_source: S.ModelSource) -> Path:
     path = tmp_path_factory.mktemp("golden") / "golden.safetensors"
     ops = ReferenceOps()
     model = clamp_source.factory(ops, torch.float32)
     run = P.run_backend(model, SHORT, 3, label="reference")
-    P.record_golden(path, run, ops, model.args.arch_hash(), clamp_source.checkpoint_hash)
+    G.record_golden(path, run, ops, model.args.arch_hash(), clamp_source.checkpoint_hash)
     return path
 
 
-def test_golden_round_trip(golden_file: Path, clamp_source: P.ModelSource) -> None:
+def test_golden_round_trip(golden_file: Path, clamp_source: S.ModelSource) -> None:
     model = clamp_source.factory(ReferenceOps(), torch.float32)
-    g = P.load_golden(golden_file, model.args.arch_hash(), clamp_source.checkpoint_hash)
+    g = G.load_golden(golden_file, model.args.arch_hash(), clamp_source.checkpoint_hash)
     meta = g.metadata
     assert meta["backend"] == "reference" and meta["dtype"] == "fp32" and meta["kv_fp8_sim"] == "clamp"
     assert meta["torch"] == torch.__version__ and meta["device"].startswith("cpu")
     assert len(g.run.hidden) == 4 and g.run.decode_tokens.shape == (2, 3)
-    c = P.compare_golden(g, model, TOL, label="reference")
+    c = G.compare_golden(g, model, TOL, label="reference")
     assert c.ok, [str(v) for v in c.violations]
     assert c.prefill["max_abs"] == 0.0 and c.decode["greedy_match_frac"] == 1.0
 
@@ -253,18 +257,18 @@ def test_tampered_golden_is_refused(golden_file: Path, tmp_path: Path) -> None:
     data[pos + 3] ^= 0x01  # flip a bit in its exponent/sign byte
     bad = tmp_path / "tampered.safetensors"
     bad.write_bytes(bytes(data))
-    with pytest.raises(P.GoldenError, match="content hash mismatch"):
-        P.load_golden(bad)
+    with pytest.raises(G.GoldenError, match="content hash mismatch"):
+        G.load_golden(bad)
 
 
 def test_golden_from_other_config_or_checkpoint_is_refused(golden_file: Path) -> None:
-    e4m3 = P.default_model_source("tiny", seed=0, kv_fp8_sim="e4m3")
+    e4m3 = S.default_model_source("tiny", seed=0, kv_fp8_sim="e4m3")
     e4m3_hash = e4m3.factory(ReferenceOps(), torch.float32).args.arch_hash()
-    with pytest.raises(P.GoldenError, match="model config"):
-        P.load_golden(golden_file, config_hash=e4m3_hash)
-    other = P.default_model_source("tiny", seed=1, kv_fp8_sim="clamp")
-    with pytest.raises(P.GoldenError, match="checkpoint"):
-        P.load_golden(golden_file, checkpoint_hash=other.checkpoint_hash)
+    with pytest.raises(G.GoldenError, match="model config"):
+        G.load_golden(golden_file, config_hash=e4m3_hash)
+    other = S.default_model_source("tiny", seed=1, kv_fp8_sim="clamp")
+    with pytest.raises(G.GoldenError, match="checkpoint"):
+        G.load_golden(golden_file, checkpoint_hash=other.checkpoint_hash)
 
 
 def test_non_golden_file_is_refused(tmp_path: Path) -> None:
@@ -272,36 +276,36 @@ def test_non_golden_file_is_refused(tmp_path: Path) -> None:
 
     p = tmp_path / "weights.safetensors"
     save_file({"x": torch.zeros(2)}, str(p))
-    with pytest.raises(P.GoldenError, match="not a dsv4 parity golden file"):
-        P.load_golden(p)
+    with pytest.raises(G.GoldenError, match="not a dsv4 parity golden file"):
+        G.load_golden(p)
 
 
 def test_checkpoint_fingerprint_reads_headers(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
     save_file({"w": torch.zeros(4)}, str(tmp_path / "model.safetensors"))
-    fp1 = P.checkpoint_fingerprint(tmp_path)
+    fp1 = S.checkpoint_fingerprint(tmp_path)
     save_file({"w": torch.zeros(5)}, str(tmp_path / "model.safetensors"))
-    assert P.checkpoint_fingerprint(tmp_path) != fp1
+    assert S.checkpoint_fingerprint(tmp_path) != fp1
 
 
 # -- the CLI functions -------------------------------------------------------------------------------------------------
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="dsv4")
-    P.add_parity_arguments(parser.add_subparsers(dest="command"))
+    C.add_parity_arguments(parser.add_subparsers(dest="command"))
     return parser.parse_args(argv)
 
 
 def test_cli_record_compare_and_refusals(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     g = str(tmp_path / "g.safetensors")
     small = ["--kv-fp8-sim", "clamp", "--batch", "1", "--seq-len", "8", "--decode-steps", "2"]
-    assert P.run_parity(_parse(["parity", "record", "--backend", "reference", "--out", g, *small])) == 0
-    assert P.run_parity(_parse(["parity", "compare", g, "--backend", "reference", *small,
+    assert C.run_parity(_parse(["parity", "record", "--backend", "reference", "--out", g, *small])) == 0
+    assert C.run_parity(_parse(["parity", "compare", g, "--backend", "reference", *small,
                                 "--report", str(tmp_path / "rep")])) == 0
     assert (tmp_path / "rep" / "report.md").exists()
-    assert P.run_parity(_parse(["parity", "compare", g, "--backend", "reference", *small, "--seed", "1"])) == 2
+    assert C.run_parity(_parse(["parity", "compare", g, "--backend", "reference", *small, "--seed", "1"])) == 2
     assert "checkpoint" in capsys.readouterr().err
-    assert P.run_parity(_parse(["parity", "compare", g, "--backend", "reference", "--batch", "1", "--seq-len",
+    assert C.run_parity(_parse(["parity", "compare", g, "--backend", "reference", "--batch", "1", "--seq-len",
                                 "8"])) == 2  # the config's e4m3 KV: another arch hash
     assert "model config" in capsys.readouterr().err
 
@@ -309,16 +313,16 @@ def test_cli_record_compare_and_refusals(tmp_path: Path, capsys: pytest.CaptureF
 def test_cli_bisect_exit_status(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     ns = _parse(["parity", "bisect", "--backends", "reference", "reference", "--kv-fp8-sim", "clamp", "--batch", "1",
                  "--seq-len", "8"])
-    assert P.run_parity(ns) == 0
+    assert C.run_parity(ns) == 0
     assert "no divergence" in capsys.readouterr().out
 
 
 def test_cli_run_compares_every_available_pair(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     ns = _parse(["parity", "run", "--kv-fp8-sim", "clamp", "--batch", "1", "--seq-len", "8", "--decode-steps", "1",
                  "--report", str(tmp_path)])
-    code = P.run_parity(ns)
+    code = C.run_parity(ns)
     out = capsys.readouterr().out
-    usable = [c.label for c in P.available_backends() if c.available]
+    usable = [c.label for c in S.available_backends() if c.available]
     if len(usable) < 2:
         assert code == 2
         return

@@ -1,4 +1,4 @@
-"""Tests of the capacity planner (common/planner.py): parameter counts, KV bytes, baselines, layout errors."""
+"""Tests of the capacity planner (common/planner/): parameter counts, KV bytes, baselines, layout errors."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import math
 import pytest
 import yaml
 
-from dsv4.common import planner as pl
-from dsv4.common.config import load_named_config
+from dsv4.common.model.config import load_named_config
+from dsv4.common.planner import cli as plan_cli
+from dsv4.common.planner import plan as pl
 
 
 @pytest.fixture(scope="module")
@@ -212,11 +213,11 @@ def test_hardware_file_every_number_has_a_source():
 
 def test_run_plan_cli(capsys):
     parser = argparse.ArgumentParser()
-    pl.add_plan_arguments(parser)
-    rc = pl.run_plan(parser.parse_args("--model flash --hardware ascend-950dt --tp 8 --ep 16 --context 131072 "
+    plan_cli.add_plan_arguments(parser)
+    rc = plan_cli.run_plan(parser.parse_args("--model flash --hardware ascend-950dt --tp 8 --ep 16 --context 131072 "
                                        "--batch 32 --weights fp8 --claims".split()))
     out = capsys.readouterr().out
     assert rc == 0 and "flash on 16 x ascend-950dt" in out and "KV cache" in out
-    rc = pl.run_plan(parser.parse_args("--model flash --hardware h200 --tp 3".split()))
+    rc = plan_cli.run_plan(parser.parse_args("--model flash --hardware h200 --tp 3".split()))
     assert rc == 2 and "tp" in capsys.readouterr().err
     assert math.isfinite(pl.claims(load_named_config("tiny"), 4096).kv_vs_mla)

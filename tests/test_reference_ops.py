@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from dsv4.common.ops import LinearWeight
-from dsv4.common.quant import quantize_fp8
-from dsv4.common.reference import ReferenceOps
-from dsv4.common.rope import rope_frequencies
+from dsv4.common.model.ops import LinearWeight
+from dsv4.common.model.quant import quantize_fp8
+from dsv4.common.model.reference import ReferenceOps
+from dsv4.common.model.rope import rope_frequencies
 
 ops = ReferenceOps()
 # fp32 vs fp32 loops: only summation order differs, so 1e-5 relative is ample
@@ -70,7 +70,7 @@ def test_compressor_pooling_with_overlap_against_loops():
 
 
 def test_sinkhorn_rows_and_columns_normalised():
-    from dsv4.common.reference import sinkhorn
+    from dsv4.common.model.reference import sinkhorn
 
     c = torch.randn(5, 4, 4, generator=g(6))
     out = sinkhorn(c, 20, 1e-6)

@@ -4,7 +4,7 @@
 signatures of shared/spec/torch-npu-ops.md; AscendOps(emulate=True) calls it exactly where it would call the real
 torch_npu. An emulated chip only exposes the ops the capability table gives it (so `hasattr` behaves like a real
 install), and each op raises NpuOpError where the documented constraints (shapes, dtypes, chip) are violated.
-This package is an independent small reference of the operator contracts: it never imports dsv4.common.reference.
+This package is an independent small reference of the operator contracts: it never imports dsv4.common.model.reference.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Every function takes the chip it emulates as its first argument (bound by emulation.make_torch_npu); the rest is
 the documented signature (torch-npu-ops.md sections 1, 2, 7, 8). Written from the op contracts, independent of
-dsv4.common.reference.
+dsv4.common.model.reference.
 """
 
 from __future__ import annotations

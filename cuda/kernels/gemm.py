@@ -1,6 +1,6 @@
 """GEMMs: one grouped kernel serves the plain linear layers (one group) and the MoE experts (one group per expert).
 
-Weight formats (common/ops.py LinearWeight): "none" (float), "fp8" (e4m3 + 128x128 block scales), "fp4" (two e2m1
+Weight formats (common/model/ops.py LinearWeight): "none" (float), "fp8" (e4m3 + 128x128 block scales), "fp4" (two e2m1
 codes per byte along K, low nibble = even column, + 1x32 block scales). With fp8/fp4 weights the activation is
 FP8-quantised per token in 1x128 blocks with power-of-two scales, in torch (`quant_act`): casts to fp8 inside an
 interpreted kernel are unreliable. The kernel then accumulates per 128-wide K block in fp32 and applies

@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from dsv4.common.ops import topk_visible
+from dsv4.common.model.ops import topk_visible
 
 from ._common import cfg, dot_precision, launch_opts, pow2, upcast_dots
 

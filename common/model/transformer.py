@@ -1,0 +1,466 @@
+"""The one DeepSeek-V4 model graph, written against the ops interface (common/ops.py).
+
+Reads like the official inference/model.py (shared/spec/dsv4-architecture.md), with three differences of form,
+none of arithmetic: every primitive goes through `ops` (a backend decides how it runs), the KV cache is an object
+passed in (common/cache.py) rather than buffers inside modules, and any chunk of tokens at any start position
+goes through one code path (prefill, chunked prefill and one-token decode alike).
+Parameter names are the checkpoint's short names (spec 7.1), except that routed experts are stacked:
+`layers.{i}.ffn.experts.w1.weight` is [E, I, d] where the checkpoint has one tensor per expert.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dsv4.common.model.cache import CompressorState, KVCache, LayerCache
+from dsv4.common.model.config import FP4_BLOCK, FP8_BLOCK, KV_FP8_BLOCK, ModelArgs
+from dsv4.common.model.ops import LinearWeight, Ops, topk_visible
+from dsv4.common.model.parallel import SINGLE, ParallelConfig
+from dsv4.common.model.rope import RopeTable, rope_frequencies
+
+FP32_PARAM_SUFFIXES = ("norm.weight", "attn_sink", "ape", "gate.bias", "hc_attn_fn", "hc_attn_base",
+                       "hc_attn_scale", "hc_ffn_fn", "hc_ffn_base", "hc_ffn_scale", "hc_head_fn", "hc_head_base",
+                       "hc_head_scale", ".scale")
+
+
+# -- small modules ----------------------------------------------------------------------------------------------------
+class Linear(nn.Module):
+    """A weight in its storage format: fmt "none" (dense), "fp8" (e4m3 + 128x128 block scales) or "fp4"
+    (packed e2m1 + 1x32 scales). Stacked expert weights have a leading `n_stack` dim."""
+
+    def __init__(self, in_features: int, out_features: int, fmt: str = "none", n_stack: int = 0) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.fmt = in_features, out_features, fmt
+        lead = (n_stack,) if n_stack else ()
+        if fmt == "none":
+            self.weight = nn.Parameter(torch.empty(*lead, out_features, in_features), requires_grad=False)
+            self.register_parameter("scale", None)
+        elif fmt == "fp8":
+            self.weight = nn.Parameter(torch.empty(*lead, out_features, in_features, dtype=torch.float8_e4m3fn),
+                                       requires_grad=False)
+            sshape = (-(-out_features // FP8_BLOCK), -(-in_features // FP8_BLOCK))
+            self.scale = nn.Parameter(torch.empty(*lead, *sshape), requires_grad=False)
+        elif fmt == "fp4":
+            self.weight = nn.Parameter(torch.empty(*lead, out_features, in_features // 2, dtype=torch.int8),
+                                       requires_grad=False)
+            self.scale = nn.Parameter(torch.empty(*lead, out_features, in_features // FP4_BLOCK),
+                                      requires_grad=False)
+        else:
+            raise ValueError(f"unknown weight format {fmt!r}")
+
+    @property
+    def lw(self) -> LinearWeight:
+        return LinearWeight(self.weight, self.scale, self.fmt)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)  # fp32 (stored bf16 in the checkpoint)
+
+
+def _fp32_param(*shape: int) -> nn.Parameter:
+    return nn.Parameter(torch.zeros(*shape), requires_grad=False)
+
+
+def uniform_groups(start: Tensor) -> list[tuple[int, int, int]]:
+    """Contiguous runs of equal start position in a batch: [(b_lo, b_hi, start)]."""
+    s = start.tolist()
+    groups, lo = [], 0
+    for b in range(1, len(s) + 1):
+        if b == len(s) or s[b] != s[lo]:
+            groups.append((lo, b, s[lo]))
+            lo = b
+    return groups
+
+
+# -- attention --------------------------------------------------------------------------------------------------------
+class Compressor(nn.Module):
+    """Gated pooling of `ratio` tokens into one KV entry (spec 5.4). Ratio 4 overlaps: each entry also pools the
+    previous block through the first half of the channels (an 8-token receptive field, stride 4)."""
+
+    def __init__(self, args: ModelArgs, ratio: int, head_dim: int, is_indexer: bool) -> None:
+        super().__init__()
+        self.args, self.ratio, self.head_dim, self.is_indexer = args, ratio, head_dim, is_indexer
+        self.overlap = ratio == 4
+        width = (2 if self.overlap else 1) * head_dim
+        self.ape = _fp32_param(ratio, width)
+        self.wkv = Linear(args.dim, width)
+        self.wgate = Linear(args.dim, width)
+        self.norm = RMSNorm(head_dim)
+
+    def forward(self, ops: Ops, x: Tensor, start: int, state: CompressorState, out: Tensor,
+                rope: RopeTable) -> None:
+        """Feed tokens [start, start+S) of x [B,S,d]; write every block completed by them into out [B, rows, c];
+        keep the incomplete block in `state`. All batch rows share `start`."""
+        B, S, _ = x.shape
+        m, c, r = self.ratio, self.head_dim, start % self.ratio
+        if start == 0 and self.overlap:  # a new sequence: nothing to look back on
+            state.prev_kv.zero_()
+            state.prev_score.fill_(float("-inf"))
+        xf = x.float()
+        pos = torch.arange(start, start + S, device=x.device)
+        k = ops.linear(xf, self.wkv.lw)  # [B,S,w] fp32
+        z = ops.linear(xf, self.wgate.lw) + self.ape[pos % m]
+        k = torch.cat([state.kv[:, :r], k], dim=1)  # prepend the block in progress: positions [start-r, start+S)
+        z = torch.cat([state.score[:, :r], z], dim=1)
+        nb = (r + S) // m
+        first = (start - r) // m  # index of the first block in this span
+        if nb:
+            kb = k[:, :nb * m].unflatten(1, (nb, m))  # [B,nb,m,w]
+            zb = z[:, :nb * m].unflatten(1, (nb, m))
+            if self.overlap:
+                prev_k = torch.cat([state.prev_kv[:, None], kb[:, :-1]], dim=1)  # the block before each block
+                prev_z = torch.cat([state.prev_score[:, None], zb[:, :-1]], dim=1)
+                kb_pool = torch.cat([prev_k[..., :c], kb[..., c:]], dim=2)  # [B,nb,2m,c]
+                zb_pool = torch.cat([prev_z[..., :c], zb[..., c:]], dim=2)
+                state.prev_kv.copy_(kb[:, -1])
+                state.prev_score.copy_(zb[:, -1])
+            else:
+                kb_pool, zb_pool = kb, zb
+            pooled = ops.compress_pool(kb_pool, zb_pool)  # [B,nb,c] fp32
+            pooled = ops.rms_norm(pooled.to(out.dtype), self.norm.weight, self.args.norm_eps)
+            rd = self.args.rope_head_dim
+            block_pos = ((first + torch.arange(nb, device=x.device)) * m).expand(B, nb)  # each block's first token
+            cos, sin = rope.cos_sin(block_pos)
+            pooled = torch.cat([pooled[..., :-rd], ops.rope(pooled[..., None, -rd:], cos, sin)[:, :, 0]], dim=-1)
+            if self.is_indexer:
+                pooled = ops.fp4_sim(ops.hadamard(pooled), FP4_BLOCK)
+            else:
+                pooled = torch.cat([ops.fp8_sim(pooled[..., :-rd], KV_FP8_BLOCK, self.args.kv_fp8_sim),
+                                    pooled[..., -rd:]], dim=-1)
+            out[:, first:first + nb] = pooled
+        rem = r + S - nb * m
+        state.kv[:, :rem] = k[:, nb * m:]
+        state.score[:, :rem] = z[:, nb * m:]
+
+
+class Indexer(nn.Module):
+    """Lightning indexer of CSA layers (spec 5.5): picks index_topk compressed entries per query."""
+
+    def __init__(self, args: ModelArgs, fmt: str, par: ParallelConfig) -> None:
+        super().__init__()
+        self.args, self.tp = args, par.tp_size
+        self.n_local_heads = args.index_n_heads // par.tp_size
+        self.wq_b = Linear(args.q_lora_rank, self.n_local_heads * args.index_head_dim, fmt)
+        self.weights_proj = Linear(args.dim, self.n_local_heads)
+        self.compressor = Compressor(args, 4, args.index_head_dim, is_indexer=True)
+
+    def forward(self, ops: Ops, x: Tensor, qr: Tensor, pos: Tensor, cos: Tensor, sin: Tensor, cache: LayerCache,
+                rope: RopeTable) -> Tensor:
+        a = self.args
+        B, S, _ = x.shape
+        rd, di = a.rope_head_dim, a.index_head_dim
+        q = ops.linear(qr, self.wq_b.lw).view(B, S, self.n_local_heads, di)
+        q = torch.cat([q[..., :-rd], ops.rope(q[..., -rd:], cos, sin)], dim=-1)
+        q = ops.fp4_sim(ops.hadamard(q), FP4_BLOCK)
+        for lo, hi_b, start in uniform_groups(pos[:, 0]):
+            self.compressor(ops, x[lo:hi_b], start, cache.index_comp.view(slice(lo, hi_b)),
+                            cache.index_kv[lo:hi_b], rope)
+        w = ops.linear(x, self.weights_proj.lw).float() * (di ** -0.5 * a.index_n_heads ** -0.5)
+        visible = (pos + 1) // 4  # only fully completed blocks count
+        keys = cache.index_kv[:, :int(visible.max())]
+        if self.tp == 1:
+            return ops.indexer_topk(q, keys, w, visible, a.index_topk)
+        # heads are split over the TP ranks: sum the partial scores before selecting
+        score = ops.all_reduce(ops.indexer_scores(q, keys, w), "tp")
+        return topk_visible(score, visible, a.index_topk)
+
+
+class Attention(nn.Module):
+    """Shared-KV (MQA) attention over a sliding window plus, by layer kind, compressed entries: none (ratio 0),
+    the indexer's top-k of 4-token entries (CSA) or every 128-token entry (HCA). One softmax with a sink."""
+
+    def __init__(self, args: ModelArgs, layer_id: int, fmt: str, par: ParallelConfig) -> None:
+        super().__init__()
+        self.args, self.ratio = args, args.compress_ratios[layer_id]
+        # TP splits the query heads and the output groups; the single KV head is computed on every rank
+        self.n_local_heads, self.n_local_groups = args.n_heads // par.tp_size, args.o_groups // par.tp_size
+        H, D, G = self.n_local_heads, args.head_dim, self.n_local_groups
+        heads_per_group = args.n_heads // args.o_groups
+        self.wq_a = Linear(args.dim, args.q_lora_rank, fmt)
+        self.q_norm = RMSNorm(args.q_lora_rank)
+        self.wq_b = Linear(args.q_lora_rank, H * D, fmt)
+        self.wkv = Linear(args.dim, D, fmt)
+        self.kv_norm = RMSNorm(D)
+        self.wo_a = Linear(heads_per_group * D, G * args.o_lora_rank)  # convert.py dequantises wo_a: always dense
+        self.wo_b = Linear(G * args.o_lora_rank, args.dim, fmt)
+        self.attn_sink = _fp32_param(H)
+        if self.ratio:
+            self.compressor = Compressor(args, self.ratio, D, is_indexer=False)
+        if self.ratio == 4:
+            self.indexer = Indexer(args, fmt, par)
+
+    def forward(self, ops: Ops, x: Tensor, pos: Tensor, cache: LayerCache, rope: RopeTable) -> Tensor:
+        """x [B,S,d] (attn_norm-ed); pos [B,S] absolute positions, consecutive per row; cache holds this batch's
+        slots with every position < pos[:, 0] already fed."""
+        a = self.args
+        B, S, _ = x.shape
+        H, D, rd, W, eps = self.n_local_heads, a.head_dim, a.rope_head_dim, a.window_size, a.norm_eps
+        cos, sin = rope.cos_sin(pos)  # [B,S,rd/2]
+        qr = ops.rms_norm(ops.linear(x, self.wq_a.lw), self.q_norm.weight, eps)
+        q = ops.head_rms_norm(ops.linear(qr, self.wq_b.lw).view(B, S, H, D), eps)
+        q = torch.cat([q[..., :-rd], ops.rope(q[..., -rd:], cos, sin)], dim=-1)  # [B,S,H,D]
+        kv = ops.rms_norm(ops.linear(x, self.wkv.lw), self.kv_norm.weight, eps)  # [B,S,D]
+        kv = torch.cat([ops.fp8_sim(kv[..., :-rd], KV_FP8_BLOCK, a.kv_fp8_sim),
+                        ops.rope(kv[:, :, None, -rd:], cos, sin)[:, :, 0]], dim=-1)
+
+        # compressed entries first: a block completed inside this chunk is visible to its later queries
+        start = pos[:, 0]
+        if self.ratio:
+            for lo, hi, s0 in uniform_groups(start):
+                self.compressor(ops, x[lo:hi], s0, cache.comp.view(slice(lo, hi)), cache.kv[lo:hi, W:], rope)
+
+        # key rows: [ring (W) | compressed | this chunk (S > 1 only)]; a single token goes straight into its ring slot
+        if S == 1:
+            cache.kv[torch.arange(B), pos[:, 0] % W] = kv[:, 0]
+            keys, chunk_row = cache.kv, None
+        else:  # only the rows in use travel with the chunk, not the whole max_seq_len cache
+            used = W + (int(pos[:, -1].max() + 1) // self.ratio if self.ratio else 0)
+            keys, chunk_row = torch.cat([cache.kv[:, :used], kv], dim=1), used
+        idx = [self.window_indices(pos, start, chunk_row)]
+        if self.ratio == 4:
+            sel = self.indexer(ops, x, qr, pos, cos, sin, cache, rope)
+            idx.append(torch.where(sel >= 0, sel + W, -1))
+        elif self.ratio:
+            visible = (pos + 1) // self.ratio  # entries whose block is complete
+            t = torch.arange(int(visible.max()), device=x.device)
+            idx.append(torch.where(t < visible[..., None], t + W, -1))
+        o = ops.sparse_attention(q, keys, self.attn_sink, torch.cat(idx, dim=-1), D ** -0.5)
+        if S > 1:  # the ring keeps the last W tokens of the chunk
+            keep = min(S, W)
+            rows = torch.arange(B, device=x.device)[:, None]
+            cache.kv[rows, pos[:, -keep:] % W] = kv[:, -keep:]
+
+        o = torch.cat([o[..., :-rd], ops.rope(o[..., -rd:], cos, sin, inverse=True)], dim=-1)  # undo q's rotation
+        G = self.n_local_groups
+        o = o.reshape(B, S, G, H * D // G)
+        wo_a = self.wo_a.weight.view(G, a.o_lora_rank, H * D // G)  # block-diagonal: one [R_o, H*D/G] per group
+        o = torch.stack([ops.linear(o[:, :, g], LinearWeight(wo_a[g], None, "none")) for g in range(G)], dim=2)
+        return ops.all_reduce(ops.linear(o.flatten(2), self.wo_b.lw), "tp")  # row-parallel over the groups
+
+    def window_indices(self, pos: Tensor, start: Tensor, chunk_row: int | None) -> Tensor:
+        """[B,S,W] key rows of the last W positions (including the query's own); -1 before position 0."""
+        W = self.args.window_size
+        kpos = pos[..., None] - W + 1 + torch.arange(W, device=pos.device)  # [B,S,W]
+        if chunk_row is None:
+            rows = kpos % W
+        else:
+            in_chunk = kpos >= start[:, None, None]
+            rows = torch.where(in_chunk, chunk_row + kpos - start[:, None, None], kpos % W)
+        return torch.where(kpos >= 0, rows, -1)
+
+
+# -- MoE --------------------------------------------------------------------------------------------------------------
+class Gate(nn.Module):
+    def __init__(self, args: ModelArgs, hash_routed: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.dim), requires_grad=False)
+        if hash_routed:  # token id -> its k experts (spec 6.1); the weights still come from the learned scores
+            self.register_buffer("tid2eid", torch.zeros(args.vocab_size, args.n_activated_experts,
+                                                        dtype=torch.int32))
+            self.bias = None
+        else:
+            self.tid2eid = None
+            self.bias = _fp32_param(args.n_routed_experts)
+
+
+class Experts(nn.Module):
+    """Routed experts stacked along a leading dim (this process holds [offset, offset + n_local))."""
+
+    def __init__(self, args: ModelArgs, fmt: str, n_local: int, offset: int = 0) -> None:
+        super().__init__()
+        self.offset = offset
+        self.w1 = Linear(args.dim, args.moe_inter_dim, fmt, n_stack=n_local)
+        self.w2 = Linear(args.moe_inter_dim, args.dim, fmt, n_stack=n_local)
+        self.w3 = Linear(args.dim, args.moe_inter_dim, fmt, n_stack=n_local)
+
+
+class SharedExpert(nn.Module):
+    def __init__(self, args: ModelArgs, fmt: str) -> None:
+        super().__init__()
+        self.w1 = Linear(args.dim, args.moe_inter_dim, fmt)
+        self.w2 = Linear(args.moe_inter_dim, args.dim, fmt)
+        self.w3 = Linear(args.dim, args.moe_inter_dim, fmt)
+
+
+class MoE(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int, fmt: str, expert_fmt: str, par: ParallelConfig) -> None:
+        super().__init__()
+        self.args = args
+        self.gate = Gate(args, hash_routed=layer_id < args.n_hash_layers)
+        first, n_local = par.experts(args)  # EP: this rank's routed experts
+        self.experts = Experts(args, expert_fmt, n_local, first)
+        self.shared_experts = SharedExpert(args, fmt)  # replicated on every TP rank, as in the official split
+
+    def forward(self, ops: Ops, x: Tensor, token_ids: Tensor) -> Tensor:
+        a, shape = self.args, x.shape
+        x = x.flatten(0, 1)  # [T,d]
+        w, ids = ops.moe_gate(x, self.gate.weight, self.gate.bias, self.gate.tid2eid, token_ids.flatten(),
+                              a.n_activated_experts, a.score_func, a.route_scale)
+        e = self.experts
+        # fp32; under expert parallelism the ops dispatch tokens to the experts' ranks and combine the results
+        y = ops.moe_experts(x, w, ids, e.w1.lw, e.w2.lw, e.w3.lw, a.swiglu_limit, e.offset)
+        s = self.shared_experts  # no SwiGLU clamp on the shared expert (spec 6.2)
+        h = ops.swiglu(ops.linear(x, s.w1.lw), ops.linear(x, s.w3.lw), 0.0)
+        y = y + ops.linear(h.to(x.dtype), s.w2.lw).float()
+        return y.to(x.dtype).view(shape)
+
+
+# -- blocks -----------------------------------------------------------------------------------------------------------
+class Block(nn.Module):
+    """Attention and MoE, each wrapped in a manifold-constrained hyper-connection over n residual streams."""
+
+    def __init__(self, args: ModelArgs, layer_id: int, fmt: str, expert_fmt: str,
+                 par: ParallelConfig = SINGLE) -> None:
+        super().__init__()
+        self.args, self.layer_id = args, layer_id
+        n, mix = args.hc_mult, (2 + args.hc_mult) * args.hc_mult
+        self.attn_norm = RMSNorm(args.dim)
+        self.ffn_norm = RMSNorm(args.dim)
+        self.attn = Attention(args, layer_id, fmt, par)
+        self.ffn = MoE(args, layer_id, fmt, expert_fmt, par)
+        self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale = (
+            _fp32_param(mix, n * args.dim), _fp32_param(mix), _fp32_param(3))
+        self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale = (
+            _fp32_param(mix, n * args.dim), _fp32_param(mix), _fp32_param(3))
+
+    def forward(self, ops: Ops, X: Tensor, pos: Tensor, token_ids: Tensor, cache: LayerCache,
+                rope: RopeTable) -> Tensor:
+        a = self.args
+        x, post, comb = ops.hc_pre(X, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base,
+                                   a.hc_sinkhorn_iters, a.hc_eps, a.norm_eps)
+        x = self.attn(ops, ops.rms_norm(x, self.attn_norm.weight, a.norm_eps), pos, cache, rope)
+        X = ops.hc_post(x, X, post, comb)
+        x, post, comb = ops.hc_pre(X, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base,
+                                   a.hc_sinkhorn_iters, a.hc_eps, a.norm_eps)
+        x = self.ffn(ops, ops.rms_norm(x, self.ffn_norm.weight, a.norm_eps), token_ids)
+        return ops.hc_post(x, X, post, comb)
+
+
+class MTPBlock(Block):
+    """Multi-token prediction (spec 8): combines the main streams at position i with the embedding of token i+1
+    and predicts token i+2. Shares embed and head with the main model."""
+
+    def __init__(self, args: ModelArgs, layer_id: int, fmt: str, expert_fmt: str,
+                 par: ParallelConfig = SINGLE) -> None:
+        super().__init__(args, layer_id, fmt, expert_fmt, par)
+        n = args.hc_mult
+        self.e_proj = Linear(args.dim, args.dim, fmt)
+        self.h_proj = Linear(args.dim, args.dim, fmt)
+        self.enorm, self.hnorm, self.norm = RMSNorm(args.dim), RMSNorm(args.dim), RMSNorm(args.dim)
+        self.hc_head_fn, self.hc_head_base, self.hc_head_scale = (
+            _fp32_param(n, n * args.dim), _fp32_param(n), _fp32_param(1))
+
+
+# -- the model --------------------------------------------------------------------------------------------------------
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs, ops: Ops, dtype: torch.dtype = torch.float32,
+                 weights: str = "dequantized", parallel: ParallelConfig = SINGLE) -> None:
+        """weights "dequantized": every linear is dense in `dtype` (FP8/FP4 checkpoints are dequantised at load);
+        "quantized": FP8/FP4 weights stay in their format with scales and the backend's linear consumes them."""
+        super().__init__()
+        if weights not in ("dequantized", "quantized"):
+            raise ValueError(f"weights must be 'dequantized' or 'quantized', got {weights!r}")
+        parallel.validate(args)
+        self.args, self.ops, self.dtype, self.weights_mode, self.parallel = args, ops, dtype, weights, parallel
+        quant = weights == "quantized"
+        fmt = "fp8" if quant and args.dtype == "fp8" else "none"
+        expert_fmt = {"fp4": "fp4", "fp8": "fp8", "bf16": "none"}[args.expert_dtype] if quant else "none"
+        n = args.hc_mult
+        vocab_local = args.vocab_size // parallel.tp_size  # TP: vocabulary-parallel embedding and head
+        self.vocab_start = parallel.tp_rank * vocab_local
+        self.embed = nn.Embedding(vocab_local, args.dim)
+        self.embed.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(Block(args, i, fmt, expert_fmt, parallel) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim)
+        self.head = Linear(args.dim, vocab_local)
+        self.hc_head_fn, self.hc_head_base, self.hc_head_scale = (
+            _fp32_param(n, n * args.dim), _fp32_param(n), _fp32_param(1))
+        self.mtp = nn.ModuleList(MTPBlock(args, args.n_layers + i, fmt, expert_fmt, parallel)
+                                 for i in range(args.n_mtp_layers))
+        rd = args.rope_head_dim
+        self.rope_window = RopeTable(rope_frequencies(rd, args.rope_theta, 0, 1.0, args.beta_fast, args.beta_slow))
+        self.rope_compressed = RopeTable(rope_frequencies(rd, args.compress_rope_theta, args.original_seq_len,
+                                                          args.rope_factor, args.beta_fast, args.beta_slow))
+        self.cast_dense_(dtype)
+
+    def cast_dense_(self, dtype: torch.dtype) -> None:
+        """Dense bf16-class weights go to the activation dtype; fp32 islands and quantised tensors stay as they are."""
+        for name, p in self.named_parameters():
+            if p.dtype in (torch.float8_e4m3fn, torch.int8):
+                continue
+            p.data = p.data.float() if name.endswith(FP32_PARAM_SUFFIXES) else p.data.to(dtype)
+        self.dtype = dtype
+
+    def rope_for(self, layer_id: int) -> RopeTable:
+        return self.rope_compressed if self.args.compress_ratios[layer_id] else self.rope_window
+
+    def new_cache(self, max_batch: int, max_seq_len: int | None = None) -> KVCache:
+        return KVCache(self.args, max_batch, max_seq_len or self.args.max_seq_len, self.dtype,
+                       self.embed.weight.device, with_mtp=bool(self.args.n_mtp_layers))
+
+    @torch.no_grad()
+    def forward(self, tokens: Tensor, cache: KVCache | None = None, slots: slice | None = None,
+                return_hidden: bool | str = False) -> Tensor | tuple[Tensor, list[Tensor]]:
+        """Logits [B,S,V] fp32 for every position of `tokens` [B,S].
+
+        Without a cache this is a full forward from position 0. With a cache, the chunk continues the sequences in
+        `slots` (default: the first B) at their cached lengths, and the cache is advanced. With return_hidden, also
+        returns the hidden streams [B,S,n,d] after each block; return_hidden="last" keeps only the last block's
+        (what the MTP module needs) instead of holding every layer's alive."""
+        B, S = tokens.shape
+        if cache is None:
+            cache = self.new_cache(B, S)
+        slots = slots or slice(0, B)
+        start = cache.lengths[slots].to(tokens.device)
+        cache.check_room(slots, start, S)
+        pos = start[:, None] + torch.arange(S, device=tokens.device)  # [B,S]
+        ops, a = self.ops, self.args
+        h = self.embedding(tokens)  # [B,S,d]
+        X = h.unsqueeze(2).repeat(1, 1, a.hc_mult, 1)  # [B,S,n,d]: n identical streams
+        hidden = []
+        for i, layer in enumerate(self.layers):
+            X = layer(ops, X, pos, tokens, cache.layers[i].view(slots), self.rope_for(i))
+            if return_hidden and (return_hidden != "last" or i == len(self.layers) - 1):
+                hidden.append(X)
+        logits = self._head(X, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, self.norm)
+        cache.lengths[slots] += S
+        return (logits, hidden) if return_hidden else logits
+
+    def embedding(self, tokens: Tensor) -> Tensor:
+        """Vocabulary-parallel lookup: each TP rank holds a slice of rows, the others contribute zeros."""
+        local = tokens - self.vocab_start
+        n = self.embed.weight.shape[0]
+        inside = (local >= 0) & (local < n)
+        h = F.embedding(local.clamp(0, n - 1), self.embed.weight) * inside.unsqueeze(-1).to(self.embed.weight.dtype)
+        return self.ops.all_reduce(h, "tp")
+
+    def _head(self, X: Tensor, fn: Tensor, scale: Tensor, base: Tensor, norm: RMSNorm) -> Tensor:
+        a, ops = self.args, self.ops
+        y = ops.hc_head(X, fn, scale, base, a.hc_eps, a.norm_eps)
+        y = ops.rms_norm(y, norm.weight, a.norm_eps)
+        return ops.all_gather(ops.linear(y.float(), self.head.lw), dim=-1)  # fp32 logits
+
+    @torch.no_grad()
+    def mtp_forward(self, streams: Tensor, next_tokens: Tensor, cache: KVCache, slots: slice | None = None,
+                    start: Tensor | None = None) -> Tensor:
+        """Draft logits [B,S,V]: for position i, the main streams at i and the token at i+1 predict token i+2.
+        streams [B,S,n,d] (the last block's output); next_tokens [B,S]; `start` [B] the position of the first
+        row (defaults to the cache length before the main forward that produced `streams`)."""
+        if not self.args.n_mtp_layers:
+            raise ValueError("this model has no MTP layer (n_mtp_layers = 0)")
+        a, ops, mtp = self.args, self.ops, self.mtp[0]
+        B, S = next_tokens.shape
+        slots = slots or slice(0, B)
+        if start is None:
+            start = cache.lengths[slots] - S
+        pos = start.to(next_tokens.device)[:, None] + torch.arange(S, device=next_tokens.device)
+        e = ops.rms_norm(self.embedding(next_tokens), mtp.enorm.weight, a.norm_eps)
+        X = ops.linear(e, mtp.e_proj.lw).unsqueeze(2) + ops.linear(
+            ops.rms_norm(streams, mtp.hnorm.weight, a.norm_eps), mtp.h_proj.lw)
+        layer_id = a.n_layers
+        X = mtp(ops, X, pos, next_tokens, cache.layers[layer_id].view(slots), self.rope_for(layer_id))
+        return self._head(X, mtp.hc_head_fn, mtp.hc_head_scale, mtp.hc_head_base, mtp.norm)
