@@ -48,27 +48,27 @@ def probe(device: str | None = None) -> tuple[bool, str]:
 
 
 def create_ops(device: str | None = None, emulate: bool = False, chip: str | None = None, weights: str = "auto",
-               release: str | None = None, use_custom_ops: bool = False, **_: Any) -> AscendOps:
-    """AscendOps on a real NPU (torch_npu), or with emulate=True on the CPU through the emulated operators.
-    chip: 910b | 910c | 950pr | 950dt (default: the hardware's, or $DSV4_ASCEND_CHIP, or 950dt when emulating).
-    weights: "auto" (FP8 on 950, W8A8 dense + W4A8 experts on 910B/910C), "w8a8" (int8 everywhere) or "bf16".
-    release: op-plugin release to emulate (e.g. "7.3.0"); on hardware, read from torch_npu.
-    use_custom_ops: also call vllm-ascend's torch.ops._C_ascend kernels where registered (contracts unverified)."""
+               use_custom_ops: bool = False, **_: Any) -> AscendOps:
+    """AscendOps on a real NPU (torch_npu), or with emulate=True on the CPU through the emulated operators (bound to
+    the torch_npu 2.14.0 schemas). chip: 910b | 910c | 950pr | 950dt (default: the hardware's, or
+    $DSV4_ASCEND_CHIP, or 950dt when emulating). weights: "auto" (FP8 on 950, W8A8 dense + W4 experts on 910B,
+    W8A8 on 910C), "w8a8" (int8 everywhere) or "bf16". use_custom_ops: also call vllm-ascend's
+    torch.ops._C_ascend kernels where registered (contracts unverified)."""
     from .backend import AscendOps
-    from .capability import LATEST_RELEASE, detect_chip, release_of
+    from .capability import detect_chip, release_of
+    from .schemas import PINNED_RELEASE
 
     if emulate:
         from .emulation import make_torch_npu
 
         c = detect_chip(chip, emulate=True)
-        rel = release or LATEST_RELEASE
-        return AscendOps(make_torch_npu(c, rel), c, device="cpu", release=rel, weights=weights,
+        return AscendOps(make_torch_npu(c), c, device="cpu", release=PINNED_RELEASE, weights=weights,
                          use_custom_ops=use_custom_ops, emulated=True)
     mod, reason = _import_torch_npu()
     if mod is None:
         raise RuntimeError(f"no Ascend NPU: {reason}")
     c = detect_chip(chip)
-    return AscendOps(mod, c, device=device or "npu:0", release=release or release_of(mod), weights=weights,
+    return AscendOps(mod, c, device=device or "npu:0", release=release_of(mod), weights=weights,
                      use_custom_ops=use_custom_ops)
 
 

@@ -1,10 +1,11 @@
 """AscendOps: the ops interface on Ascend NPUs through torch_npu's fused operators.
 
-`self.npu` is the real `torch_npu` module on hardware, or the CPU emulation (ascend/emulation) with emulate=True;
-the code path is otherwise identical. Per op, the fused torch_npu operator is used where the capability table
-(capability.py) gives the chip that op AND the call's shapes / dtypes fit its documented constraints; otherwise a
-torch composition runs (the reference ops, or compose.py where Ascend differs). `last_path[op]` records the path
-of the latest call, `describe()` the policy.
+`self.npu` is the real `torch_npu` module on hardware, or the CPU emulation (ascend/emulation) with emulate=True,
+whose operators are registered under the torch_npu 2.14.0 schemas, so every call below is bound by the release's
+own schema in CI. Per op, the fused torch_npu operator is used where the capability table (capability.py) gives
+the chip that op AND the call's shapes / dtypes fit its documented constraints (the docs in
+ascend/schemas/torch_npu-2.14.0.yaml); otherwise a torch composition runs (the reference ops, or compose.py where
+Ascend differs). `last_path[op]` records the path of the latest call, `describe()` the policy.
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ from dsv4.common.model.ops import OP_NAMES, LinearWeight, Ops
 from dsv4.common.model.reference import ReferenceOps
 
 from . import compose
-from .capability import FP8_CHIPS, LATEST_RELEASE, custom_op, op_available
+from .capability import A5, custom_op, op_available
 from .convert import dequant_any, fp4_to_fp8, to_w4a8, to_w8a8
 from .emulation.attention import A5_INDEXER_HEADS, _valid_sparse_count
+from .schemas import PINNED_RELEASE
 
 HALF = (torch.float16, torch.bfloat16)
+FP8_CHIPS = A5  # chips whose checkpoints keep FP8 weights (no FP8 GEMM op in 2.14.0: the GEMM itself runs in torch)
 WEIGHT_POLICIES = ("auto", "w8a8", "bf16")
 LI_BLOCK = 64  # paged-key block size for the lightning indexer (a multiple of 16, <= 1024: section 4)
 
@@ -31,7 +34,7 @@ LI_BLOCK = 64  # paged-key block size for the lightning indexer (a multiple of 1
 class AscendOps(Ops):
     name = "ascend"
 
-    def __init__(self, npu: object, chip: str, device: str | torch.device = "npu:0", release: str = LATEST_RELEASE,
+    def __init__(self, npu: object, chip: str, device: str | torch.device = "npu:0", release: str = PINNED_RELEASE,
                  weights: str = "auto", use_custom_ops: bool = False, emulated: bool = False) -> None:
         if weights not in WEIGHT_POLICIES:
             raise ValueError(f"weights must be one of {WEIGHT_POLICIES}, got {weights!r}")
@@ -47,7 +50,7 @@ class AscendOps(Ops):
 
     # -- plumbing ---------------------------------------------------------------------------------------------------
     def has(self, op: str) -> bool:
-        return op_available(self.npu, op, self.chip, self.release)
+        return op_available(self.npu, op, self.chip)
 
     def _took(self, op: str, path: str) -> None:
         self.last_path[op] = path
@@ -58,8 +61,9 @@ class AscendOps(Ops):
 
     def native_weight(self, w: LinearWeight, expert: bool = False) -> LinearWeight:
         """The checkpoint weight in a format this chip's GEMMs take, converted once and cached per weight tensor:
-        950 keeps FP8 (FP4 -> FP8 blocks); 910B/910C have no FP8 GEMM, so FP8 -> w8a8 and FP4 experts -> w4a8
-        (convert ahead of time with ascend.convert.convert_for_chip to skip this)."""
+        950 keeps FP8 (FP4 -> FP8 blocks); 910B/910C have no FP8 GEMM, so FP8 -> w8a8 and, on 910B (the one chip with
+        the grouped GEMM's weight-only int4 form), FP4 experts -> w4a8 (convert ahead of time with
+        ascend.convert.convert_for_chip to skip this)."""
         if w.fmt in ("none", "w8a8", "w4a8"):
             return w
         if self.fp8_native and w.fmt == "fp8":
@@ -73,15 +77,17 @@ class AscendOps(Ops):
         elif self.fp8_native:
             out = fp4_to_fp8(w)
         else:
-            out = to_w4a8(w) if expert and self.weights == "auto" else to_w8a8(w)
+            out = to_w4a8(w) if expert and self.weights == "auto" and self.chip == "910b" else to_w8a8(w)
         self._converted[key] = (weakref.ref(w.weight), out)
         return out
 
     # -- normalisation ----------------------------------------------------------------------------------------------
     def rms_norm(self, x: Tensor, weight: Tensor, eps: float) -> Tensor:
-        if self.has("npu_rms_norm") and x.dim() >= 2:
+        if self.has("npu_rms_norm") and 2 <= x.dim() <= 8:
+            # doc: gamma has self's dtype; V4's weights are fp32, so the op runs fp32/fp32 (the reference math: fp32
+            # inside, one rounding at the end) rather than rounding the weights to bf16
             self._took("rms_norm", "npu_rms_norm")
-            return self.npu.npu_rms_norm(x, weight.float(), eps)[0]
+            return self.npu.npu_rms_norm(x.float(), weight.float(), eps)[0].to(x.dtype)
         self._took("rms_norm", "torch")
         xf = x.float()
         return (weight.float() * xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)).to(x.dtype)
@@ -89,7 +95,7 @@ class AscendOps(Ops):
     def head_rms_norm(self, q: Tensor, eps: float) -> Tensor:
         # the official code normalises q in bf16 arithmetic; npu_rms_norm (fp32 inside) differs by ~1 bf16 ulp, which
         # was enough to move tiny-model logits by 2e-2, so half precision stays in torch; fp32 uses the op
-        if self.has("npu_rms_norm") and q.dtype == torch.float32:
+        if self.has("npu_rms_norm") and q.dtype == torch.float32 and 2 <= q.dim() <= 8:
             self._took("head_rms_norm", "npu_rms_norm")
             return self.npu.npu_rms_norm(q, torch.ones(q.shape[-1], dtype=q.dtype, device=q.device), eps)[0]
         self._took("head_rms_norm", "torch")
@@ -97,15 +103,20 @@ class AscendOps(Ops):
 
     # -- rotary -----------------------------------------------------------------------------------------------------
     def rope(self, x: Tensor, cos: Tensor, sin: Tensor, inverse: bool = False) -> Tensor:
-        # npu_rotary_mul 'interleave' takes full-width cos/sin (each pair's value at 2i and 2i+1, section 2);
-        # run in fp32 because the V4 rope math is fp32 and bf16 cos/sin would add rounding
+        # x [B,S,H,r], cos/sin [B,S,r/2]. npu_rotary_mul 'interleave' takes full-width cos/sin (each pair's value at
+        # 2i and 2i+1); run in fp32 because the V4 rope math is fp32 and bf16 cos/sin would add rounding
         r1 = cos.float().repeat_interleave(2, dim=-1).unsqueeze(2)  # [B,S,1,r]
         r2 = sin.float().repeat_interleave(2, dim=-1).unsqueeze(2)
         if inverse:
             r2 = -r2
-        if self.has("npu_rotary_mul"):
+        B, S, H, r = x.shape
+        if self.has("npu_rotary_mul") and H < 1000 and r % 2 == 0 and r < 896:
+            # doc (interleave, BSND): r1/r2 must be 1S1D, but V4's positions differ per batch row: view the batch as
+            # one sequence of B*S tokens, [1, B*S, H, r] with r1/r2 [1, B*S, 1, r] (then B * N = H < 1000)
             self._took("rope", "npu_rotary_mul(interleave)")
-            return self.npu.npu_rotary_mul(x.float(), r1, r2, rotary_mode="interleave").to(x.dtype)
+            flat = lambda t: t.reshape(1, B * S, t.shape[2], r)  # noqa: E731
+            out = self.npu.npu_rotary_mul(flat(x.float()), flat(r1), flat(r2), rotary_mode="interleave")
+            return out.view(B, S, H, r).to(x.dtype)
         self._took("rope", "torch")
         xf = x.float().unflatten(-1, (-1, 2))
         rot = torch.stack([-xf[..., 1], xf[..., 0]], -1).flatten(-2)
@@ -146,22 +157,10 @@ class AscendOps(Ops):
         return y.reshape(*lead, -1)
 
     def _linear_fp8(self, x2: Tensor, w: LinearWeight) -> Tensor:
-        K = x2.shape[-1]
-        if x2.dtype in HALF and K % 128 == 0 and self.has("npu_quant_matmul"):
-            # 950 FP8 GEMM: per-token 1x128 power-of-two activation scales and the 128x128 weight block scales
-            # (npu_quant_matmul group_sizes [1,128,128]; section 8). On device, transpose the weight once at load.
-            self._took("linear", "npu_quant_matmul FP8 block-scaled (950)")
-            xq, xs = compose.quant_fp8_per_block(x2)
-            return self.npu.npu_quant_matmul(xq, w.weight.t(), w.scale.float().t(), pertoken_scale=xs,
-                                             output_dtype=x2.dtype, group_sizes=[1, 128, 128])
-        self._took("linear", "torch (fp32 activations: the FP8 GEMM takes fp16/bf16) FP8-simulated")
+        # 2.14.0's npu_quant_matmul documents int8/int4 tables on A2/A3 only (no FP8 row, 950 not in its products):
+        # the FP8 GEMM is the reference math in torch (activation FP8 simulation, dequantised weight)
+        self._took("linear", "torch FP8-simulated (npu_quant_matmul has no documented FP8 form in 2.14.0)")
         return F.linear(compose.fp8_sim(x2.float(), 128), dequant_any(w)).to(x2.dtype)
-
-    def _act_int8(self, x2: Tensor) -> tuple[Tensor, Tensor]:
-        if x2.dtype in HALF and self.has("npu_dynamic_quant"):
-            return self.npu.npu_dynamic_quant(x2)
-        q, s = compose.quant_int8_per_token(x2)
-        return q, s
 
     def _linear_w8a8(self, x2: Tensor, w: LinearWeight) -> Tensor:
         if x2.dtype in HALF and self.has("npu_dynamic_quant") and self.has("npu_quant_matmul"):
@@ -250,9 +249,9 @@ class AscendOps(Ops):
         table = table.repeat_interleave(S, dim=0).to(torch.int32)  # [B*S, nblk]
         lens = visible.reshape(-1).clamp(0, T).to(torch.int32)
         cu_q = torch.arange(1, B * S + 1, dtype=torch.int32, device=q.device)
-        # 950 takes no fp32 weights: bf16 weights there (scores then differ from fp32 ones by ~1e-3 relative)
-        w = weights.reshape(B * S, H)
-        w = w.to(torch.bfloat16) if self.chip in FP8_CHIPS else w.float()
+        # doc: weights "数据类型支持bfloat16和float16" on every chip: V4's fp32 head weights go in as q's dtype
+        # (scores then differ from fp32 ones by ~1e-3 relative; only near-ties of the top-k can move)
+        w = weights.reshape(B * S, H).to(q.dtype)
         idx, _ = self.npu.npu_lightning_indexer(q.reshape(B * S, H, D), cache, w, actual_seq_lengths_query=cu_q,
                                                 actual_seq_lengths_key=lens, block_table=table, layout_query="TND",
                                                 layout_key="PA_BSND", sparse_count=kk, sparse_mode=0)
@@ -264,8 +263,11 @@ class AscendOps(Ops):
         logits = x.float() @ weight.float().t()
         if score_func in ("softmax", "sigmoid") and self.has("npu_moe_gating_top_k") and logits.shape[1] <= 2048:
             self._took("moe_gate", "npu_moe_gating_top_k")
+            # meta check: input_ids and tid2eid both or neither; doc: bias has x's dtype (fp32 logits here)
+            hashed = tid2eid is not None
             y, ids, _ = self.npu.npu_moe_gating_top_k(
-                logits, topk, bias=None if tid2eid is not None else bias, input_ids=token_ids, tid2eid=tid2eid,
+                logits, topk, bias=None if hashed or bias is None else bias.to(logits.dtype),
+                input_ids=token_ids.reshape(-1) if hashed else None, tid2eid=tid2eid if hashed else None,
                 norm_type=0 if score_func == "softmax" else 1, routed_scaling_factor=route_scale)
             return y.float(), ids.long()
         # npu_moe_gating_top_k scores with softmax or sigmoid only; V4's sqrt(softplus) is composed in torch
@@ -278,39 +280,66 @@ class AscendOps(Ops):
         g, u = gate.float(), up.float()
         if limit > 0:
             g, u = g.clamp(max=limit), u.clamp(-limit, limit)
-        if self.has("npu_swiglu"):
+        if self.has("npu_swiglu") and 1 <= g.dim() <= 8:  # doc products: A2 only
             self._took("swiglu", "torch clamp + npu_swiglu")
             return self.npu.npu_swiglu(torch.cat([g, u], dim=-1), dim=-1)
         self._took("swiglu", "torch")
         return F.silu(g) * u
 
     def _grouped(self, rows: Tensor, w: LinearWeight, counts: Tensor) -> Tensor:
-        """Per-expert GEMM of expert-sorted rows [M, K] with stacked weights (native format), group sizes `counts`.
-        Returns [M, N] in rows.dtype."""
+        """Per-expert GEMM of expert-sorted rows [M, K] with stacked weights (native format) on npu_grouped_matmul,
+        group sizes `counts` [E] adding up to M (doc). Returns [M, N] in rows.dtype. The group list goes in as a
+        prefix sum (group_list_type 0): a counts list may not have length 1 (doc), a one-expert call would."""
         gm = self.npu.npu_grouped_matmul
-        kw = dict(group_list=counts, group_list_type=1, split_item=3, group_type=0)
+        kw = dict(group_list=torch.cumsum(counts, 0), group_list_type=0, split_item=3, group_type=0)
         half = rows.dtype in HALF
-        if w.fmt == "fp8" and half and rows.shape[1] % 128 == 0:
-            self.last_path["grouped_gemm"] = "npu_grouped_matmul FP8 block-scaled (950)"
-            xq, xs = compose.quant_fp8_per_block(rows)
-            return gm([xq], [w.weight.transpose(1, 2)], scale=[w.scale.float().transpose(1, 2)],
-                      per_token_scale=[xs], output_dtype=rows.dtype, **kw)[0]
-        if w.fmt in ("w8a8", "w4a8") and half and self.has("npu_dynamic_quant"):
-            self.last_path["grouped_gemm"] = f"npu_dynamic_quant + npu_grouped_matmul ({w.fmt.upper()})"
+        if w.fmt == "w8a8" and half and self.has("npu_dynamic_quant"):
+            # doc table "per-token量化": int8 x, int8 weight, fp32 scale, fp32 per_token_scale, bf16/fp16 out
+            self.last_path["grouped_gemm"] = "npu_dynamic_quant + npu_grouped_matmul (per-token W8A8)"
             xq, xs = self.npu.npu_dynamic_quant(rows)
-            wt = w.weight.transpose(1, 2) if w.fmt == "w8a8" else w.weight
-            return gm([xq], [wt], scale=[w.scale.float()], per_token_scale=[xs], output_dtype=rows.dtype, **kw)[0]
+            return gm([xq], [w.weight.transpose(1, 2)], scale=[w.scale.float()], per_token_scale=[xs],
+                      output_dtype=rows.dtype, **kw)[0]
+        if w.fmt == "w4a8" and half:
+            # doc table "伪量化": fp16/bf16 x, int4 weight (8 per int32), per-group antiquant_scale in x's dtype: the
+            # documented W4 form keeps the activations in bf16 (the doc has no int8-x / int4-weight row)
+            self.last_path["grouped_gemm"] = "npu_grouped_matmul (weight-only int4, bf16 activations)"
+            return gm([rows], [w.weight], antiquant_scale=[w.scale.to(rows.dtype)], **kw)[0]
         # float operands: unquantised weights, or fp32 activations (the quantised forms take fp16/bf16) - then the
         # activation quantisation is simulated in torch and the weight dequantised, which is the same math
         if w.fmt == "none":
             xs_, wd = rows, w.weight.to(rows.dtype)
         elif w.fmt == "fp8":
             xs_, wd = compose.fp8_sim(rows.float(), 128).to(rows.dtype), dequant_any(w).to(rows.dtype)
+        elif w.fmt == "w4a8":
+            xs_, wd = rows, dequant_any(w).to(rows.dtype)
         else:
             q, s = compose.quant_int8_per_token(rows)
             xs_, wd = (q * s.unsqueeze(-1)).to(rows.dtype), dequant_any(w).to(rows.dtype)
         self.last_path["grouped_gemm"] = f"npu_grouped_matmul float ({w.fmt} weight dequantised)"
         return gm([xs_], [wd.transpose(1, 2)], **kw)[0]
+
+    def expert_ffn(self, rows: Tensor, counts: Tensor, w1: LinearWeight, w2: LinearWeight, w3: LinearWeight,
+                   swiglu_limit: float, row_weights: Tensor | None = None) -> tuple[Tensor, str]:
+        """w2(swiglu(w1 x, w3 x) * row_weight) of expert-sorted rows [M, d] (native stacked weights, group sizes
+        `counts` adding up to M). Returns ([M, d] in rows.dtype, the GEMM path). npu_grouped_matmul where the chip has
+        it (A2); elsewhere one GEMM per expert through `linear` (910C: the W8A8 npu_quant_matmul), one host read of
+        the counts."""
+        if self.has("npu_grouped_matmul"):
+            h = self.swiglu(self._grouped(rows, w1, counts), self._grouped(rows, w3, counts), swiglu_limit)
+            if row_weights is not None:
+                h = h * row_weights[:, None]
+            return self._grouped(h.to(rows.dtype), w2, counts), self.last_path["grouped_gemm"]
+        y = torch.zeros(rows.shape[0], w2.weight.shape[-2] if w2.fmt != "w4a8" else w2.scale.shape[-1],
+                        dtype=rows.dtype, device=rows.device)
+        ends = counts.cumsum(0).tolist()
+        for e, (a, b) in enumerate(zip([0] + ends[:-1], ends, strict=False)):
+            if b > a:
+                we = [LinearWeight(w.weight[e], None if w.scale is None else w.scale[e], w.fmt) for w in (w1, w2, w3)]
+                h = self.swiglu(self.linear(rows[a:b], we[0]), self.linear(rows[a:b], we[2]), swiglu_limit)
+                if row_weights is not None:
+                    h = h * row_weights[a:b, None]
+                y[a:b] = self.linear(h.to(rows.dtype), we[1])
+        return y, f"per-expert {self.last_path.get('linear', 'linear')} (npu_grouped_matmul is A2-only)"
 
     def moe_experts(self, x: Tensor, weights: Tensor, ids: Tensor, w1: LinearWeight, w2: LinearWeight,
                     w3: LinearWeight, swiglu_limit: float, expert_offset: int = 0) -> Tensor:
@@ -319,28 +348,42 @@ class AscendOps(Ops):
         n_local = w1.weight.shape[0]
         if T == 0:
             return torch.zeros((0, d), dtype=torch.float32, device=x.device)
+        if not self.has("npu_moe_init_routing_v2"):  # 950: the doc's products are A2/A3
+            self._took("moe_experts", "torch reference (npu_moe_init_routing_v2 / npu_grouped_matmul not on "
+                       f"{self.chip})")
+            return self._torch.moe_experts(x, weights, ids, w1, w2, w3, swiglu_limit, expert_offset)
         w1n, w2n, w3n = (self.native_weight(w, expert=True) for w in (w1, w2, w3))
-        ids32 = ids.to(torch.int32)
+        # doc: expert ids "不能超过专家数" and active_expert_range ends at or below expert_num. With expert parallelism
+        # `ids` are global: map this rank's experts to 0..n_local-1 and every other id to one spare id n_local, so
+        # expert_num = n_local + 1 and no pair is dropped (finalize_routing's index must hold no -1 either)
+        local = ids.long() - expert_offset
+        mine = (local >= 0) & (local < n_local)
+        ids32 = torch.where(mine, local, torch.full_like(local, n_local)).to(torch.int32)
         rows, row_idx, counts, _ = self.npu.npu_moe_init_routing_v2(
-            x, ids32, active_num=T * k, expert_num=expert_offset + n_local, expert_tokens_num_type=1,
-            expert_tokens_num_flag=True, active_expert_range=[expert_offset, expert_offset + n_local], row_idx_type=0)
-        h = self.swiglu(self._grouped(rows, w1n, counts), self._grouped(rows, w3n, counts), swiglu_limit)
-        # V4 weights each expert's activation BEFORE w2 (finalize_routing would weight after): put the routing
-        # weights in expert order (scatter through the row index; dropped pairs land in a spare last slot)
-        dst = torch.where(row_idx >= 0, row_idx.long(), torch.full_like(row_idx, T * k, dtype=torch.long))
-        row_w = torch.zeros(T * k + 1, dtype=torch.float32, device=x.device)
-        row_w.scatter_(0, dst, weights.reshape(-1).float())
-        y = self._grouped((h * row_w[:rows.shape[0], None]).to(x.dtype), w2n, counts)
-        self._took("moe_experts", f"npu_moe_init_routing_v2 -> {self.last_path['grouped_gemm']} -> swiglu")
+            x, ids32, active_num=T * k, expert_num=n_local + 1, expert_tokens_num_type=1,
+            expert_tokens_num_flag=True, active_expert_range=[0, n_local + 1], row_idx_type=0)
+        # the spare expert's rows sort last; the GEMMs take only this rank's rows, whose group sizes then add up
+        # to the GEMM's row count (doc). One host read of the count per layer
+        n_mine = rows.shape[0] - int(counts[n_local])
+        own, own_counts = rows[:n_mine], counts[:n_local]
+        # V4 weights each expert's activation BEFORE w2 (finalize_routing would weight after): the routing weight
+        # of output row r is weights[src] for the src with row_idx[src] = r
+        row_w = torch.zeros(T * k, dtype=torch.float32, device=x.device)
+        row_w.scatter_(0, row_idx.long(), torch.where(mine, weights.float(), 0.0).reshape(-1))
+        y, gemm = self.expert_ffn(own, own_counts, w1n, w2n, w3n, swiglu_limit, row_w[:n_mine])
+        path = f"npu_moe_init_routing_v2 -> {gemm} -> swiglu"
+        y = torch.cat([y, y.new_zeros(rows.shape[0] - n_mine, d)])  # the spare expert's rows contribute zero
         if self.has("npu_moe_finalize_routing"):
-            self.last_path["moe_experts"] += " -> npu_moe_finalize_routing"
-            return self.npu.npu_moe_finalize_routing(y.float(), None, None, None, None, row_idx, ids32)
-        # finalize_routing's page lists A2 only: un-permute with a torch index_add elsewhere
-        self.last_path["moe_experts"] += " -> torch un-permute"
-        yf = torch.cat([y.float(), y.new_zeros(1, d, dtype=torch.float32)])
+            # doc: "当scales为None时，则需要指定k"; its index is read slot-major, dst[i + k * NUM_ROWS], while
+            # init_routing_v2's is token-major [T, k]: transpose it
+            self._took("moe_experts", path + " -> npu_moe_finalize_routing")
+            dst = row_idx.view(T, k).t().reshape(-1).contiguous()
+            return self.npu.npu_moe_finalize_routing(y.float(), None, None, None, None, dst, ids32, k=k)
+        # finalize_routing's products are A2 only: un-permute with a torch index_add elsewhere
+        self._took("moe_experts", path + " -> torch un-permute")
         out = torch.zeros(T, d, dtype=torch.float32, device=x.device)
         src_tok = torch.arange(T * k, device=x.device) // k
-        return out.index_add_(0, src_tok, yf[dst.clamp(max=yf.shape[0] - 1)])
+        return out.index_add_(0, src_tok, y.float()[row_idx.long()])
 
     # -- hyper-connections ------------------------------------------------------------------------------------------
     def _mhc_fits(self, x: Tensor) -> str | None:
@@ -360,7 +403,8 @@ class AscendOps(Ops):
             self._took("hc_pre", "npu_mhc_pre + npu_mhc_sinkhorn")
             h_in, post, res = self.npu.npu_mhc_pre(x, fn.float(), scale.float(), base.float(), norm_eps=norm_eps,
                                                    hc_eps=hc_eps)[:3]
-            return h_in, post, self.npu.npu_mhc_sinkhorn(res, eps=hc_eps, num_iters=iters)
+            # schema: three outputs (the doc says one); with out_flag 0 the first is the doubly stochastic matrix
+            return h_in, post, self.npu.npu_mhc_sinkhorn(res, eps=hc_eps, num_iters=iters)[0]
         custom = custom_op("_C_ascend", "npu_hc_pre_v2") if self.use_custom_ops else None
         if custom is not None:  # vllm-ascend's A2/A3 kernel; output order assumed (y, post, comb): unverified
             self._took("hc_pre", "torch.ops._C_ascend.npu_hc_pre_v2")
@@ -397,35 +441,46 @@ class AscendOps(Ops):
         a5 = c in FP8_CHIPS
 
         def fused(op: str, text: str, fallback: str) -> str:
-            return text if self.has(op) else f"torch ({fallback}: {op} not on {c})"
+            return text if self.has(op) else f"torch ({fallback}: {op} not on {c} per its 2.14.0 doc)"
 
-        lin = ("FP8 block-scaled npu_quant_matmul (FP4 re-encoded as FP8)" if self.fp8_native else
-               "W8A8: npu_dynamic_quant + npu_quant_matmul (FP8/FP4 weights converted to int8, no FP8 GEMM on "
-               f"{c})" if self.weights != "bf16" else "bf16 dequantised weights")
+        if self.weights == "bf16":
+            lin = "bf16 dequantised weights, torch matmul"
+        elif self.fp8_native:
+            lin = "torch FP8-simulated GEMM (npu_quant_matmul documents no FP8 form, nor 950)"
+        else:
+            lin = fused("npu_quant_matmul", "W8A8: npu_dynamic_quant + npu_quant_matmul (FP8/FP4 weights converted "
+                        "to int8)", "W8A8 composed")
+        if not self.has("npu_moe_init_routing_v2"):
+            moe = "torch reference experts (npu_moe_init_routing_v2 / npu_grouped_matmul not documented on " + c + ")"
+        else:
+            gemm = ("npu_grouped_matmul (" + ("weight-only int4" if self.weights == "auto" and c == "910b" else
+                                              "per-token W8A8" if self.weights != "bf16" else "bf16") + ")"
+                    if self.has("npu_grouped_matmul") else "one npu_quant_matmul per expert (grouped GEMM is A2-only)")
+            moe = (f"npu_moe_init_routing_v2 (local ids + one spare id) -> {gemm} -> swiglu -> " +
+                   ("npu_moe_finalize_routing (k given, slot-major index)" if self.has("npu_moe_finalize_routing")
+                    else "torch un-permute (finalize_routing is A2-only)"))
         plan = {
-            "rms_norm": fused("npu_rms_norm", "npu_rms_norm", "composed"),
+            "rms_norm": fused("npu_rms_norm", "npu_rms_norm on fp32 x and fp32 gamma (gamma must have x's dtype)",
+                              "composed"),
             "head_rms_norm": "torch in the activation dtype (as the official bf16 code); npu_rms_norm for fp32",
-            "rope": fused("npu_rotary_mul", "npu_rotary_mul(rotary_mode='interleave'), fp32, full-width cos/sin",
-                          "composed"),
+            "rope": fused("npu_rotary_mul", "npu_rotary_mul(interleave), fp32, batch viewed as [1, B*S, H, r] with "
+                          "1S1D cos/sin", "composed"),
             "fp8_sim": "torch: QAT simulation, arithmetic e4m3 rounding (no FP8 dtype on A2/A3)",
             "fp4_sim": "torch: QAT simulation (no torch_npu op)",
             "hadamard": "torch matmul with H_n (no torch_npu op)",
             "linear": lin + "; fp32 activations: torch with the same math",
             "sparse_attention": ("npu_sparse_flash_attention with sinks when head_dim = 512 (zero 64-d rope part) "
                                  "and bf16/fp16, else torch" if a5 and self.has("npu_sparse_flash_attention") else
-                                 "torch: A2/A3 SFA has no attention sinks"),
+                                 "torch: sinks only on the 950 SFA (op-plugin docs)"),
             "compress_pool": "torch: no compressor op in torch_npu (custom op in vllm-ascend)",
-            "indexer_topk": fused("npu_lightning_indexer", "npu_lightning_indexer (TND, paged key per query) when "
-                                  f"D = 128, bf16/fp16, heads {'in {8,16,24,32,64}' if a5 else '<= 64'}; else torch",
-                                  "composed"),
-            "moe_gate": fused("npu_moe_gating_top_k", "torch for sqrtsoftplus (op scores softmax/sigmoid only); "
+            "indexer_topk": fused("npu_lightning_indexer", "npu_lightning_indexer (TND, paged key per query, bf16 "
+                                  f"weights) when D = 128, bf16/fp16, heads {'in {8,16,24,32,64}' if a5 else '<= 64'}"
+                                  "; else torch", "composed"),
+            "moe_gate": fused("npu_moe_gating_top_k", "torch for sqrtsoftplus (the op scores softmax/sigmoid only); "
                               "npu_moe_gating_top_k for softmax/sigmoid", "composed"),
-            "swiglu": "torch clamp (V4's clamp is not npu_clipped_swiglu's) + npu_swiglu",
-            "moe_experts": ("npu_moe_init_routing_v2 -> npu_grouped_matmul (" +
-                            ("FP8" if self.fp8_native else "W4A8 int4" if self.weights == "auto" else self.weights)
-                            + ") -> swiglu -> npu_grouped_matmul -> " +
-                            ("npu_moe_finalize_routing" if self.has("npu_moe_finalize_routing") else
-                             "torch un-permute (finalize_routing is A2-only)")),
+            "swiglu": fused("npu_swiglu", "torch clamp (V4's clamp is not npu_clipped_swiglu's) + npu_swiglu",
+                            "composed"),
+            "moe_experts": moe,
             "hc_pre": ("npu_mhc_pre + npu_mhc_sinkhorn (bf16/fp16)" if self.has("npu_mhc_pre") else
                        "torch: no mHC/Sinkhorn op on A2/A3" +
                        (" (custom npu_hc_pre_v2 enabled)" if self.use_custom_ops else "")),

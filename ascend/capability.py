@@ -1,10 +1,14 @@
-"""Which fused torch_npu operators exist per Ascend chip and torch_npu (op-plugin) release, and which path each
-AscendOps method takes.
+"""Which fused torch_npu operators each Ascend chip may run, and the documented constraints AscendOps honours.
 
-THE one capability table of the Ascend backend. Source: shared/spec/torch-npu-ops.md, section 10 (quick reference
-per chip) plus the "Products" / "First in" lines of sections 1-9 for ops that table names only per component.
-Releases are op-plugin branches ("7.1.0" means "7.1.0 or earlier"); see the spec header for the mapping to
-torch_npu releases.
+THE one capability table of the Ascend backend, keyed by the torch_npu release the installed package reports
+(`torch_npu.__version__`, e.g. "2.14.0": no suffix). Its ground truth is the release's own schema file,
+ascend/schemas/torch_npu-<release>.yaml (generated from the wheel; see scripts/extract_torch_npu_schemas.py):
+- where an op's doc names its supported products (支持的型号), `chips` IS that list (a test keeps them equal);
+- where the doc names none, `chips` says what we run and `doc` quotes the line the choice rests on;
+- `doc` is a verbatim fragment of the op's doc in the schema file (tests check it is really there), `why` the
+  English reading. Ops whose doc says nothing about a chip stay enabled there and are listed in UNVERIFIED.
+Where a doc forbids what V4 needs, LEGAL_PATHS says which legal path the backend takes instead (shown by
+`dsv4 doctor`).
 """
 
 from __future__ import annotations
@@ -12,48 +16,97 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from .schemas import PINNED_RELEASE, available, documented_products
+
 CHIPS = ("910b", "910c", "950pr", "950dt")
 DEFAULT_EMULATED_CHIP = "950dt"
-LATEST_RELEASE = "26.1.0"
 A2A3 = ("910b", "910c")
 A5 = ("950pr", "950dt")
+SUPPORTED_RELEASES = available()  # torch_npu releases with a generated schema file
 
 
 @dataclass(frozen=True)
 class OpCap:
     chips: tuple[str, ...]
-    first_in: str  # op-plugin release branch whose docs first contain the op page
-    note: str = ""
+    doc: str  # verbatim fragment of the op's doc in the schema file ("" where the wheel ships no doc)
+    why: str
 
 
-# op -> where it runs. "first_in" 7.1.0 = "7.1.0 or earlier" (per-op docs start there).
 CAPABILITIES: dict[str, OpCap] = {
-    "npu_rms_norm": OpCap(CHIPS, "7.1.0", "section 10 lists it for every chip"),
-    "npu_rotary_mul": OpCap(CHIPS, "7.1.0", "rotary_mode='interleave' (section 2)"),
-    "npu_swiglu": OpCap(CHIPS, "7.1.0", "old op; the clamp is composed in torch"),
-    "npu_dynamic_quant": OpCap(CHIPS, "7.1.0", "per-token int8, fp16/bf16 input (section 8)"),
-    "npu_quant_matmul": OpCap(CHIPS, "7.1.0", "int8 on all chips; FP8 operands only on 950 (section 8)"),
-    "npu_lightning_indexer": OpCap(CHIPS, "7.3.0", "D=128, N1<=64 (950: N1 in {8,16,24,32,64})"),
-    "npu_sparse_flash_attention": OpCap(CHIPS, "7.3.0", "D=512+64 rope, sinks only on 950"),
-    "npu_mhc_pre": OpCap(A5, "26.1.0", "950PR/950DT only (section 5)"),
-    "npu_mhc_sinkhorn": OpCap(A5, "26.1.0", "950PR/950DT only (section 5)"),
-    "npu_mhc_post": OpCap(A5, "26.1.0", "950PR/950DT only (section 5)"),
-    "npu_moe_gating_top_k": OpCap(CHIPS, "7.1.0", "softmax/sigmoid only; hash via tid2eid"),
-    "npu_moe_init_routing_v2": OpCap(CHIPS, "7.1.0", "section 10 'Expert FFN' row"),
-    "npu_grouped_matmul": OpCap(CHIPS, "7.1.0", "int8/int4 on all chips; FP8 operands only on 950"),
-    "npu_moe_finalize_routing": OpCap(("910b",), "7.1.0", "its page lists A2 only (section 6)"),
-    # MC2 expert-parallel communication: the op pages list A2/A3 only and define their limits (ep_world_size, H, BS)
-    # only for those products; section 10's "same" for 950 is a summary line, not a contract, so 950 is left out
-    "npu_moe_distribute_dispatch": OpCap(A2A3, "7.1.0", "MC2 EP dispatch over an HCCL group name (section 6)"),
-    "npu_moe_distribute_combine": OpCap(A2A3, "7.1.0", "MC2 EP combine over an HCCL group name (section 6)"),
+    "npu_rms_norm": OpCap(CHIPS, "gamma：Tensor类型，数据类型需要和self保持一致",
+                          "no product list in the doc; gamma must have x's dtype"),
+    "npu_rotary_mul": OpCap(A2A3, "支持Atlas A2训练系列产品，Atlas A3训练系列产品。",
+                            "the doc's jit_compile=False section (the only one with interleave mode) names A2/A3"),
+    "npu_swiglu": OpCap(("910b",), "Atlas A2 训练系列产品", "supported products: A2 only"),
+    "npu_dynamic_quant": OpCap(A2A3, "Atlas A3 训练系列产品", "supported products: A2, A3"),
+    "npu_quant_matmul": OpCap(A2A3, "Atlas A3 训练系列产品",
+                              "supported products: A2, A3 (int8/int4 tables only; no FP8 row in this release)"),
+    "npu_lightning_indexer": OpCap(CHIPS, "数据类型支持bfloat16和float16，支持输入shape[B,S1,N1]",
+                                   "no product list; weights (shape [B,S1,N1]) bf16/fp16 only"),
+    "npu_sparse_flash_attention": OpCap(CHIPS, "sparse_indices（Tensor）：必选参数",
+                                        "no product list; `sinks` is in the schema, not in the doc (UNVERIFIED)"),
+    "npu_mhc_pre": OpCap(A5, "昇腾950 AI处理器", "supported products: 950"),
+    "npu_mhc_sinkhorn": OpCap(A5, "Atlas A5 训练系列产品", "supported products: A5 (950)"),
+    "npu_mhc_post": OpCap(A5, "昇腾950 AI处理器", "supported products: 950"),
+    "npu_moe_gating_top_k": OpCap(CHIPS, "`1`表示使用Sigmoid函数，`0`表示Softmax函数",
+                                  "no product list; softmax/sigmoid scoring only"),
+    "npu_moe_init_routing_v2": OpCap(A2A3, "Atlas A3 训练系列产品/Atlas A3 推理系列产品", "supported products: A2, A3"),
+    "npu_grouped_matmul": OpCap(("910b",), "Atlas A2 训练系列产品/Atlas 800I A2 推理产品",
+                                "supported products: A2 (and the 310P inference series)"),
+    "npu_moe_finalize_routing": OpCap(("910b",), "Atlas A2 训练系列产品/Atlas 800I A2 推理产品",
+                                      "supported products: A2"),
+    # the 2.14.0 wheel ships no docstring for the MC2 ops (only schema + meta): products and limits come from the
+    # op-plugin docs (shared/spec/torch-npu-ops.md section 6), which name A2/A3
+    "npu_moe_distribute_dispatch": OpCap(A2A3, "", "no doc in the wheel; op-plugin docs name A2/A3"),
+    "npu_moe_distribute_combine": OpCap(A2A3, "", "no doc in the wheel; op-plugin docs name A2/A3"),
 }
 
-# dtypes the quantised GEMMs accept per chip (section 8: A2/A3 pages list only int8/int4 paths; 950 adds FP8/MXFP4)
-FP8_CHIPS = A5
+# per V4 op: where the 2.14.0 docs forbid what V4 needs, the legal path AscendOps takes and the doc line it rests on
+LEGAL_PATHS: dict[str, tuple[str, str, str]] = {
+    # op: (doc op, doc fragment, what we do)
+    "rms_norm": ("npu_rms_norm", "gamma：Tensor类型，数据类型需要和self保持一致",
+                 "V4's norm weights are fp32 and x is bf16: x is cast to fp32 and the op runs fp32/fp32 (the reference "
+                 "math: fp32 inside, one rounding at the end)"),
+    "rope": ("npu_rotary_mul", "input为BSND: 1S1D;",
+             "interleave + BSND wants r1/r2 as 1S1D, but V4 has per-row positions [B,S]: x is viewed as one batch of "
+             "B*S tokens [1, B*S, H, r] with r1/r2 [1, B*S, 1, r]; 950 (not in the doc's products) runs torch"),
+    "indexer_topk": ("npu_lightning_indexer",
+                     "数据类型支持bfloat16和float16，支持输入shape[B,S1,N1]",
+                     "the indexer's per-head weights are fp32 in V4: cast to bf16 (scores move by ~1e-3 relative)"),
+    "moe_gate": ("npu_moe_gating_top_k", "`1`表示使用Sigmoid函数，`0`表示Softmax函数",
+                 "V4 scores with sqrt(softplus): torch. For softmax/sigmoid the op gets input_ids and tid2eid both or "
+                 "neither (its meta check)"),
+    "moe_experts": ("npu_grouped_matmul", "当group_list_type为1时, 数值的总和与x中tensor的第一维相等",
+                    "group sizes must sum to x's rows: routed pairs outside this rank's experts go to one spare "
+                    "expert id (init_routing_v2 wants ids below expert_num) and the GEMMs take only the routed rows; "
+                    "W4 experts run the documented weight-only (antiquant) form, bf16 activations; chips without "
+                    "the grouped GEMM loop over experts with the W8A8 GEMM (910C) or run the torch reference (950)"),
+    "moe_finalize": ("npu_moe_finalize_routing", "当scales为None时，则需要指定k",
+                     "scales=None (V4 weights before w2), so k is passed"),
+    "hc_pre": ("npu_mhc_sinkhorn", "Atlas A5 训练系列产品", "910B/910C: no mHC op: torch"),
+    "linear": ("npu_quant_matmul", "Atlas A3 训练系列产品",
+               "950 is not in npu_quant_matmul's products and no FP8 table exists in 2.14.0: FP8 GEMMs run in "
+               "torch (dequantised weight, simulated activation quantisation) on 950"),
+}
 
-
-def _release_key(release: str) -> tuple[int, ...]:
-    return tuple(int(p) for p in release.split(".")[:3] if p.isdigit())
+# what the CPU emulation cannot establish: listed here and in the README, each with the doc line (or its absence)
+UNVERIFIED: dict[str, str] = {
+    "npu_sparse_flash_attention sinks": "`Tensor? sinks=None` is in the 2.14.0 schema, but the doc never mentions "
+                                        "it; op-plugin docs: 950 only. Used on 950 only.",
+    "npu_sparse_flash_attention attention_mode": "schema default 0; the doc does not describe it; op-plugin docs: 2 "
+                                                 "= MLA-absorb (what we pass)",
+    "npu_lightning_indexer heads/D": "the 2.14.0 doc states no N1 or D limits; op-plugin docs: D = 128, N1 <= 64 "
+                                     "(950: N1 in {8,16,24,32,64}); both honoured",
+    "npu_moe_init_routing_v2 row order": "the doc defines shapes, not the order inside an expert's block; the "
+                                         "emulation sorts stably (ties keep token order)",
+    "npu_moe_distribute_dispatch/combine": "no doc in the wheel: schema and meta (output shapes) only; row layout "
+                                           "and counts semantics from op-plugin docs",
+    "npu_mhc_pre phi layout": "the doc gives shapes [n^2 + 2n, nD], not the row order of pre/post/res",
+    "npu_grouped_matmul on 910C/950": "absent from the products list (A2 only): not used there, although "
+                                      "vllm-ascend runs it on A3",
+    "npu_rotary_mul on 950": "absent from the doc's products: torch on 950",
+    "npu_swiglu on 910C/950": "products list A2 only: torch on 910C/950",
+}
 
 
 def normalise_chip(chip: str) -> str:
@@ -90,24 +143,38 @@ def detect_chip(chip: str | None = None, emulate: bool = False) -> str:
 
 
 def release_of(module: object) -> str:
-    """op-plugin release of a torch_npu module: its __version__ suffix 'X.Y.Z' after '-' or '.post' when present
-    (e.g. '2.7.1-7.3.0'), else LATEST_RELEASE and the table + hasattr() decide (see op_available)."""
-    ver = str(getattr(module, "__version__", "") or "")
-    if "-" in ver:
-        tail = ver.split("-", 1)[1]
-        if _release_key(tail):
-            return tail
-    return LATEST_RELEASE
+    """The torch_npu release as the module reports it: its __version__ up to a local '+...' tag ('2.14.0',
+    '2.7.1.post2'). No suffix is assumed: the table is only as good as the release's schema file."""
+    return str(getattr(module, "__version__", "") or "unknown").split("+", 1)[0]
 
 
-def op_in_table(op: str, chip: str, release: str = LATEST_RELEASE) -> bool:
+def release_supported(release: str) -> bool:
+    return release in SUPPORTED_RELEASES
+
+
+def table_release(release: str) -> str:
+    """The schema file a release is judged by: its own when generated, else the pinned one (doctor warns)."""
+    return release if release_supported(release) else PINNED_RELEASE
+
+
+def op_in_table(op: str, chip: str) -> bool:
     cap = CAPABILITIES.get(op)
-    return cap is not None and chip in cap.chips and _release_key(release) >= _release_key(cap.first_in)
+    return cap is not None and chip in cap.chips
 
 
-def op_available(npu: object, op: str, chip: str, release: str = LATEST_RELEASE) -> bool:
-    """The table says the chip/release has it AND the module really exposes it (a trimmed build may not)."""
-    return op_in_table(op, chip, release) and hasattr(npu, op)
+def op_available(npu: object, op: str, chip: str) -> bool:
+    """The table gives the chip the op AND the module really exposes it (a trimmed build may not)."""
+    return op_in_table(op, chip) and hasattr(npu, op)
+
+
+def products_match_docs(release: str = PINNED_RELEASE) -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
+    """Ops whose table chips differ from the products their doc lists: {op: (table, doc)} (empty = consistent)."""
+    out = {}
+    for op, cap in CAPABILITIES.items():
+        documented = documented_products(op, release)
+        if documented is not None and set(documented) != set(cap.chips):
+            out[op] = (cap.chips, documented)
+    return out
 
 
 def custom_op(namespace: str, name: str):

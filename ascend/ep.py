@@ -58,7 +58,7 @@ class Mc2DistributedOps(DistributedOps):
         missing = [op for op in MC2_OPS if not inner.has(op)]
         if missing:
             raise ValueError(f"ep_comm='mc2': {', '.join(missing)} not available on Ascend {inner.chip} "
-                             f"(op-plugin {inner.release}); use ep_comm='alltoall'")
+                             f"(torch_npu {inner.release}); use ep_comm='alltoall'")
         super().__init__(inner, groups, "alltoall")  # the torch path is the fallback for off-envelope calls
         self.ep_comm = "mc2"
         self.group_ep = hccl_group_name(inner, groups["ep_mc2"])
@@ -109,20 +109,26 @@ class Mc2DistributedOps(DistributedOps):
                                                   expert_scales=weights if carry else None,
                                                   expert_token_nums_type=1)
         w1n, w2n, w3n = (inner.native_weight(w, expert=True) for w in (w1, w2, w3))
-        h = inner.swiglu(inner._grouped(expand_x, w1n, counts), inner._grouped(expand_x, w3n, counts), swiglu_limit)
-        if expand_scales is not None:  # the reference order: weight before w2, unit scales in combine
-            h = h * expand_scales[:h.shape[0], None]
+        # expand_x has the documented capacity A rows; the GEMMs take the rows really received (their group sizes
+        # must add up to the GEMM's rows: npu_grouped_matmul doc), one host read of the count
+        n_recv = int(counts.sum())
+        # expand_scales is always a tensor ([0] when no expert_scales went in: the 2.14.0 meta function), so what
+        # decides the order is whether this chip carried the scales, never `is not None`
+        if carry:  # the reference order: weight before w2, unit scales in combine
+            row_w = expand_scales[:n_recv]
             combine_scales = torch.ones_like(weights)
             order = "weights before w2"
         else:
+            row_w = None
             combine_scales = weights
             order = "weights in combine (after w2: A3 dispatch carries no expert_scales)"
-        y = inner._grouped(h.to(x.dtype), w2n, counts)
+        y, gemm = inner.expert_ffn(expand_x[:n_recv], counts, w1n, w2n, w3n, swiglu_limit, row_w)
+        y = torch.cat([y, y.new_zeros(expand_x.shape[0] - n_recv, y.shape[1])])
         out = inner.npu.npu_moe_distribute_combine(y, ids, expand_idx, ep_recv_counts, combine_scales, self.group_ep,
                                                    n_ranks, me, n_experts, tp_send_counts=tp_recv_counts,
-                                                   expand_scales=expand_scales)
-        inner.last_path["moe_experts"] = (f"npu_moe_distribute_dispatch -> {inner.last_path['grouped_gemm']} -> "
-                                          f"swiglu -> npu_grouped_matmul -> npu_moe_distribute_combine ({order})")
+                                                   expand_scales=expand_scales if carry else None)
+        inner.last_path["moe_experts"] = (f"npu_moe_distribute_dispatch -> {gemm} -> swiglu -> "
+                                          f"npu_moe_distribute_combine ({order})")
         return out
 
     def describe(self) -> dict[str, str]:

@@ -1,5 +1,6 @@
 """The emulated torch_npu operators against small hand-computed cases: layouts, index formats, documented
-constraints (torch-npu-ops.md). These pin the op contracts the Ascend backend relies on."""
+constraints (the torch_npu 2.14.0 docs in ascend/schemas/torch_npu-2.14.0.yaml). These pin the op contracts the
+Ascend backend relies on."""
 
 from __future__ import annotations
 
@@ -18,13 +19,16 @@ A2 = make_torch_npu("910b")
 def test_chip_namespaces_hide_ops_the_chip_lacks():
     assert hasattr(A5, "npu_mhc_pre") and not hasattr(A2, "npu_mhc_pre")
     assert hasattr(A2, "npu_moe_finalize_routing") and not hasattr(A5, "npu_moe_finalize_routing")
-    assert not hasattr(make_torch_npu("910c", "7.1.0"), "npu_lightning_indexer")  # first in 7.3.0
-    assert hasattr(make_torch_npu("910c", "7.3.0"), "npu_lightning_indexer")
+    a3 = make_torch_npu("910c")  # 2.14.0 products: grouped GEMM and swiglu A2 only, rotary interleave A2/A3
+    assert hasattr(a3, "npu_moe_init_routing_v2") and not hasattr(a3, "npu_grouped_matmul")
+    assert not hasattr(a3, "npu_swiglu") and hasattr(a3, "npu_rotary_mul") and not hasattr(A5, "npu_rotary_mul")
 
 
 def test_rms_norm_returns_y_and_fp32_rstd():
     x = torch.tensor([[3.0, 4.0], [1.0, 1.0]], dtype=torch.bfloat16)
-    y, rstd = A2.npu_rms_norm(x, torch.tensor([1.0, 2.0]), epsilon=0.0)
+    y, rstd = A2.npu_rms_norm(x, torch.tensor([1.0, 2.0], dtype=torch.bfloat16), epsilon=0.0)
+    with pytest.raises(NpuOpError, match="gamma dtype"):  # doc: gamma has self's dtype
+        A2.npu_rms_norm(x, torch.tensor([1.0, 2.0]), epsilon=0.0)
     assert rstd.dtype == torch.float32 and rstd.shape == (2, 1)
     assert torch.allclose(rstd[:, 0], torch.tensor([1 / math.sqrt(12.5), 1.0]))
     assert y.dtype == torch.bfloat16
@@ -37,13 +41,19 @@ def test_rotary_mul_interleave_and_half_hand():
     c0, s0, c1, s1 = 0.6, 0.8, 0.0, 1.0
     r1 = torch.tensor([c0, c0, c1, c1]).view(1, 1, 1, 4)  # interleave: full width, repeat-interleaved
     r2 = torch.tensor([s0, s0, s1, s1]).view(1, 1, 1, 4)
-    y = A5.npu_rotary_mul(x, r1, r2, rotary_mode="interleave").flatten()
+    y = A2.npu_rotary_mul(x, r1, r2, rotary_mode="interleave").flatten()
     # pair (1,2) rotated by (0.6, 0.8): (1*.6 - 2*.8, 1*.8 + 2*.6); pair (3,4) by 90 degrees: (-4, 3)
     assert torch.allclose(y, torch.tensor([0.6 - 1.6, 0.8 + 1.2, -4.0, 3.0]))
-    y = A5.npu_rotary_mul(x, torch.zeros(1, 1, 1, 4), torch.ones(1, 1, 1, 4), rotary_mode="half").flatten()
+    y = A2.npu_rotary_mul(x, torch.zeros(1, 1, 1, 4), torch.ones(1, 1, 1, 4), rotary_mode="half").flatten()
     assert torch.equal(y, torch.tensor([-3.0, -4.0, 1.0, 2.0]))  # rotate_half
     with pytest.raises(NpuOpError):
-        A5.npu_rotary_mul(x, r1.view(1, 1, 4), r2, rotary_mode="interleave")  # rank mismatch
+        A2.npu_rotary_mul(x, r1.view(1, 1, 4), r2, rotary_mode="interleave")  # rank mismatch
+    # doc, interleave + BSND: r1/r2 are 1S1D; per-row positions (B,S,1,D) are not accepted
+    xb = torch.randn(2, 3, 2, 4)
+    per_row = torch.rand(2, 3, 1, 4)
+    with pytest.raises(NpuOpError, match="1S1D"):
+        A2.npu_rotary_mul(xb, per_row, per_row, rotary_mode="interleave")
+    assert A2.npu_rotary_mul(xb, per_row[:1], per_row[:1], rotary_mode="interleave").shape == xb.shape
 
 
 def test_dynamic_quant_and_quant_matmul_hand():
@@ -57,13 +67,13 @@ def test_dynamic_quant_and_quant_matmul_hand():
     y = A2.npu_quant_matmul(q, w, torch.tensor([0.5, 2.0]), pertoken_scale=s, output_dtype=torch.bfloat16)
     want = torch.tensor([[64 - 381 + 160, 128 - 508 + 192], [0, 0]]) * torch.tensor([0.5, 2.0]) * s[:, None]
     assert torch.allclose(y.float(), want, rtol=8e-3)
+    # 2.14.0's doc has no FP8 table, no group_sizes, and no 950 among the products
     f8 = torch.ones(2, 128).to(torch.float8_e4m3fn)
-    with pytest.raises(NpuOpError, match="950"):
-        A2.npu_quant_matmul(f8, f8.t(), torch.ones(1, 1), pertoken_scale=torch.ones(2, 1),
-                            output_dtype=torch.bfloat16, group_sizes=[1, 128, 128])
-    y = A5.npu_quant_matmul(f8, f8.t().contiguous(), torch.full((1, 1), 0.5), pertoken_scale=torch.full((2, 1), 2.0),
-                            output_dtype=torch.bfloat16, group_sizes=[1, 128, 128])
-    assert torch.equal(y.float(), torch.full((2, 2), 128.0))
+    with pytest.raises(NpuOpError, match="int8"):
+        A2.npu_quant_matmul(f8, f8.t(), torch.ones(1), pertoken_scale=torch.ones(2), output_dtype=torch.bfloat16)
+    with pytest.raises(NpuOpError, match="group_sizes"):
+        A2.npu_quant_matmul(q, w, torch.ones(2), pertoken_scale=s, output_dtype=torch.bfloat16, group_sizes=[1, 1, 1])
+    assert not hasattr(A5, "npu_quant_matmul")
 
 
 def test_init_routing_v2_three_tokens():
@@ -75,9 +85,14 @@ def test_init_routing_v2_three_tokens():
     assert ex[:, 0].tolist() == [10.0, 30.0, 10.0, 20.0, 20.0, 30.0]
     assert row.tolist() == [2, 0, 4, 3, 1, 5]  # scatter index: output row of each src
     assert cnt.tolist() == [2, 2, 2, 0]  # expert 3 gets no token
-    _, gather, cum, _ = A2.npu_moe_init_routing_v2(x, ids, active_num=6, expert_num=4, expert_tokens_num_type=0,
-                                                   expert_tokens_num_flag=True, row_idx_type=1)
-    assert gather.tolist() == [1, 4, 0, 3, 2, 5] and cum.tolist() == [2, 4, 6, 6]
+    _, gather, _, _ = A2.npu_moe_init_routing_v2(x, ids, active_num=6, expert_num=4, expert_tokens_num_type=1,
+                                                 expert_tokens_num_flag=True, row_idx_type=1)
+    assert gather.tolist() == [1, 4, 0, 3, 2, 5]
+    with pytest.raises(NpuOpError, match="expert_tokens_num_type"):  # doc: "当前仅支持1和2"
+        A2.npu_moe_init_routing_v2(x, ids, expert_num=4, expert_tokens_num_type=0, expert_tokens_num_flag=True)
+    with pytest.raises(NpuOpError, match="expert_num"):  # doc: ids below expert_num
+        A2.npu_moe_init_routing_v2(x, ids, expert_num=2, expert_tokens_num_type=1, expert_tokens_num_flag=True,
+                                   active_expert_range=[0, 2])
     ex, row, cnt, _ = A2.npu_moe_init_routing_v2(x, ids, active_num=6, expert_num=4, expert_tokens_num_type=1,
                                                  expert_tokens_num_flag=True, active_expert_range=[1, 3])
     assert ex[:4, 0].tolist() == [10.0, 20.0, 20.0, 30.0] and ex[4:].abs().sum() == 0
@@ -105,15 +120,24 @@ def test_grouped_matmul_group_list_forms_and_empty_group():
     assert y.float().tolist() == [[1.0, 2.0], [6.0, 4.0]]
 
 
-def test_grouped_matmul_int4_per_group():
+def test_grouped_matmul_int4_weight_only_per_group():
+    # doc table "伪量化": bf16 x, int4 weight (8 per int32), per-group antiquant_scale in x's dtype
     q = torch.randint(-7, 8, (1, 64, 8))
-    s = torch.rand(1, 2, 8) + 0.5  # two groups of 32 along K
-    xq = torch.randint(-127, 128, (3, 64), dtype=torch.int8)
-    pts = torch.rand(3) + 0.1
-    y = A2.npu_grouped_matmul([xq], [pack_int4(q)], scale=[s], per_token_scale=[pts], group_list=torch.tensor([3]),
-                              group_list_type=1, split_item=3, group_type=0, output_dtype=torch.bfloat16)[0]
-    wd = (q.float() * s.repeat_interleave(32, dim=1))[0]
-    assert torch.allclose(y.float(), (xq.float() @ wd) * pts[:, None], rtol=8e-3)
+    s = (torch.rand(1, 2, 8) + 0.5).bfloat16()  # two groups of 32 along K
+    x = torch.randn(3, 64).bfloat16()
+    kw = dict(split_item=3, group_type=0)
+    y = A2.npu_grouped_matmul([x], [pack_int4(q)], antiquant_scale=[s], group_list=torch.tensor([3]),
+                              group_list_type=0, **kw)[0]
+    wd = (q.float() * s.float().repeat_interleave(32, dim=1))[0].bfloat16().float()
+    assert y.dtype == torch.bfloat16
+    assert torch.allclose(y.float(), x.float() @ wd, rtol=8e-3, atol=1e-2)
+    with pytest.raises(NpuOpError, match="length 1"):  # doc: a counts list cannot have length 1
+        A2.npu_grouped_matmul([x], [pack_int4(q)], antiquant_scale=[s], group_list=torch.tensor([3]),
+                              group_list_type=1, **kw)
+    with pytest.raises(NpuOpError, match="int8 weights"):  # the doc has no int8-x / int4-weight row
+        A2.npu_grouped_matmul([x.to(torch.int8)], [pack_int4(q)], scale=[s.float()[:, 0]],
+                              per_token_scale=[torch.ones(3)], group_list=torch.tensor([3]), group_list_type=0,
+                              output_dtype=torch.bfloat16, **kw)
 
 
 def test_int4_pack_roundtrip_and_nibble_order():
@@ -133,12 +157,22 @@ def test_round_e4m3_matches_the_dtype_cast():
 
 
 def test_finalize_routing_hand():
+    # doc formula: rows[dst[i + k * NUM_ROWS]], slot-major. NUM_ROWS = 2, K = 2: (t0,j0)->3, (t1,j0)->2,
+    # (t0,j1)->0, (t1,j1)->1
     rows = torch.tensor([[1.0], [2.0], [4.0], [8.0]])
-    dst = torch.tensor([3, 0, -1, 1], dtype=torch.int32)  # token-major: (t0,j0)->3, (t0,j1)->0, (t1,j0) dropped
+    dst = torch.tensor([3, 2, 0, 1], dtype=torch.int32)
     experts = torch.tensor([[1, 0], [5, 0]], dtype=torch.int32)
-    out = A2.npu_moe_finalize_routing(rows, torch.ones(2, 1), None, None, torch.tensor([[0.5, 2.0], [3.0, 1.0]]),
-                                      dst, experts)
-    assert out.flatten().tolist() == [1 + 0.5 * 8 + 2 * 1, 1 + 1 * 2]
+    skip = torch.ones(2, 1)
+    out = A2.npu_moe_finalize_routing(rows, skip, skip, None, torch.tensor([[0.5, 2.0], [3.0, 1.0]]), dst, experts)
+    assert out.flatten().tolist() == [2 + 0.5 * 8 + 2 * 1, 2 + 3 * 4 + 1 * 2]
+    # scales None: doc "当scales为None时，则需要指定k"; NUM_ROWS = len(dst) / k
+    out = A2.npu_moe_finalize_routing(rows, None, None, None, None, dst, experts, k=2)
+    assert out.flatten().tolist() == [8 + 1, 4 + 2]
+    assert A2.npu_moe_finalize_routing(rows, None, None, None, None, dst, experts).shape == (4, 1)  # k=1 default
+    with pytest.raises(NpuOpError, match="NUM_ROWS"):  # no -1 (dropped) entries in drop_pad_mode 0
+        A2.npu_moe_finalize_routing(rows, None, None, None, None, dst.clone().fill_(-1), experts, k=2)
+    with pytest.raises(NpuOpError, match="skip2 None"):
+        A2.npu_moe_finalize_routing(rows, skip, None, None, None, dst, experts, k=2)
 
 
 def test_gating_top_k_softmax_sigmoid_hash():
@@ -155,6 +189,10 @@ def test_gating_top_k_softmax_sigmoid_hash():
     tid2eid = torch.tensor([[1, 2], [0, 3]], dtype=torch.int32)
     _, ids, _ = A2.npu_moe_gating_top_k(x, 2, input_ids=torch.tensor([1]), tid2eid=tid2eid, norm_type=1)
     assert ids.tolist() == [[0, 3]]
+    with pytest.raises(NpuOpError, match="both"):  # meta check: input_ids and tid2eid both or neither
+        A2.npu_moe_gating_top_k(x, 2, input_ids=torch.tensor([1]), norm_type=1)
+    with pytest.raises(NpuOpError, match="bias"):  # doc: bias has x's dtype
+        A2.npu_moe_gating_top_k(x, 2, bias=bias.double(), norm_type=1)
 
 
 def test_lightning_indexer_bsnd_causal_and_constraints():
@@ -175,8 +213,8 @@ def test_lightning_indexer_bsnd_causal_and_constraints():
         A2.npu_lightning_indexer(q.bfloat16(), k.bfloat16(), w, sparse_count=2500)
     with pytest.raises(NpuOpError, match="heads"):
         A5.npu_lightning_indexer(q.bfloat16(), k.bfloat16(), w, **bad)  # N1=1 not in {8,...,64} on 950
-    with pytest.raises(NpuOpError, match="weights dtype"):
-        A5.npu_lightning_indexer(q.expand(1, 3, 8, 128).bfloat16(), k.bfloat16(), w.expand(1, 3, 8).float(), **bad)
+    with pytest.raises(NpuOpError, match="weights must be bf16/fp16"):  # doc, every chip
+        A2.npu_lightning_indexer(q.bfloat16(), k.bfloat16(), w.float(), **bad)
     with pytest.raises(NpuOpError, match="bf16 or fp16"):
         A2.npu_lightning_indexer(q, k, w, **bad)
 
@@ -206,7 +244,8 @@ def test_sparse_flash_attention_one_query_and_constraints():
 
 
 def test_mhc_ops_hand():
-    c = A5.npu_mhc_sinkhorn(torch.randn(3, 4, 4), num_iters=20)
+    c, aux1, aux2 = A5.npu_mhc_sinkhorn(torch.randn(3, 4, 4), num_iters=20)  # schema: three outputs
+    assert aux1 is None and aux2 is None  # out_flag 0: the meta function's undefined intermediates
     assert torch.allclose(c.sum(-2), torch.ones(3, 4), atol=1e-5)  # columns exactly normalised last
     assert torch.allclose(c.sum(-1), torch.ones(3, 4), atol=1e-3)
     x = torch.arange(8.0).view(1, 1, 4, 2).bfloat16()

@@ -119,9 +119,9 @@ def test_linear_fp8_path_on_950(make):
     x = randn(5, 3, 256, seed=7)  # 15 tokens: not a multiple of any block
     torch.testing.assert_close(ops.linear(x, w), REF.linear(x, w), atol=1e-5, rtol=1e-5)
     yb = ops.linear(x.bfloat16(), w)
-    assert ops.last_path["linear"].startswith("npu_quant_matmul FP8")
-    # bf16: the same FP8 codes and scales; fp64 (emulated op) vs fp32 accumulation can flip the final bf16
-    # rounding -> 1 ulp of the output magnitude
+    # 2.14.0: no documented FP8 npu_quant_matmul (no FP8 table, 950 not among its products): the torch FP8 math
+    assert ops.last_path["linear"].startswith("torch FP8-simulated")
+    # bf16: the same FP8 codes and scales, the same math -> at most 1 ulp of the output magnitude
     ref = REF.linear(x.bfloat16(), w).float()
     torch.testing.assert_close(yb.float(), ref, rtol=BF16_ULP, atol=BF16_ULP * ref.abs().max().item())
 
@@ -270,7 +270,9 @@ def test_moe_experts_dense_fp32(chip):
     x, w, ids, (w1, w2, w3) = moe_case()
     got = ops.moe_experts(x, w, ids, w1, w2, w3, 0.5)  # small limit: the clamp really bites
     path = ops.last_path["moe_experts"]
-    assert path.startswith("npu_moe_init_routing_v2") and ("finalize" in path) == (chip == "910b")
+    # 950: init_routing_v2 / grouped_matmul list A2/A3 (A2) as products in 2.14.0, so the torch reference runs
+    assert path.startswith("npu_moe_init_routing_v2" if chip == "910b" else "torch reference")
+    assert ("finalize" in path) == (chip == "910b")
     torch.testing.assert_close(got, REF.moe_experts(x, w, ids, w1, w2, w3, 0.5), atol=1e-5, rtol=1e-5)
 
 
@@ -293,7 +295,7 @@ def test_moe_experts_fp4_on_950():
     # fp32: FP4 re-encoded as FP8 exactly, activations FP8-simulated, dequantised float grouped GEMM
     torch.testing.assert_close(ops.moe_experts(x, w, ids, w1, w2, w3, 10.0), ref, atol=1e-5, rtol=1e-5)
     got = ops.moe_experts(x.bfloat16(), w, ids, w1, w2, w3, 10.0)
-    assert "FP8 block-scaled" in ops.last_path["moe_experts"]
+    assert ops.last_path["moe_experts"].startswith("torch reference")
     refb = REF.moe_experts(x.bfloat16(), w, ids, w1, w2, w3, 10.0)
     # bf16: the w1/w3 outputs and h are rounded to bf16 in both; a 1-ulp flip there moves the FP8 quantisation
     # of h by at most one e4m3 step (2^-3 relative) on that element -> bound the error at 1% of the output scale
@@ -305,19 +307,15 @@ def test_moe_experts_w4a8_on_910b():
     x, w, ids, _ = moe_case()
     ws = [fp4_weight(4, out=128, inp=128, seed=s) for s in (30, 31, 32)]
     got = ops.moe_experts(x.bfloat16(), w, ids, *ws, 10.0)
-    assert "W4A8" in ops.last_path["moe_experts"]
-    # exact bookkeeping: the same computation with the converted weights dequantised and int8 activations
+    assert "weight-only int4" in ops.last_path["moe_experts"]
+    # exact bookkeeping: the same computation with the converted weights dequantised (the documented W4 form of
+    # npu_grouped_matmul keeps the activations in bf16)
     conv = [to_w4a8(t) for t in ws]
     dense = [LinearWeight(dequant_any(c).bfloat16(), None, "none") for c in conv]
 
-    class Int8Act(ReferenceOps):
-        def linear(self, xx, lw):  # per-token int8 activation quant, like npu_dynamic_quant
-            s = xx.float().abs().amax(-1, keepdim=True) / 127
-            return super().linear((torch.round(xx.float() / s) * s).to(xx.dtype), lw)
-
-    want = Int8Act().moe_experts(x.bfloat16(), w, ids, *dense, 10.0)
-    # bf16 weights in `dense` vs exact int4*scale products in the op: the weight rounding (2^-9 relative)
-    # accumulated over K = 128 random terms -> 2% of the output scale
+    want = REF.moe_experts(x.bfloat16(), w, ids, *dense, 10.0)
+    # fp32 scales in `dense` vs the op's bf16 antiquant scales (2^-9 relative per weight), accumulated over K = 128
+    # random terms -> 2% of the output scale
     assert (got - want).abs().max() < 2e-2 * want.abs().max()
     ref = REF.moe_experts(x.bfloat16(), w, ids, *ws, 10.0)
     # FP4 -> int4 re-quantisation costs ~9% relative RMS per GEMM on random weights (convert.conversion_error);

@@ -1,22 +1,31 @@
-"""CPU emulation of the torch_npu operators the Ascend backend calls, shaped like the `torch_npu` namespace.
+"""CPU emulation of the torch_npu operators the Ascend backend calls, bound to the released schemas.
 
-`torch_npu` below (and `make_torch_npu(chip, release)`) is a module object whose attributes have the documented
-signatures of shared/spec/torch-npu-ops.md; AscendOps(emulate=True) calls it exactly where it would call the real
-torch_npu. An emulated chip only exposes the ops the capability table gives it (so `hasattr` behaves like a real
-install), and each op raises NpuOpError where the documented constraints (shapes, dtypes, chip) are violated.
+Every emulated operator is registered as a real torch operator under a scratch namespace per chip
+(`torch.ops.dsv4_npu_emul_<chip>.<op>`), defined with the schema string(s) of the pinned torch_npu release
+(ascend/schemas/torch_npu-2.14.0.yaml, generated from the wheel) and implemented for CPU by the functions in this
+package. `make_torch_npu(chip)` returns a module whose attributes ARE those operators, as `torch_npu.X` is
+`torch.ops.npu.X` on hardware: torch's own schema binder parses every call the backend makes, so an unknown
+keyword, a wrong positional count, a missing required argument or a different number of outputs fails here in CPU
+CI exactly as it would on a device. An emulated chip exposes only the ops the capability table gives it (so
+`hasattr` behaves like a real install), and each op raises NpuOpError where a documented constraint is violated.
 This package is an independent small reference of the operator contracts: it never imports dsv4.common.model.reference.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import types
+from collections.abc import Callable
 
-from ..capability import DEFAULT_EMULATED_CHIP, LATEST_RELEASE, normalise_chip, op_in_table
+import torch
+
+from .. import schemas
+from ..capability import DEFAULT_EMULATED_CHIP, normalise_chip, op_in_table
 from . import attention, basic, mc2, mhc, moe
-from .basic import NpuOpError
+from .basic import DTYPE_OF_CODE, NpuOpError
 
-_OPS = {
+KERNELS: dict[str, Callable] = {
     "npu_rms_norm": basic.npu_rms_norm,
     "npu_rotary_mul": basic.npu_rotary_mul,
     "npu_swiglu": basic.npu_swiglu,
@@ -34,25 +43,64 @@ _OPS = {
     "npu_moe_distribute_dispatch": mc2.npu_moe_distribute_dispatch,
     "npu_moe_distribute_combine": mc2.npu_moe_distribute_combine,
 }
-EMULATED_OPS = tuple(_OPS)
+EMULATED_OPS = tuple(KERNELS)
+NAMESPACE = "dsv4_npu_emul_{chip}"
+_LIBRARIES: dict[str, torch.library.Library] = {}  # kept alive: a dropped Library unregisters its ops
+_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16, torch.float32,
+           torch.float64, torch.bool, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2, torch.quint4x2)
+
+
+def _fill_dtype_codes(lib: torch.library.Library, ns: str) -> None:
+    """`int?` arguments that Python callers pass a torch.dtype (output_dtype, dst_type) arrive as ScalarType codes:
+    learn the code of each dtype by sending it through an identity op of the same argument type."""
+    if DTYPE_OF_CODE:
+        return
+    lib.define("dtype_code(Tensor anchor, int? d) -> int")  # a tensor argument picks the CPU kernel
+    lib.impl("dtype_code", lambda anchor, d: -1 if d is None else int(d), "CPU")
+    op = getattr(torch.ops, ns).dtype_code
+    anchor = torch.empty(0)
+    for dt in _DTYPES:
+        DTYPE_OF_CODE[op(anchor, dt)] = dt
+
+
+def _kernel(fn: Callable, chip: str) -> Callable:
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        return fn(chip, *args, **kwargs)
+
+    run.__signature__ = inspect.signature(fn).replace(parameters=list(inspect.signature(fn).parameters.values())[1:])
+    return run
+
+
+def register(chip: str) -> str:
+    """Define every emulated op with its release schema(s) under the chip's namespace (once); returns the name."""
+    ns = NAMESPACE.format(chip=chip)
+    if ns in _LIBRARIES:
+        return ns
+    lib = torch.library.Library(ns, "DEF")
+    for name, fn in KERNELS.items():
+        for i, schema in enumerate(schemas.schemas(name)):
+            lib.define(schema)
+            if i == 0:  # the default overload; others (npu_grouped_matmul.List) are defined, not implemented
+                lib.impl(name, _kernel(fn, chip), "CPU")
+    _fill_dtype_codes(lib, ns)
+    _LIBRARIES[ns] = lib
+    return ns
 
 
 @functools.cache
-def make_torch_npu(chip: str = DEFAULT_EMULATED_CHIP, release: str = LATEST_RELEASE) -> types.ModuleType:
-    """A torch_npu look-alike for one chip and op-plugin release: only the ops that chip/release has."""
+def make_torch_npu(chip: str = DEFAULT_EMULATED_CHIP) -> types.ModuleType:
+    """A torch_npu look-alike for one chip: attributes are torch.ops.<ns>.<op> for the ops that chip has."""
     chip = normalise_chip(chip)
+    ops = getattr(torch.ops, register(chip))
     mod = types.ModuleType(f"torch_npu_emulated_{chip}")
-    mod.__doc__ = f"CPU emulation of torch_npu on Ascend {chip} (op-plugin {release})"
-    mod.__version__ = f"emulated-{release}"
+    mod.__doc__ = f"CPU emulation of torch_npu {schemas.PINNED_RELEASE} on Ascend {chip}"
+    mod.__version__ = schemas.PINNED_RELEASE
     mod.emulated_chip = chip
-    for name, fn in _OPS.items():
-        if op_in_table(name, chip, release):
-            bound = functools.partial(fn, chip)
-            bound.__name__, bound.__doc__ = name, fn.__doc__  # signature() of the partial drops `chip`
-            setattr(mod, name, bound)
+    for name in KERNELS:
+        if op_in_table(name, chip):
+            setattr(mod, name, getattr(ops, name))
     return mod
 
 
-torch_npu = make_torch_npu()
-
-__all__ = ["EMULATED_OPS", "NpuOpError", "make_torch_npu", "torch_npu"]
+__all__ = ["EMULATED_OPS", "KERNELS", "NpuOpError", "make_torch_npu", "register"]

@@ -1,4 +1,7 @@
-"""CPU emulation of the DSA ops: npu_lightning_indexer and npu_sparse_flash_attention (torch-npu-ops.md section 4).
+"""CPU emulation of the DSA ops: npu_lightning_indexer and npu_sparse_flash_attention, with their torch_npu 2.14.0
+schemas (ascend/schemas/torch_npu-2.14.0.yaml). The wheel's docs give dtypes and layouts but no chip list and no
+head/D limits; those (D = 128 / 512 + 64, head counts, `sinks` on 950 only, attention_mode 2) come from the op-plugin
+docs (shared/spec/torch-npu-ops.md section 4) and are listed in capability.UNVERIFIED.
 
 Layouts emulated: BSND and TND queries; BSND, TND and paged PA_BSND keys (block_table + per-batch kv lengths).
 TND needs cumulative (prefix-sum) int32 actual_seq_lengths, as the doc states.
@@ -9,9 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .basic import HALF_ACT, check, is_a5
+from .basic import HALF_ACT, INT63, check, is_a5
 
-INT63 = 2 ** 63 - 1
 A5_INDEXER_HEADS = (8, 16, 24, 32, 64)
 
 
@@ -75,12 +77,12 @@ def npu_lightning_indexer(chip: str, query: Tensor, key: Tensor, weights: Tensor
                           sparse_count: int = 2048, sparse_mode: int = 3, pre_tokens: int = INT63,
                           next_tokens: int = INT63, return_value: bool = False) -> tuple[Tensor, Tensor | None]:
     """score_j = sum_h w_h * relu(q_h . k_j) (fp32); top-sparse_count key positions per query, best first,
-    int32 [B,S1,1,K] (BSND) or [T1,1,K] (TND), -1 padded when fewer keys are visible."""
+    int32 [B,S1,1,K] (BSND) or [T1,1,K] (TND), -1 padded when fewer keys are visible. The second output is
+    [0]-shaped unless return_value (meta function). doc: query, key and weights "数据类型支持bfloat16和float16"."""
     op = "npu_lightning_indexer"
     check(query.shape[-1] == 128 and key.shape[-1] == 128, op, f"D must be 128, got {query.shape[-1]}")
     check(query.dtype in HALF_ACT and key.dtype == query.dtype, op, "query/key must be bf16 or fp16 (same dtype)")
-    wdt = (torch.float16, torch.bfloat16) if is_a5(chip) else (torch.float16, torch.bfloat16, torch.float32)
-    check(weights.dtype in wdt, op, f"weights dtype {weights.dtype} not supported on {chip}")
+    check(weights.dtype in HALF_ACT, op, f"weights must be bf16/fp16 (doc), got {weights.dtype}")
     n1 = query.shape[-2]
     check(n1 in A5_INDEXER_HEADS if is_a5(chip) else 1 <= n1 <= 64, op, f"query heads N1={n1} unsupported on {chip}")
     check(_valid_sparse_count(sparse_count), op, f"sparse_count {sparse_count} not in [1,2048] or 3072..8192/1024")
@@ -108,28 +110,31 @@ def npu_lightning_indexer(chip: str, query: Tensor, key: Tensor, weights: Tensor
         idx_out.append(idx.unsqueeze(1))
         val_out.append(val.unsqueeze(1))
     stack = torch.stack if layout_query == "BSND" else torch.cat
-    values = stack(val_out).to(query.dtype) if return_value else None
+    values = stack(val_out).to(query.dtype) if return_value else query.new_empty((0,))
     return stack(idx_out), values
 
 
-def npu_sparse_flash_attention(chip: str, query: Tensor, key: Tensor, value: Tensor, sparse_indices: Tensor,
+def npu_sparse_flash_attention(chip: str, query: Tensor, key: Tensor, value: Tensor | None, sparse_indices: Tensor,
                                scale_value: float, *, block_table: Tensor | None = None,
                                actual_seq_lengths_query: Tensor | None = None,
                                actual_seq_lengths_kv: Tensor | None = None, query_rope: Tensor | None = None,
                                key_rope: Tensor | None = None, sparse_block_size: int = 1, layout_query: str = "BSND",
                                layout_kv: str = "BSND", sparse_mode: int = 3, pre_tokens: int = INT63,
                                next_tokens: int = INT63, attention_mode: int = 0, return_softmax_lse: bool = False,
-                               sinks: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+                               sinks: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """MLA-absorbed sparse attention: logits over the gathered keys (nope || rope, 512 + 64 dims), value = the
     512-d key (key and value share storage), one softmax (+ the per-head sink logit in the denominator when
     `sinks` is given). P is rounded to the activation dtype before the PV product. A query with no valid index
-    gets zeros. Indices: valid entries first, -1 padding at the end."""
+    gets zeros. Indices: valid entries first, -1 padding at the end (doc: "需要保证每行有效值均在前半部分，无效值均在
+    后半部分"). Returns (out, softmax_max, softmax_sum), the last two [0]-shaped fp32 unless return_softmax_lse
+    (meta function)."""
     op = "npu_sparse_flash_attention"
     check(attention_mode == 2, op, "only attention_mode=2 (MLA-absorb) is supported")
     check(query.shape[-1] == 512 and key.shape[-1] == 512, op, f"D must be 512 (+64 rope), got {query.shape[-1]}")
     check(query_rope is not None and key_rope is not None and query_rope.shape[-1] == 64 and key_rope.shape[-1] == 64,
           op, "query_rope / key_rope with D = 64 are required")
     check(query.dtype in HALF_ACT and key.dtype == query.dtype, op, "query/key must be bf16 or fp16")
+    check(value is not None, op, "value=None needs CANN >= 9.2.0 (meta function); pass the key")
     check(value.data_ptr() == key.data_ptr() or torch.equal(value, key), op, "key and value must be the same tensor")
     n1 = query.shape[-2]
     if is_a5(chip):
@@ -170,4 +175,4 @@ def npu_sparse_flash_attention(chip: str, query: Tensor, key: Tensor, value: Ten
         p = (p / den.clamp(min=1e-30)).to(query.dtype).float()
         outs.append(torch.einsum("snk,skd->snd", p, keys[..., :512]).to(query.dtype))
     out = torch.stack(outs) if layout_query == "BSND" else torch.cat(outs)
-    return out, None, None
+    return out, query.new_empty((0,), dtype=torch.float32), query.new_empty((0,), dtype=torch.float32)

@@ -1,8 +1,10 @@
 """CPU emulation of the basic torch_npu ops: RMSNorm, rotary, SwiGLU, dynamic quant, quantised matmul.
 
-Every function takes the chip it emulates as its first argument (bound by emulation.make_torch_npu); the rest is
-the documented signature (torch-npu-ops.md sections 1, 2, 7, 8). Written from the op contracts, independent of
-dsv4.common.model.reference.
+Every function takes the chip it emulates as its first argument (bound by emulation.make_torch_npu); the rest is the
+op's torch_npu 2.14.0 schema, argument for argument (ascend/schemas/torch_npu-2.14.0.yaml: the emulation registers
+these functions under that schema, so the dispatcher binds every call exactly as torch_npu would). Checks cite the
+op's doc in the same file ("doc:"); what the doc does not state is marked ASSUMED. Written from the op contracts,
+independent of dsv4.common.model.reference.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from torch import Tensor
 FLOAT_ACT = (torch.float16, torch.bfloat16, torch.float32)
 HALF_ACT = (torch.float16, torch.bfloat16)
 FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+INT63 = 2 ** 63 - 1
 
 
 class NpuOpError(RuntimeError):
@@ -28,13 +31,26 @@ def is_a5(chip: str) -> bool:
     return chip.startswith("950")
 
 
+# ScalarType-typed arguments (`int? output_dtype`, `int? dst_type`) reach a kernel as c10::ScalarType codes; the
+# table is filled by emulation.register() by sending each dtype through a registered identity op
+DTYPE_OF_CODE: dict[int, torch.dtype] = {}
+
+
+def as_dtype(v: int | torch.dtype | None) -> torch.dtype | None:
+    if v is None or isinstance(v, torch.dtype):
+        return v
+    return DTYPE_OF_CODE.get(int(v))
+
+
 # -- section 1 ------------------------------------------------------------------------------------------------------
 def npu_rms_norm(chip: str, self: Tensor, gamma: Tensor, epsilon: float = 1e-06) -> tuple[Tensor, Tensor]:
-    """y = x * rstd * gamma with rstd = 1/sqrt(mean(x^2) + eps) over gamma's dims; rstd fp32, keepdim 1s."""
+    """y = x * rstd * gamma, rstd = 1/sqrt(mean(x^2) + eps) over gamma's dims. doc: self fp16/bf16/fp32, 2-8 D;
+    "gamma：Tensor类型，数据类型需要和self保持一致" (gamma has self's dtype). rstd: fp32, self's leading dims and 1s
+    over gamma's (meta function)."""
     op = "npu_rms_norm"
     check(2 <= self.dim() <= 8, op, f"input must be 2-8 D, got {self.dim()}")
     check(self.dtype in FLOAT_ACT, op, f"unsupported dtype {self.dtype}")
-    check(gamma.dtype in (self.dtype, torch.float32), op, f"gamma dtype {gamma.dtype} vs input {self.dtype}")
+    check(gamma.dtype == self.dtype, op, f"gamma dtype {gamma.dtype} must equal the input's {self.dtype} (doc)")
     nd = gamma.dim()
     check(tuple(self.shape[-nd:]) == tuple(gamma.shape), op, "gamma must match the trailing dims of the input")
     dims = tuple(range(self.dim() - nd, self.dim()))
@@ -44,51 +60,78 @@ def npu_rms_norm(chip: str, self: Tensor, gamma: Tensor, epsilon: float = 1e-06)
 
 
 # -- section 2 ------------------------------------------------------------------------------------------------------
-def npu_rotary_mul(chip: str, input: Tensor, r1: Tensor, r2: Tensor, rotary_mode: str = "half",
+# doc, jit_compile=False, interleave mode: "input为BNSD: 11SD; input为BSND: 1S1D; input为SBND: S11D."
+_INTERLEAVE_LAYOUTS = {"BNSD": 2, "BSND": 1, "SBND": 0}  # layout -> the one non-1 dim of r1/r2 (the S axis)
+
+
+def _interleave_layout(x: Tensor, r: Tensor) -> str | None:
+    for layout, s_axis in _INTERLEAVE_LAYOUTS.items():
+        want = [1, 1, 1, x.shape[-1]]
+        want[s_axis] = x.shape[s_axis]
+        if list(r.shape) == want:
+            return layout
+    return None
+
+
+def npu_rotary_mul(chip: str, self: Tensor, r1: Tensor, r2: Tensor, rotary_mode: str = "half",
                    rotate: Tensor | None = None) -> Tensor:
-    """out = x*r1 + rot(x)*r2. 'half': rot(x) = cat(-x2, x1) of the two halves (NeoX); 'interleave': rot pairs
-    (x[2i], x[2i+1]) -> (-x[2i+1], x[2i]) (GPT-J / DeepSeek). r1/r2 are full-width (D, not D/2): for interleave the
-    cos/sin of pair i sit at both 2i and 2i+1 (repeat-interleaved), for half they are the halves repeated."""
+    """out = x*r1 + rot(x)*r2 (doc formulas): 'half' rot(x) = cat(-x2, x1) of the halves; 'interleave' pairs
+    (x[2i], x[2i+1]) -> (-x[2i+1], x[2i]). r1/r2 are full width D. doc: input, cos, sin 4-D fp16/bf16/fp32;
+    interleave: "B * N < 1000; D < 896, 且D为2的倍数", r1/r2 1S1D for BSND (11SD BNSD, S11D SBND), A2/A3 only.
+    ASSUMED: input/r1/r2 share one dtype (the doc lists the same three dtypes for each)."""
     op = "npu_rotary_mul"
-    check(input.dim() in (3, 4), op, f"input must be 3-D or 4-D, got {input.dim()}")
-    check(r1.dim() == input.dim() and r2.dim() == input.dim(), op, "r1/r2 must have the input's rank")
-    check(input.dtype in FLOAT_ACT and r1.dtype == input.dtype and r2.dtype == input.dtype, op,
-          f"input/r1/r2 must share one of fp16/bf16/fp32, got {input.dtype}/{r1.dtype}/{r2.dtype}")
-    check(r1.shape[-1] == input.shape[-1] and r2.shape[-1] == input.shape[-1], op, "r1/r2 last dim must equal D")
+    check(self.dim() == 4 and r1.dim() == 4 and r2.dim() == 4, op, "input, r1, r2 must be 4-D (doc)")
+    check(self.dtype in FLOAT_ACT and r1.dtype == self.dtype and r2.dtype == self.dtype, op,
+          f"input/r1/r2 must share one of fp16/bf16/fp32, got {self.dtype}/{r1.dtype}/{r2.dtype}")
     check(rotate is None, op, "custom rotate matrices are not emulated")
-    d = input.shape[-1]
-    check(d % 2 == 0, op, "D must be even")
-    xf = input.float()
+    d = self.shape[-1]
+    check(d % 2 == 0 and d < 896, op, f"D must be even and < 896, got {d}")
+    check(tuple(r1.shape) == tuple(r2.shape), op, "r1 and r2 must have one shape")
+    xf = self.float()
     if rotary_mode == "interleave":
+        check(chip in ("910b", "910c"), op, f"interleave mode is documented for A2/A3 only, chip is {chip}")
+        layout = _interleave_layout(self, r1)
+        check(layout is not None, op, f"interleave mode wants r1/r2 as 1S1D (BSND), 11SD (BNSD) or S11D (SBND); "
+              f"got {tuple(r1.shape)} for input {tuple(self.shape)}")
+        b, n = (self.shape[1], self.shape[2]) if layout == "SBND" else (self.shape[0], self.shape[2] if
+                                                                        layout == "BSND" else self.shape[1])
+        check(b * n < 1000, op, f"interleave mode needs B * N < 1000, got {b} * {n}")
         pairs = xf.unflatten(-1, (d // 2, 2))
         rot = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
     elif rotary_mode == "half":
+        torch.broadcast_shapes(self.shape, r1.shape)
         rot = torch.cat([-xf[..., d // 2:], xf[..., :d // 2]], dim=-1)
     else:
         raise NpuOpError(f"{op}: rotary_mode must be 'half' or 'interleave', got {rotary_mode!r}")
-    torch.broadcast_shapes(input.shape, r1.shape, r2.shape)  # raises like the op on non-broadcastable cos/sin
-    return (xf * r1.float() + rot * r2.float()).to(input.dtype)
+    return (xf * r1.float() + rot * r2.float()).to(self.dtype)
 
 
 # -- section 7 ------------------------------------------------------------------------------------------------------
-def npu_swiglu(chip: str, input: Tensor, dim: int = -1) -> Tensor:
-    """Split `dim` into halves (a, b): silu(a) * b, computed in fp32, returned in the input dtype."""
-    check(input.shape[dim] % 2 == 0, "npu_swiglu", "the split dim must be even")
-    a, b = input.float().chunk(2, dim=dim)
-    return (torch.nn.functional.silu(a) * b).to(input.dtype)
+def npu_swiglu(chip: str, self: Tensor, dim: int = -1) -> Tensor:
+    """Split `dim` into halves (A, B): A * sigmoid(A) * B (doc formula), fp32 inside, returned in the input dtype.
+    doc: 1-8 D, FP32/FP16/BF16; products: A2."""
+    op = "npu_swiglu"
+    check(1 <= self.dim() <= 8 and self.dtype in FLOAT_ACT, op, "input must be 1-8 D fp32/fp16/bf16")
+    check(self.shape[dim] % 2 == 0, op, "the split dim must be even")
+    a, b = self.float().chunk(2, dim=dim)
+    return (torch.nn.functional.silu(a) * b).to(self.dtype)
 
 
 # -- section 8 ------------------------------------------------------------------------------------------------------
-def npu_dynamic_quant(chip: str, x: Tensor, *, smooth_scales: Tensor | None = None, group_index: Tensor | None = None,
-                      dst_type: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
-    """Per-token symmetric int8: scale = amax(|x|)/127 over the last dim (fp32, shape x.shape[:-1]),
-    y = round(x / scale) in int8. A zero row gives scale 0 and y 0."""
+def npu_dynamic_quant(chip: str, input: Tensor, *, smooth_scales: Tensor | None = None,
+                      group_index: Tensor | None = None, dst_type: int | None = None, quant_mode: str = "pertoken",
+                      dst_type_max: float = 0.0) -> tuple[Tensor, Tensor]:
+    """doc: scale = rowMax(abs(x)) / DTYPE_MAX, y = round(x / scale); x fp16/bf16 with more than 1 dim; scale fp32 of
+    x's shape without the last dim. dst_type None = int8. A zero row gives scale 0 and y 0 (ASSUMED)."""
     op = "npu_dynamic_quant"
-    check(x.dtype in HALF_ACT, op, f"input must be fp16/bf16, got {x.dtype}")
-    check(dst_type in (None, torch.int8), op, "only the int8 output is emulated (quint4x2 packing is not)")
+    check(input.dtype in HALF_ACT and input.dim() > 1, op, f"x must be fp16/bf16 with > 1 dims, got {input.dtype}")
+    check(as_dtype(dst_type) in (None, torch.int8), op, "only the int8 output is emulated (quint4x2 packing is not)")
+    check(quant_mode == "pertoken" and dst_type_max == 0.0, op, "only the documented per-token mode is emulated")
     check(group_index is None, op, "group_index (per-expert smooth scales) is not emulated")
-    xf = x.float()
+    xf = input.float()
     if smooth_scales is not None:
+        check(smooth_scales.dtype == input.dtype and tuple(smooth_scales.shape) == (input.shape[-1],), op,
+              "smooth_scales: 1-D of x's last dim, x's dtype (doc)")
         xf = xf * smooth_scales.float()
     scale = xf.abs().amax(-1) / 127.0
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
@@ -96,57 +139,46 @@ def npu_dynamic_quant(chip: str, x: Tensor, *, smooth_scales: Tensor | None = No
     return y.to(torch.int8), scale
 
 
-def _expand_blocks(scale: Tensor, rows: int, cols: int, br: int, bc: int) -> Tensor:
-    return scale.float().repeat_interleave(br, dim=-2).repeat_interleave(bc, dim=-1)[..., :rows, :cols]
-
-
-def scaled_product(op: str, chip: str, x1: Tensor, x2: Tensor, scale: Tensor, pertoken_scale: Tensor | None,
-                   group_sizes: list[int] | None) -> Tensor:
-    """Shared math of npu_quant_matmul and the quantised npu_grouped_matmul: integer/FP8 operands, exact products
-    accumulated in fp64 (stands in for the int32 / fp32 accumulator), then the dequant scales. Returns fp32 [m, n].
-    scale: per-channel (n,) or, with group_sizes [gm, gn, gk], block-wise [ceil(k/gk), ceil(n/gn)];
-    pertoken_scale: (m,) or, block-wise, [m, ceil(k/gk)]."""
+def scaled_product(op: str, x1: Tensor, x2: Tensor, scale: Tensor, pertoken_scale: Tensor | None) -> Tensor:
+    """Shared math of npu_quant_matmul and the per-token npu_grouped_matmul: int8 operands, exact products
+    accumulated in fp64 (stands in for the int32 accumulator), then per-channel scale (n,) and per-token
+    pertoken_scale (m,). Returns fp32 [m, n]."""
     check(x1.dim() == 2 and x2.dim() == 2 and x1.shape[1] == x2.shape[0], op,
           f"x1 [m,k] and x2 [k,n] expected, got {tuple(x1.shape)} and {tuple(x2.shape)}")
-    if x1.dtype in FP8 or x2.dtype in FP8:
-        check(is_a5(chip), op, f"FP8 operands need a 950 chip (A2/A3 list only int8/int4), chip is {chip}")
-        check(x1.dtype in FP8 and x2.dtype in FP8, op, "FP8 x1 needs an FP8 x2")
-    else:
-        check(x1.dtype == torch.int8 and x2.dtype == torch.int8, op,
-              f"int8 x int8 expected, got {x1.dtype} x {x2.dtype}")
-    m, k = x1.shape
-    n = x2.shape[1]
-    a, b = x1.double(), x2.double()
-    if group_sizes is None:
-        check(scale.shape[-1] in (1, n) and scale.dim() == 1, op, f"per-channel scale must be (n,), got {scale.shape}")
-        out = (a @ b) * scale.double()
-        if pertoken_scale is not None:
-            check(tuple(pertoken_scale.shape) == (m,), op, "pertoken_scale must be (m,)")
-            out = out * pertoken_scale.double().unsqueeze(-1)
-        return out.float()
-    gm, gn, gk = group_sizes
-    check(gm == 1, op, "only per-token activation groups (gm = 1) are emulated")
-    nk, nn = -(-k // gk), -(-n // gn)
-    check(tuple(scale.shape) == (nk, nn), op, f"block scale must be [{nk}, {nn}], got {tuple(scale.shape)}")
-    check(pertoken_scale is not None and tuple(pertoken_scale.shape) == (m, nk), op,
-          f"block pertoken_scale must be [{m}, {nk}]")
-    a = a * pertoken_scale.double().repeat_interleave(gk, dim=-1)[:, :k]
-    b = b * _expand_blocks(scale, k, n, gk, gn).double()
-    return (a @ b).float()
+    check(x1.dtype == torch.int8 and x2.dtype == torch.int8, op, f"int8 x int8 expected, got {x1.dtype} x {x2.dtype}")
+    m, n = x1.shape[0], x2.shape[1]
+    check(scale.dim() == 1 and scale.shape[0] in (1, n), op, f"per-channel scale must be (1,) or (n,), got "
+          f"{tuple(scale.shape)}")
+    out = (x1.double() @ x2.double()) * scale.double()
+    if pertoken_scale is not None:
+        check(pertoken_scale.dtype == torch.float32 and tuple(pertoken_scale.shape) == (m,), op,
+              "pertoken_scale must be fp32 (m,) (doc)")
+        out = out * pertoken_scale.double().unsqueeze(-1)
+    return out.float()
 
 
 def npu_quant_matmul(chip: str, x1: Tensor, x2: Tensor, scale: Tensor, *, offset: Tensor | None = None,
                      pertoken_scale: Tensor | None = None, bias: Tensor | None = None,
-                     output_dtype: torch.dtype | None = None, group_sizes: list[int] | None = None) -> Tensor:
-    """(x1 @ x2) * scale[n] * pertoken_scale[m] (+ bias) -> output_dtype. Without output_dtype the result is
-    requantised to int8 (the op's default), which needs no pertoken_scale."""
+                     output_dtype: int | None = None, x1_dtype: int | None = None, x2_dtype: int | None = None,
+                     pertoken_scale_dtype: int | None = None, scale_dtype: int | None = None,
+                     group_sizes: list[int] | None = None, y_scale: Tensor | None = None) -> Tensor:
+    """(x1 @ x2) * scale[n] * pertoken_scale[m] (+ bias) -> output_dtype. doc (A2/A3 table): int8 x1/x2, scale
+    fp32/bf16 1-D (t,) t=1 or n, pertoken_scale fp32 (m,) with bf16/fp16 output; output_dtype None = int8
+    (requantised, no pertoken_scale). The doc has no FP8 row and no group_sizes: both are rejected."""
     op = "npu_quant_matmul"
-    check(offset is None, op, "offset (asymmetric requant) is not emulated")
-    out = scaled_product(op, chip, x1, x2, scale, pertoken_scale, group_sizes)
+    check(offset is None and y_scale is None, op, "offset / y_scale are not emulated")
+    check(group_sizes is None, op, "group_sizes (block-wise scales) is in the schema but not in the 2.14.0 doc")
+    check(all(v is None for v in (x1_dtype, x2_dtype, pertoken_scale_dtype, scale_dtype)), op,
+          "the *_dtype overrides are not in the 2.14.0 doc")
+    check(x1.dtype == torch.int8 and x2.dtype == torch.int8, op,
+          f"the doc's tables have int8 x int8 (and packed int4); got {x1.dtype} x {x2.dtype}")
+    check(scale.dtype in (torch.float32, torch.bfloat16) and scale.dim() == 1, op, "scale must be fp32/bf16 1-D")
+    out_dt = as_dtype(output_dtype)
+    out = scaled_product(op, x1, x2, scale, pertoken_scale)
     if bias is not None:
         out = out + bias.float()
-    if output_dtype is None:
-        check(pertoken_scale is None, op, "int8 output cannot take a pertoken_scale")
+    if out_dt in (None, torch.int8):
+        check(pertoken_scale is None, op, "int8 output cannot take a pertoken_scale (doc table)")
         return torch.round(out).clamp(-128, 127).to(torch.int8)
-    check(output_dtype in HALF_ACT, op, f"output_dtype must be fp16/bf16, got {output_dtype}")
-    return out.to(output_dtype)
+    check(out_dt in HALF_ACT, op, f"output_dtype must be fp16/bf16 (or int8), got {out_dt}")
+    return out.to(out_dt)

@@ -1,4 +1,5 @@
-"""CPU emulation of the MC2 expert-parallel communication ops (torch-npu-ops.md section 6):
+"""CPU emulation of the MC2 expert-parallel communication ops (torch-npu-ops.md section 6), registered under their
+torch_npu 2.14.0 schemas; the 2.14.0 wheel ships no docstring for them, only schema and meta function:
 npu_moe_distribute_dispatch and npu_moe_distribute_combine, carried out with torch.distributed collectives (gloo).
 
 The real ops take an HCCL communicator NAME (`group_ep`), not a ProcessGroup; on hardware it comes from
@@ -16,8 +17,9 @@ What is DOCUMENTED (OPDOC:npu_moe_distribute_dispatch / _combine, op-plugin docs
 - ep_recv_counts: int32, prefix sums of "tokens each expert on this rank received from each rank"; A3 shape
   [ep_world_size * max(tp_world_size, 1) * local_expert_num]; A2 [moe_expert_num + 2 * global_bs * K * server_num];
   combine takes it as ep_send_counts;
-- expand_scales: A2: expert_scales carried along with x through the all-to-all, float [A]; A3: None (and A3's
-  dispatch does not accept expert_scales);
+- expand_scales: A2: expert_scales carried along with x through the all-to-all, float [A]; otherwise an empty
+  tensor (the 2.14.0 meta function allocates [0]; a Python caller never sees None); A3's dispatch does not accept
+  expert_scales;
 - combine: "returns along the path dispatch collected the data, then multiplies by the weights and adds":
   out [BS, H] = sum_k expert_scales[t, k] * expert_output(t, k), in expand_x's dtype;
 - the values of expand_idx / ep_recv_counts / tp_recv_counts / expand_scales may differ between products, algorithms
@@ -183,12 +185,13 @@ def npu_moe_distribute_dispatch(chip: str, x: Tensor, expert_ids: Tensor, group_
                                 expert_shard_type: int = 0, shared_expert_num: int = 1,
                                 shared_expert_rank_num: int = 0, quant_mode: int = 0, global_bs: int = 0,
                                 expert_token_nums_type: int = 1
-                                ) -> tuple[Tensor, Tensor | None, Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+                                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Send every (token, slot) pair of x to the rank owning expert_ids[t, j] (owner = id // local_expert_num).
-    Returns (expand_x [A, H] grouped by local expert, dynamic_scales None (quant_mode 0), expand_idx int32 [BS*K],
-    expert_token_nums int64 [local], ep_recv_counts int32 [local * ep] prefix sums, tp_recv_counts (empty),
-    expand_scales float [A] on A2 when expert_scales is given, else None). See the module docstring for which parts
-    are documented and which are our reading."""
+    Returns seven tensors, shaped as the wheel's meta function: (expand_x [A, H] grouped by local expert,
+    dynamic_scales fp32 [A] (unused with quant_mode 0), expand_idx int32 [BS*K], expert_token_nums int64 [local],
+    ep_recv_counts int32 (the first local * ep entries prefix sums), tp_recv_counts int32 [tp_world_size],
+    expand_scales fp32 [A] when expert_scales is given, else [0] - never None). See the module docstring for which
+    parts are documented and which are our reading."""
     op = "npu_moe_distribute_dispatch"
     pg = lookup_group(group_ep, op)
     local = _check_common(op, chip, x, expert_ids, pg, ep_world_size, ep_rank_id, moe_expert_num, tp_world_size,
@@ -217,16 +220,22 @@ def npu_moe_distribute_dispatch(chip: str, x: Tensor, expert_ids: Tensor, group_
           "to max_bs * ep_world_size when BS differs between ranks)")
     expand_x = x.new_zeros((cap, x.shape[1]))
     expand_x[:rows_in.shape[0]] = rows_in[perm]
-    expand_scales = None
+    # output shapes as the wheel's meta function allocates them: expand_scales is [0] without expert_scales (never
+    # None), ep_recv_counts grows by A2's reduce bookkeeping (global_bs * 2 * K * (ep // 8), zeros here) with it
+    expand_scales = torch.zeros(0, dtype=torch.float32)
+    counts_len = ep_world_size * local
     if expert_scales is not None:
         s_in = _exchange(expert_scales.reshape(-1)[order].float(), send_rows, recv_rows, pg)
         expand_scales = torch.zeros(cap, dtype=torch.float32)
         expand_scales[:s_in.shape[0]] = s_in[perm]
+        counts_len += (global_bs or bs * ep_world_size) * 2 * k * (ep_world_size // 8)
     counts = recv_counts.sum(0)
     expert_token_nums = counts if expert_token_nums_type == 1 else counts.cumsum(0)
-    ep_recv_counts = block.cumsum(0).to(torch.int32)
-    tp_recv_counts = torch.zeros(0, dtype=torch.int32)
-    return expand_x, None, expand_idx, expert_token_nums.to(torch.int64), ep_recv_counts, tp_recv_counts, \
+    ep_recv_counts = torch.zeros(counts_len, dtype=torch.int32)
+    ep_recv_counts[:block.numel()] = block.cumsum(0).to(torch.int32)
+    tp_recv_counts = torch.zeros(tp_world_size, dtype=torch.int32)
+    dynamic_scales = torch.zeros(cap, dtype=torch.float32)  # quant_mode 0: allocated, unused
+    return expand_x, dynamic_scales, expand_idx, expert_token_nums.to(torch.int64), ep_recv_counts, tp_recv_counts, \
         expand_scales
 
 
