@@ -8,7 +8,9 @@ raises, so it must never happen at package import).
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import importlib.util
+import re
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -19,14 +21,60 @@ GRAPH_MODE_VERIFIED = False  # compile_graph() below has not been run on hardwar
 
 
 def _import_torch_npu() -> tuple[Any, str]:
-    """(module or None, reason)."""
+    """(module or None, reason). The one place dsv4 imports torch_npu (torch's auto-loading is off: dsv4/__init__)."""
     if importlib.util.find_spec("torch_npu") is None:
         return None, "torch_npu is not installed (pip install torch-npu==<your torch version>; needs CANN)"
     try:
         mod = importlib.import_module("torch_npu")
     except (ImportError, RuntimeError, OSError) as e:
-        return None, f"import torch_npu failed: {type(e).__name__}: {e}"
+        missing = re.search(r"(lib[\w.+-]*\.so[\w.]*)", str(e))
+        hint = (f"the CANN library {missing.group(1)} is missing: install CANN and source its set_env.sh "
+                "(e.g. /usr/local/Ascend/ascend-toolkit/set_env.sh)" if missing else "check the CANN install")
+        return None, f"torch_npu is installed but does not import ({type(e).__name__}: {e}); {hint}"
     return mod, "torch_npu imported"
+
+
+def _dist_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def version_report() -> list[str]:
+    """torch / torch_npu versions and whether dsv4 knows the pair, read from package metadata (never imports
+    torch_npu, so it works without CANN). A torch_npu release is supported when dsv4 ships its schema file
+    (ascend/schemas/); the torch it needs is the wheel's Requires-Dist pin (2.14.0: torch==2.14.0.*)."""
+    from .schemas import PINNED_RELEASE, available, requires_torch
+
+    torch_v, npu_v = _dist_version("torch"), _dist_version("torch-npu")
+    lines = [f"torch {torch_v or 'not installed'}", f"torch_npu {npu_v or 'not installed'}"]
+    if npu_v is None:
+        return lines
+    release = npu_v.split("+", 1)[0]
+    if release not in available():
+        lines.append(f"  torch_npu {release}: UNSUPPORTED by dsv4 (operator schemas known for "
+                     f"{', '.join(available())}); the {PINNED_RELEASE} capability table is used, unverified")
+        return lines
+    pin = requires_torch(release) or ""
+    prefix = pin.split("==", 1)[-1].rstrip("*").rstrip(".")
+    base = (torch_v or "").split("+", 1)[0]
+    ok = bool(prefix) and (base == prefix or base.startswith(prefix + "."))
+    verdict = "supported pair" if ok else f"UNSUPPORTED pair: install {pin}"
+    lines.append(f"  torch_npu {release} requires {pin}: {verdict}")
+    return lines
+
+
+def doctor_lines(chip: str | None = None) -> list[str]:
+    """What `dsv4 doctor` prints for Ascend: versions, and per V4 op where the 2.14.0 docs forbid what V4 needs,
+    the legal path taken and the doc line it rests on."""
+    from .capability import LEGAL_PATHS
+
+    lines = version_report()
+    lines.append("  Ascend legal paths (torch_npu docs in dsv4/ascend/schemas):")
+    for op, (doc_op, fragment, what) in LEGAL_PATHS.items():
+        lines.append(f"    {op}: {what} [{doc_op} doc: {fragment}]")
+    return lines
 
 
 def probe(device: str | None = None) -> tuple[bool, str]:
@@ -86,4 +134,4 @@ def compile_graph(model: Any, dynamic: bool = False) -> Any:
     return torch.compile(model, backend=backend, dynamic=dynamic)
 
 
-__all__ = ["GRAPH_MODE_VERIFIED", "HCCL", "compile_graph", "create_ops", "probe"]
+__all__ = ["GRAPH_MODE_VERIFIED", "HCCL", "compile_graph", "create_ops", "doctor_lines", "probe", "version_report"]

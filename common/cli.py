@@ -6,8 +6,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
-
 from dsv4.common.model.config import ConfigError, ModelArgs, load_named_config
 from dsv4.common.runtime.backend import BackendUnavailable, probe_backend
 from dsv4.common.runtime.distributed import RankFailure, process_group_cleanup
@@ -46,7 +44,9 @@ def cmd_parity(ns: argparse.Namespace) -> int:
 
 
 def cmd_doctor(ns: argparse.Namespace) -> int:
-    print(f"torch {torch.__version__}")
+    from dsv4.ascend import doctor_lines  # versions from package metadata: never imports torch_npu
+
+    print("\n".join(doctor_lines()))
     for name in ("reference", "ascend", "cuda"):
         info = probe_backend(name, ns.device)
         print(f"  backend {name:<9} {'available' if info.available else 'unavailable':<11} {info.reason}")
