@@ -48,8 +48,11 @@ def test_plain_install_imports_every_module(plain_install):
         "        missing.append(f'{name} from {m.__file__}')\n"
         "from dsv4.common.model.config import CONFIG_DIR, load_named_config\n"
         "assert CONFIG_DIR.resolve().parent == target / 'dsv4', CONFIG_DIR\n"
-        "for name in ('tiny', 'flash', 'pro'):\n"
+        "for name in ('tiny', 'flash', 'pro', 'tiny-release-attn'):\n"
         "    load_named_config(name)\n"
+        "from dsv4.ascend import schemas\n"  # the torch_npu ground truth is package data of dsv4.ascend
+        "assert target in pathlib.Path(schemas.HERE).resolve().parents, schemas.HERE\n"
+        "assert schemas.load('2.14.0')['ops']['npu_mhc_sinkhorn']['schemas']\n"
         "for f in ('parity.yaml', 'hardware.yaml'):\n"
         "    assert (CONFIG_DIR / f).is_file(), f\n"
         "print('\\n'.join(missing))\n"
