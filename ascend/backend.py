@@ -163,12 +163,15 @@ class AscendOps(Ops):
         return F.linear(compose.fp8_sim(x2.float(), 128), dequant_any(w)).to(x2.dtype)
 
     def _linear_w8a8(self, x2: Tensor, w: LinearWeight) -> Tensor:
-        if x2.dtype in HALF and self.has("npu_dynamic_quant") and self.has("npu_quant_matmul"):
+        # doc: x1's and x2's last dims (K and N) at most 65535 (a 129280-row vocab head in W8A8 exceeds it)
+        fits = x2.shape[-1] <= 65535 and w.weight.shape[0] <= 65535
+        if x2.dtype in HALF and fits and self.has("npu_dynamic_quant") and self.has("npu_quant_matmul"):
             self._took("linear", "npu_dynamic_quant + npu_quant_matmul (W8A8)")
             xq, xs = self.npu.npu_dynamic_quant(x2)
             return self.npu.npu_quant_matmul(xq, w.weight.t(), w.scale.float(), pertoken_scale=xs,
                                              output_dtype=x2.dtype)
-        self._took("linear", "torch W8A8 (fp32 activations: npu_dynamic_quant takes fp16/bf16)")
+        self._took("linear", "torch W8A8 (" + ("fp32 activations: npu_dynamic_quant takes fp16/bf16" if fits else
+                                           "K or N above npu_quant_matmul's 65535") + ")")
         xq, xs = compose.quant_int8_per_token(x2)
         y = (xq @ w.weight.float().t()) * xs.unsqueeze(-1) * w.scale.float()
         return y.to(x2.dtype)

@@ -97,8 +97,12 @@ UNVERIFIED: dict[str, str] = {
                                                  "= MLA-absorb (what we pass)",
     "npu_lightning_indexer heads/D": "the 2.14.0 doc states no N1 or D limits; op-plugin docs: D = 128, N1 <= 64 "
                                      "(950: N1 in {8,16,24,32,64}); both honoured",
-    "npu_moe_init_routing_v2 row order": "the doc defines shapes, not the order inside an expert's block; the "
-                                         "emulation sorts stably (ties keep token order)",
+    "npu_moe_init_routing_v2 row order": "the doc defines shapes, not the order inside an expert's block nor "
+                                         "whether expanded_row_idx is token- or slot-major; the emulation sorts "
+                                         "stably, token-major (finalize_routing's doc formula reads "
+                                         "expandedSrcToDstRow[i + k * num_rows]: the backend transposes)",
+    "npu_grouped_matmul weight-only precision": "the doc's formula x * (w + offset) * scale does not say at which "
+                                                "precision the dequantised weight is formed; emulated in x's dtype",
     "npu_moe_distribute_dispatch/combine": "no doc in the wheel: schema and meta (output shapes) only; row layout "
                                            "and counts semantics from op-plugin docs",
     "npu_mhc_pre phi layout": "the doc gives shapes [n^2 + 2n, nD], not the row order of pre/post/res",

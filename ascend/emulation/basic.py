@@ -173,6 +173,8 @@ def npu_quant_matmul(chip: str, x1: Tensor, x2: Tensor, scale: Tensor, *, offset
     check(x1.dtype == torch.int8 and x2.dtype == torch.int8, op,
           f"the doc's tables have int8 x int8 (and packed int4); got {x1.dtype} x {x2.dtype}")
     check(scale.dtype in (torch.float32, torch.bfloat16) and scale.dim() == 1, op, "scale must be fp32/bf16 1-D")
+    check(x1.shape[-1] <= 65535 and x2.shape[-1] <= 65535, op,
+          "x1's and x2's last dims must not exceed 65535 (doc: \"x1与x2最后一维的shape大小不能超过65535\")")
     out_dt = as_dtype(output_dtype)
     out = scaled_product(op, x1, x2, scale, pertoken_scale)
     if bias is not None:

@@ -162,6 +162,7 @@ def npu_grouped_matmul(chip: str, x: list[Tensor], weight: list[Tensor], *, bias
     E = w.shape[0]
     M, K = xx.shape
     check(w.shape[1] == K, op, f"weight K {w.shape[1]} != x K {K}")
+    check(K < 65536 and w.shape[2] < 65536, op, "A2 inner limit: x's and weight's last dims below 65536 (doc)")
     bounds = _group_bounds(op, group_list, group_list_type, E, M)
     out_dt = as_dtype(output_dtype)
     if xx.dtype == torch.int8:  # per-token quantisation
