@@ -20,7 +20,7 @@ from dsv4.common.model.ops import OP_NAMES, LinearWeight, Ops
 from dsv4.common.model.reference import ReferenceOps
 
 from . import compose
-from .capability import A5, custom_op, op_available
+from .capability import A5, custom_op, op_available, release_supported
 from .convert import dequant_any, fp4_to_fp8, to_w4a8, to_w8a8
 from .emulation.attention import A5_INDEXER_HEADS, _valid_sparse_count
 from .schemas import PINNED_RELEASE
@@ -492,5 +492,6 @@ class AscendOps(Ops):
                         "torch: no mHC op on A2/A3"),
         }
         plan["indexer_scores"] = "torch (inherited composition: the lightning indexer returns indices, not scores)"
-        tag = f" [chip {c}{', emulated' if self.emulated else ''}]"
+        known = "" if release_supported(self.release) else f", torch_npu {self.release} unsupported: 2.14.0 table"
+        tag = f" [chip {c}{', emulated' if self.emulated else ''}{known}]"
         return {op: plan[op] + tag for op in OP_NAMES + ["indexer_scores"]}

@@ -160,3 +160,17 @@ def test_extract_reads_a_wheel(tmp_path):
     assert rms["products"] == ["910b", "950pr", "950dt"] and rms["meta"] is True
     assert "数据类型需要和self保持一致" in rms["doc"] and "import torch" not in rms["doc"]  # example cut off
     assert "npu_unused_op" not in data["ops"]  # only what ascend/ mentions
+
+
+@pytest.mark.parametrize("torch_v, npu_v, want", [
+    ("2.14.0+cpu", "2.14.0", "requires torch==2.14.0.*: supported pair"),
+    ("2.14.1", "2.14.0", "UNSUPPORTED pair: install torch==2.14.0.*"),  # ==2.14.0.* is a prefix match
+    ("2.13.0", "2.14.0", "UNSUPPORTED pair: install torch==2.14.0.*"),
+    ("2.14.0", "2.7.1.post2", "torch_npu 2.7.1.post2: UNSUPPORTED by dsv4"),
+    ("2.14.0", None, "torch_npu not installed"),
+])
+def test_version_report_reads_the_wheel_pin(monkeypatch, torch_v, npu_v, want):
+    import dsv4.ascend as ascend
+
+    monkeypatch.setattr(ascend, "_dist_version", {"torch": torch_v, "torch-npu": npu_v}.get)
+    assert any(want in line for line in ascend.version_report()), ascend.version_report()
