@@ -5,8 +5,9 @@ Formats produced (LinearWeight.fmt; the Ascend backend consumes all of them):
   W ~ q * scale[o]. Runs as npu_dynamic_quant (per-token int8 activations) + npu_quant_matmul / npu_grouped_matmul.
 - "w4a8": weight int32 [..., in, out/8] = int4 values in the op-ready [K, N] layout, 8 per int32 along N
   (formats.pack_int4), scale fp32 [..., in/G, out]: symmetric per (group of G input rows, output channel).
-  Runs as npu_grouped_matmul with int8 activations (the W4A8 form). The published Ascend V4 weights are w8a8 /
-  w4a8 conversions (torch-npu-ops.md section 8).
+  Runs as npu_grouped_matmul's weight-only (antiquant) form with bf16 activations on 910B: torch_npu 2.14.0's doc
+  has no int8-activation / int4-weight row. The published Ascend V4 weights are w8a8 / w4a8 conversions
+  (torch-npu-ops.md section 8).
 - "fp8" from "fp4": FP4 experts re-encoded as FP8 128x128 blocks so the 950 FP8 grouped GEMM can run them; exact
   whenever the per-32 FP4 scales inside one 128x128 block span at most 2^14 (checked by fp4_to_fp8_is_exact).
 """
@@ -108,9 +109,11 @@ def conversion_error(w: LinearWeight, fmt: str = "w8a8", tokens: int = 32, seed:
 
 def convert_for_chip(w: LinearWeight, chip: str, expert: bool = False) -> LinearWeight:
     """What AscendOps would convert a checkpoint weight to on `chip` (done once at load time to avoid the
-    backend's on-the-fly conversion): 950 keeps FP8 (FP4 -> FP8), 910B/910C get w8a8 (dense) / w4a8 (experts)."""
+    backend's on-the-fly conversion): 950 keeps FP8 (FP4 -> FP8); 910B gets w8a8 (dense) / w4a8 (experts: the
+    grouped GEMM's documented weight-only int4 form); 910C w8a8 everywhere (torch_npu 2.14.0 documents the grouped
+    GEMM for A2 only, and npu_quant_matmul has no int8-x / int4-weight form)."""
     if w.fmt in ("none", "w8a8", "w4a8"):
         return w
     if chip.startswith("950"):
         return fp4_to_fp8(w) if w.fmt == "fp4" else w
-    return to_w4a8(w) if expert else to_w8a8(w)
+    return to_w4a8(w) if expert and chip == "910b" else to_w8a8(w)

@@ -145,6 +145,7 @@ def test_fp4_to_fp8_is_lossless_and_chip_policy():
     assert convert_for_chip(w, "950dt").fmt == "fp8"
     assert convert_for_chip(w, "910b", expert=True).fmt == "w4a8"
     assert convert_for_chip(fp8w(), "910c").fmt == "w8a8"
+    assert convert_for_chip(fp4w(lead=(2,)), "910c", expert=True).fmt == "w8a8"  # no int4 GEMM documented on A3
 
 
 def test_native_weight_conversion_is_cached():
