@@ -204,10 +204,10 @@ class AscendOps(Ops):
         # V4 keeps its rope dims inside the 512 (last 64), so the op's separate 64-d rope part gets zeros: the
         # logits gain nothing and the value (= the 512-d key) is exactly V4's
         q_rope = q.new_zeros(B, S, H, 64)
-        kv4 = kv.unsqueeze(2)
+        kv4 = kv.unsqueeze(2).contiguous()  # doc: query / key / value / indices must be contiguous
         k_rope = kv.new_zeros(B, kv.shape[1], 1, 64)
         # sparse_mode 0: the indices already encode causality; mode 3 would also mask the appended compressed rows
-        out = self.npu.npu_sparse_flash_attention(q, kv4, kv4, packed, softmax_scale, query_rope=q_rope,
+        out = self.npu.npu_sparse_flash_attention(q.contiguous(), kv4, kv4, packed, softmax_scale, query_rope=q_rope,
                                                   key_rope=k_rope, layout_query="BSND", layout_kv="BSND",
                                                   sparse_mode=0, attention_mode=2, sinks=sink.float())
         return out[0]
@@ -254,8 +254,10 @@ class AscendOps(Ops):
         cu_q = torch.arange(1, B * S + 1, dtype=torch.int32, device=q.device)
         # doc: weights "数据类型支持bfloat16和float16" on every chip: V4's fp32 head weights go in as q's dtype
         # (scores then differ from fp32 ones by ~1e-3 relative; only near-ties of the top-k can move)
-        w = weights.reshape(B * S, H).to(q.dtype)
-        idx, _ = self.npu.npu_lightning_indexer(q.reshape(B * S, H, D), cache, w, actual_seq_lengths_query=cu_q,
+        # doc: query / key / weights must be contiguous
+        w = weights.reshape(B * S, H).to(q.dtype).contiguous()
+        idx, _ = self.npu.npu_lightning_indexer(q.reshape(B * S, H, D).contiguous(), cache.contiguous(), w,
+                                                actual_seq_lengths_query=cu_q,
                                                 actual_seq_lengths_key=lens, block_table=table, layout_query="TND",
                                                 layout_key="PA_BSND", sparse_count=kk, sparse_mode=0)
         return idx[:, 0, :kk].long().view(B, S, kk)

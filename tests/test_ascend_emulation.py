@@ -217,6 +217,8 @@ def test_lightning_indexer_bsnd_causal_and_constraints():
         A2.npu_lightning_indexer(q.bfloat16(), k.bfloat16(), w.float(), **bad)
     with pytest.raises(NpuOpError, match="bf16 or fp16"):
         A2.npu_lightning_indexer(q, k, w, **bad)
+    with pytest.raises(NpuOpError, match="contiguous"):  # doc: "不支持非连续"
+        A2.npu_lightning_indexer(q.bfloat16().transpose(1, 2), k.bfloat16(), w, **bad)
 
 
 def test_sparse_flash_attention_one_query_and_constraints():

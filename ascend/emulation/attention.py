@@ -83,6 +83,9 @@ def npu_lightning_indexer(chip: str, query: Tensor, key: Tensor, weights: Tensor
     check(query.shape[-1] == 128 and key.shape[-1] == 128, op, f"D must be 128, got {query.shape[-1]}")
     check(query.dtype in HALF_ACT and key.dtype == query.dtype, op, "query/key must be bf16 or fp16 (same dtype)")
     check(weights.dtype in HALF_ACT, op, f"weights must be bf16/fp16 (doc), got {weights.dtype}")
+    # doc: query / key / weights "不支持非连续" (non-contiguous tensors are not supported)
+    check(query.is_contiguous() and key.is_contiguous() and weights.is_contiguous(), op,
+          "query, key and weights must be contiguous (doc)")
     n1 = query.shape[-2]
     check(n1 in A5_INDEXER_HEADS if is_a5(chip) else 1 <= n1 <= 64, op, f"query heads N1={n1} unsupported on {chip}")
     check(_valid_sparse_count(sparse_count), op, f"sparse_count {sparse_count} not in [1,2048] or 3072..8192/1024")
@@ -135,6 +138,9 @@ def npu_sparse_flash_attention(chip: str, query: Tensor, key: Tensor, value: Ten
           op, "query_rope / key_rope with D = 64 are required")
     check(query.dtype in HALF_ACT and key.dtype == query.dtype, op, "query/key must be bf16 or fp16")
     check(value is not None, op, "value=None needs CANN >= 9.2.0 (meta function); pass the key")
+    # doc: query, key, value, sparse_indices, query_rope, key_rope "不支持非连续"
+    check(all(t is None or t.is_contiguous() for t in (query, key, value, sparse_indices, query_rope, key_rope)),
+          op, "query, key, value, sparse_indices, query_rope and key_rope must be contiguous (doc)")
     check(value.data_ptr() == key.data_ptr() or torch.equal(value, key), op, "key and value must be the same tensor")
     n1 = query.shape[-2]
     if is_a5(chip):
