@@ -47,11 +47,11 @@ def version_report() -> list[str]:
     (ascend/schemas/); the torch it needs is the wheel's Requires-Dist pin (2.14.0: torch==2.14.0.*)."""
     from .schemas import PINNED_RELEASE, available, requires_torch
 
-    torch_v, npu_version = _dist_version("torch"), _dist_version("torch-npu")
-    lines = [f"torch {torch_v or 'not installed'}", f"torch_npu {npu_version or 'not installed'}"]
-    if npu_version is None:
+    torch_v, torch_npu_v = _dist_version("torch"), _dist_version("torch-npu")
+    lines = [f"torch {torch_v or 'not installed'}", f"torch_npu {torch_npu_v or 'not installed'}"]
+    if torch_npu_v is None:
         return lines
-    release = npu_version.split("+", 1)[0]
+    release = torch_npu_v.split("+", 1)[0]
     if release not in available():
         lines.append(f"  torch_npu {release}: UNSUPPORTED by dsv4 (operator schemas known for "
                      f"{', '.join(available())}); the {PINNED_RELEASE} capability table is used, unverified")
