@@ -174,3 +174,65 @@ def test_version_report_reads_the_wheel_pin(monkeypatch, torch_v, npu_v, want):
 
     monkeypatch.setattr(ascend, "_dist_version", {"torch": torch_v, "torch-npu": npu_v}.get)
     assert any(want in line for line in ascend.version_report()), ascend.version_report()
+
+
+# -- output shapes against the wheel's own meta functions -----------------------------------------------------------
+def meta_function(name: str):
+    """The op's meta (shape) function from the schema file, executed with stand-ins for torch_npu internals."""
+    src = schemas.op(name)["meta_source"]
+    src = "\n".join(line for line in src.splitlines() if not line.startswith("@"))  # drop @impl(m, ...)
+    env = {"torch": torch, "math": __import__("math"), "ops_error": lambda *a: "",
+           "ErrCode": types.SimpleNamespace(VALUE="", TYPE="", NOT_SUPPORT="", PARAM=""),
+           "torch_npu": types.SimpleNamespace(int4=object(), float4_e2m1fn_x2=object(), hifloat8=object()),
+           "get_cann_version": lambda: "9.9.9", "TORCH_DTYPE_ENUM_VALUE_TO_SCALAR_TYPE_MAP": {1: torch.int8}}
+    exec(compile(src, f"<meta {name}>", "exec"), env)  # noqa: S102 - the wheel's own shape function, as data
+    return next(v for k, v in env.items() if callable(v) and k.endswith(("_meta", "_forward", name)))
+
+
+def on_meta(v):
+    if isinstance(v, torch.Tensor):
+        return torch.empty(v.shape, dtype=v.dtype, device="meta")
+    if isinstance(v, list):
+        return [on_meta(t) for t in v]
+    return v
+
+
+def shapes(out):
+    out = out if isinstance(out, (tuple, list)) else (out,)
+    return [None if t is None else (tuple(t.shape), t.dtype) for t in out]
+
+
+BF = torch.bfloat16
+META_CASES = {
+    "npu_rms_norm": (("910b",), (torch.randn(2, 3, 8, dtype=BF), torch.ones(8, dtype=BF)), {}),
+    "npu_rotary_mul": (("910b",), (torch.randn(1, 6, 2, 8), torch.rand(1, 6, 1, 8), torch.rand(1, 6, 1, 8),
+                                   "interleave"), {}),  # the meta function names it `mode`: positional
+    "npu_swiglu": (("910b",), (torch.randn(3, 8, dtype=BF),), {}),
+    "npu_dynamic_quant": (("910b",), (torch.randn(5, 16, dtype=BF),), {}),
+    "npu_mhc_pre": (("950dt",), (torch.randn(2, 3, 4, 16, dtype=BF), torch.randn(24, 64), torch.ones(3),
+                                 torch.zeros(24)), {}),
+    "npu_mhc_sinkhorn": (("950dt",), (torch.rand(2, 3, 4, 4),), {"eps": 1e-6, "num_iters": 5}),
+    "npu_mhc_post": (("950dt",), (torch.randn(2, 3, 4, 16, dtype=BF), torch.rand(2, 3, 4, 4),
+                                  torch.randn(2, 3, 16, dtype=BF), torch.rand(2, 3, 4)), {}),
+    "npu_moe_gating_top_k": (("910b",), (torch.randn(5, 8), 2), {"norm_type": 1}),
+    "npu_moe_init_routing_v2": (("910b",), (torch.randn(4, 8, dtype=BF), torch.randint(0, 3, (4, 2)).int()),
+                                {"active_num": 8, "expert_num": 3, "expert_tokens_num_type": 1,
+                                 "expert_tokens_num_flag": True, "active_expert_range": [0, 3]}),
+    "npu_moe_finalize_routing": (("910b",), (torch.randn(8, 4), None, None, None, None,
+                                             torch.randperm(8).int(), None), {"k": 2}),
+    "npu_lightning_indexer": (("910b", "950dt"), (torch.randn(1, 3, 8, 128, dtype=BF),
+                                                  torch.randn(1, 5, 1, 128, dtype=BF),
+                                                  torch.randn(1, 3, 8, dtype=BF)), {"sparse_count": 4}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(META_CASES))
+def test_emulated_outputs_have_the_meta_functions_shapes(name):
+    """Number, shapes and dtypes of the outputs (and which are None) equal what the wheel's meta function
+    allocates for the same call: what a caller unpacks on a device is what it unpacks here."""
+    chips, args, kwargs = META_CASES[name]
+    meta = meta_function(name)
+    want = shapes(meta(*[on_meta(a) for a in args], **{k: on_meta(v) for k, v in kwargs.items()}))
+    for chip in chips:
+        got = shapes(getattr(make_torch_npu(chip), name)(*args, **kwargs))
+        assert got == want, f"{name} on {chip}: emulated {got} vs meta {want}"
