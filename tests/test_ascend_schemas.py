@@ -203,6 +203,7 @@ def shapes(out):
 
 
 BF = torch.bfloat16
+SFA_KV = torch.randn(1, 6, 1, 512, dtype=BF)  # key and value are one tensor
 META_CASES = {
     "npu_rms_norm": (("910b",), (torch.randn(2, 3, 8, dtype=BF), torch.ones(8, dtype=BF)), {}),
     "npu_rotary_mul": (("910b",), (torch.randn(1, 6, 2, 8), torch.rand(1, 6, 1, 8), torch.rand(1, 6, 1, 8),
@@ -223,6 +224,12 @@ META_CASES = {
     "npu_lightning_indexer": (("910b", "950dt"), (torch.randn(1, 3, 8, 128, dtype=BF),
                                                   torch.randn(1, 5, 1, 128, dtype=BF),
                                                   torch.randn(1, 3, 8, dtype=BF)), {"sparse_count": 4}),
+    "npu_sparse_flash_attention": (("950dt",), (torch.randn(1, 2, 2, 512, dtype=BF), SFA_KV, SFA_KV,
+                                                torch.tensor([[4, 1, -1, -1]] * 2).int().view(1, 2, 1, 4), 0.05),
+                                   {"query_rope": torch.randn(1, 2, 2, 64, dtype=BF),
+                                    "key_rope": torch.randn(1, 6, 1, 64, dtype=BF), "sparse_mode": 0,
+                                    "attention_mode": 2, "sinks": torch.zeros(2)}),
+    # npu_grouped_matmul's meta function calls helpers outside itself (gmm_get_dtype): not executable alone
 }
 
 
