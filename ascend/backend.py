@@ -114,8 +114,8 @@ class AscendOps(Ops):
             # doc (interleave, BSND): r1/r2 must be 1S1D, but V4's positions differ per batch row: view the batch as
             # one sequence of B*S tokens, [1, B*S, H, r] with r1/r2 [1, B*S, 1, r] (then B * N = H < 1000)
             self._took("rope", "npu_rotary_mul(interleave)")
-            flat = lambda t: t.reshape(1, B * S, t.shape[2], r)  # noqa: E731
-            out = self.npu.npu_rotary_mul(flat(x.float()), flat(r1), flat(r2), rotary_mode="interleave")
+            xs, c, s = (t.reshape(1, B * S, t.shape[2], r) for t in (x.float(), r1, r2))
+            out = self.npu.npu_rotary_mul(xs, c, s, rotary_mode="interleave")
             return out.view(B, S, H, r).to(x.dtype)
         self._took("rope", "torch")
         xf = x.float().unflatten(-1, (-1, 2))

@@ -1,7 +1,7 @@
 """Torch compositions of the Ascend backend where its arithmetic must differ from the plain reference: FP8 rounding
-without an FP8 dtype (A2/A3), the int8 / FP8 activation quantisation feeding npu_quant_matmul, and the router on
-precomputed logits. Plain torch ops only, so they run on an NPU as well as on the CPU. Elsewhere the backend falls
-back to dsv4.common.model.reference directly.
+without an FP8 dtype (A2/A3), the int8 activation quantisation npu_dynamic_quant would do where it cannot run
+(fp32 activations), and the router on precomputed logits. Plain torch ops only, so they run on an NPU as well as on
+the CPU. Elsewhere the backend falls back to dsv4.common.model.reference directly.
 """
 
 from __future__ import annotations
@@ -36,15 +36,6 @@ def quant_int8_per_token(x: Tensor) -> tuple[Tensor, Tensor]:
     scale = xf.abs().amax(-1) / 127.0
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     return torch.round(xf / safe.unsqueeze(-1)).clamp(-127, 127), scale
-
-
-def quant_fp8_per_block(x: Tensor, block: int = 128) -> tuple[Tensor, Tensor]:
-    """Activation FP8 quant of the official GEMMs: per token, 1 x block, power-of-two scales.
-    Returns (float8_e4m3fn [M, K], fp32 scales [M, K/block])."""
-    xf = x.float().unflatten(-1, (-1, block))
-    s = pow2_scale(xf.abs().amax(-1, keepdim=True), FP8_MAX, 1e-4)
-    q = (xf / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    return q.flatten(-2), s.squeeze(-1)
 
 
 def gate(logits: Tensor, bias: Tensor | None, tid2eid: Tensor | None, token_ids: Tensor | None, topk: int,
