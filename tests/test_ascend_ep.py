@@ -95,8 +95,9 @@ def bookkeeping_worker(rank: int, world: int, port: int, out_dir: Path) -> None:
         y[:n] = torch.stack([expert_fn(int(e), expand_x[i]) for i, e in enumerate(local_ids)]) if n else y[:0]
         out = npu.npu_moe_distribute_combine(y, ids, expand_idx, recv_counts, scales, name, 2, rank, 4,
                                              expand_scales=expand_scales)
-        save_file({"expand_x": expand_x, "counts": counts, "recv_counts": recv_counts, "expand_idx": expand_idx,
-                   "expand_scales": expand_scales, "out": out}, str(out_dir / f"rank{rank}.safetensors"))
+        save_file({"expand_x": expand_x, "dynamic_scales": dyn, "expand_idx": expand_idx, "counts": counts,
+                   "recv_counts": recv_counts, "tp_counts": tp_counts, "expand_scales": expand_scales, "out": out},
+                  str(out_dir / f"rank{rank}.safetensors"))
     finally:
         dist.destroy_process_group()
 
@@ -125,6 +126,16 @@ def test_dispatch_combine_bookkeeping(tmp_path):
         direct = torch.stack([sum(SCALES[rank][t][j] * expert_fn(IDS[rank][t][j], xs[rank][t]) for j in range(2))
                               for t in range(3)])
         torch.testing.assert_close(got["out"], direct, rtol=1e-6, atol=1e-6)
+    # the seven outputs are shaped as the wheel's meta function allocates them (dispatch has no doc in 2.14.0)
+    from test_ascend_schemas import meta_function, shapes
+
+    order = ("expand_x", "dynamic_scales", "expand_idx", "counts", "recv_counts", "tp_counts", "expand_scales")
+    for rank in (0, 1):
+        got = load_file(str(tmp_path / f"rank{rank}.safetensors"))
+        meta = meta_function("npu_moe_distribute_dispatch")(
+            torch.empty(3, H, device="meta"), torch.empty(3, 2, dtype=torch.int32, device="meta"), "unit_ep", 2,
+            rank, 4, expert_scales=torch.empty(3, 2, device="meta"))
+        assert shapes([got[k] for k in order]) == shapes(meta)
     # position of each pair within its expert's block on the source (our reading of expand_idx)
     assert load_file(str(tmp_path / "rank0.safetensors"))["expand_idx"].tolist() == [0, 0, 1, 0, 1, 1]
 
