@@ -237,7 +237,8 @@ def test_moe_gate(score_func, hashed):
     ops = ops_for("910b")
     x, W, bias = randn(9, 64), randn(8, 64, seed=1) * 0.2, randn(8, seed=2) * 0.1
     tid2eid = torch.stack([torch.randperm(8, generator=gen(i))[:2] for i in range(16)]).int() if hashed else None
-    tok = torch.randint(0, 16, (9,), generator=gen(3)) if hashed else None
+    # the model passes token ids to every layer: the op must get input_ids only together with tid2eid (meta check)
+    tok = torch.randint(0, 16, (9,), generator=gen(3))
     b = None if hashed else bias
     gw, gi = ops.moe_gate(x, W, b, tid2eid, tok, 2, score_func, 1.5)
     rw, ri = REF.moe_gate(x, W, b, tid2eid, tok, 2, score_func, 1.5)
