@@ -11,13 +11,14 @@ import pytest
 import torch
 from torch import Tensor
 
+from dsv4.common.model.config import load_named_config
 from dsv4.common.model.reference import ReferenceOps
 from dsv4.common.parity import bisect as B
 from dsv4.common.parity import cli as C
 from dsv4.common.parity import compare as P
 from dsv4.common.parity import golden as G
 from dsv4.common.parity import sources as S
-from dsv4.common.parity.report import comparison_table, write_report
+from dsv4.common.parity.report import bisect_table, comparison_table, write_report
 
 TOL = P.Tolerances.load()
 SHORT = P.default_prompts(512, batch=2, seq_len=16, seed=0)  # 4 CSA entries: every attention kind runs
@@ -191,6 +192,40 @@ def test_bisect_blames_the_first_call_of_an_always_broken_op(clamp_source: S.Mod
                    pair="reference-cuda")
     assert res.first_op == "layers.0/hc_post#0" and res.first_layer == "layers.0"
     assert {r.name.split("/")[1].split("#")[0] for r in res.replay if r.violations} == {"hc_post"}
+
+
+class CrashingIndexer(ReferenceOps):
+    """A candidate whose indexer raises (e.g. a fused op that rejects a shape): bisect must still give a verdict."""
+
+    name = "crashing-indexer"
+
+    def indexer_topk(self, *args, **kwargs):
+        raise RuntimeError("npu_lightning_indexer: unsupported head count")
+
+
+def test_bisect_of_a_crashing_backend_names_op_layer_and_error(clamp_source: S.ModelSource) -> None:
+    res = B.bisect(clamp_source.factory, ReferenceOps(), CrashingIndexer(), SHORT[:1], torch.float32, TOL,
+                   pair="reference-ascend", label_b="crashing")
+    assert not res.ok
+    # the first CSA layer of the tiny config (compress ratio 4) is the first to call the indexer
+    first_csa = load_named_config("tiny").compress_ratios.index(4)
+    assert res.first_op == f"layers.{first_csa}.attn.indexer/indexer_topk#0"
+    assert res.crash and f"layers.{first_csa}.attn.indexer/indexer_topk#0 (layers.{first_csa})" in res.crash
+    assert "RuntimeError: npu_lightning_indexer: unsupported head count" in res.crash
+    text = res.summary()
+    assert "crashed: crashing raised in" in text and "first divergent op" in text
+    assert "FAIL" in bisect_table(res)
+
+
+def test_bisect_of_a_backend_that_cannot_build_the_model(clamp_source: S.ModelSource) -> None:
+    def factory(ops, dtype):
+        if isinstance(ops, CrashingIndexer):
+            raise ValueError("weight conversion failed")
+        return clamp_source.factory(ops, dtype)
+
+    res = B.bisect(factory, ReferenceOps(), CrashingIndexer(), SHORT[:1], torch.float32, TOL,
+                   pair="reference-ascend", label_b="crashing")
+    assert not res.ok and res.crash == "crashing raised in building the model: ValueError: weight conversion failed"
 
 
 class DecodeOnlyBrokenAttention(ReferenceOps):

@@ -31,6 +31,7 @@ class TensorSpec:
     kind: str  # "dense" (bf16 in the release), "fp32", "fp8" weight, "fp4" weight, "scale", "index"
     init_std: float = 0.0  # random checkpoints: std of the dense value (0 = constant `init_const`)
     init_const: float = 0.0
+    role: str = ""  # structured random checkpoints: "linear" (a GEMM weight), "norm" (an RMSNorm gain), "embed"
 
 
 def args_for_quant(args: ModelArgs, quant: str) -> ModelArgs:
@@ -55,18 +56,18 @@ def checkpoint_layout(args: ModelArgs) -> dict[str, TensorSpec]:
         out[name] = TensorSpec(shape, "F32", "fp32", std, const)
 
     def norm(name: str, dim: int) -> None:
-        out[name] = TensorSpec((dim,), "BF16", "dense", 0.1, 1.0)
+        out[name] = TensorSpec((dim,), "BF16", "dense", 0.1, 1.0, role="norm")
 
     def linear(name: str, n_out: int, n_in: int, fmt: str) -> None:
         std = n_in ** -0.5
         if fmt == "fp8":
-            out[f"{name}.weight"] = TensorSpec((n_out, n_in), "F8_E4M3", "fp8", std)
+            out[f"{name}.weight"] = TensorSpec((n_out, n_in), "F8_E4M3", "fp8", std, role="linear")
             out[f"{name}.scale"] = TensorSpec((-(-n_out // FP8_BLOCK), -(-n_in // FP8_BLOCK)), "F8_E8M0", "scale")
         elif fmt == "fp4":
-            out[f"{name}.weight"] = TensorSpec((n_out, n_in // 2), "I8", "fp4", std)
+            out[f"{name}.weight"] = TensorSpec((n_out, n_in // 2), "I8", "fp4", std, role="linear")
             out[f"{name}.scale"] = TensorSpec((n_out, n_in // FP4_BLOCK), "F8_E8M0", "scale")
         else:
-            dense(f"{name}.weight", (n_out, n_in), std)
+            out[f"{name}.weight"] = TensorSpec((n_out, n_in), "BF16", "dense", std, role="linear")
 
     fmt = "fp8" if a.dtype == "fp8" else "none"
     efmt = {"fp4": "fp4", "fp8": "fp8", "bf16": "none"}[a.expert_dtype]
@@ -113,7 +114,7 @@ def checkpoint_layout(args: ModelArgs) -> dict[str, TensorSpec]:
         for w, (o, i) in (("w1", (a.moe_inter_dim, d)), ("w2", (d, a.moe_inter_dim)), ("w3", (a.moe_inter_dim, d))):
             linear(f"{p}ffn.shared_experts.{w}", o, i, fmt)
 
-    dense("embed.weight", (a.vocab_size, d), 1.0)
+    out["embed.weight"] = TensorSpec((a.vocab_size, d), "BF16", "dense", 1.0, role="embed")
     for i in range(a.n_layers):
         block(f"layers.{i}.", i)
     norm("norm.weight", d)
@@ -134,10 +135,60 @@ def checkpoint_layout(args: ModelArgs) -> dict[str, TensorSpec]:
     return out
 
 
-def random_checkpoint(args: ModelArgs, seed: int = 0) -> Iterator[tuple[str, Tensor]]:
+# -- structured random weights ----------------------------------------------------------------------------------------
+# Plain N(0, s) weights make number formats invisible: every FP8 block of such a matrix has nearly the same amax, so a
+# transposed or misplaced block-scale grid dequantises to almost the same matrix, and RMS-normed activations have
+# nearly equal per-token amax, so a per-tensor activation scale behaves like per-token scales. Structured weights
+# (for parity runs and the mutation tests) give every quantisation block its own magnitude and the residual stream
+# token-dependent outlier channels, so layout, granularity and scale bugs change the output:
+# - each GEMM weight is scaled per 128x128 tile (the FP8 block) by 2**e, the exponents e evenly spaced over
+#   [-STRUCT_LOG2_SPREAD, +STRUCT_LOG2_SPREAD] and shuffled over the grid, so any grid of two or more blocks spans
+#   the whole range: FP8 block scales differ by up to 16x, FP4 1x32 scales differ between 128-column blocks, and
+#   the same model is drawn whatever format the checkpoint stores;
+# - 1 in STRUCT_OUTLIER_EVERY channels of every RMSNorm gain is multiplied by STRUCT_OUTLIER_GAIN (outlier
+#   activation channels, as real LLMs have);
+# - a STRUCT_SPIKE_FRACTION of the vocabulary has STRUCT_SPIKE_CHANNELS embedding channels multiplied by
+#   STRUCT_SPIKE_GAIN, so per-token activation amax differs between tokens even after RMSNorm.
+# The factors come from their own generator (seed + STRUCT_SEED_OFFSET) after the plain draw: a structured
+# checkpoint is the plain one of the same seed, reshaped, and plain checkpoints are unchanged.
+STRUCT_TILE = FP8_BLOCK
+STRUCT_LOG2_SPREAD = 2.0
+STRUCT_OUTLIER_EVERY, STRUCT_OUTLIER_GAIN = 32, 8.0
+STRUCT_SPIKE_FRACTION, STRUCT_SPIKE_CHANNELS, STRUCT_SPIKE_GAIN = 0.25, 4, 16.0
+STRUCT_SEED_OFFSET = 0x5EED
+
+
+def _structure(value: Tensor, spec: TensorSpec, g: torch.Generator) -> Tensor:
+    """The structured version of one plain random tensor (see above); tensors without a role are kept."""
+    if spec.role == "linear":
+        n_out, n_in = value.shape
+        t = STRUCT_TILE
+        grid = (-(-n_out // t), -(-n_in // t))
+        exps = torch.linspace(-STRUCT_LOG2_SPREAD, STRUCT_LOG2_SPREAD, grid[0] * grid[1])
+        exps = exps[torch.randperm(exps.numel(), generator=g)].view(grid) if exps.numel() > 1 else exps.zero_()
+        tiles = torch.exp2(exps.view(grid)).repeat_interleave(t, 0)[:n_out].repeat_interleave(t, 1)[:, :n_in]
+        return value * tiles
+    if spec.role == "norm":
+        gain = torch.ones(value.shape[0])
+        gain[torch.randperm(value.shape[0], generator=g)[: max(1, value.shape[0] // STRUCT_OUTLIER_EVERY)]] = (
+            STRUCT_OUTLIER_GAIN)
+        return value * gain
+    if spec.role == "embed":
+        V, d = value.shape
+        rows = torch.randperm(V, generator=g)[: int(V * STRUCT_SPIKE_FRACTION)]
+        cols = torch.randint(0, d, (rows.numel(), STRUCT_SPIKE_CHANNELS), generator=g)
+        value = value.clone()
+        value[rows[:, None], cols] *= STRUCT_SPIKE_GAIN
+        return value
+    return value
+
+
+def random_checkpoint(args: ModelArgs, seed: int = 0, structured: bool = False) -> Iterator[tuple[str, Tensor]]:
     """Deterministic random tensors in the official layout (the same on every machine: one CPU generator, consumed
-    in layout order). Quantised weights are drawn dense, then quantised exactly as the release stores them."""
+    in layout order). Quantised weights are drawn dense, then quantised exactly as the release stores them.
+    `structured` reshapes the same draw so that number-format bugs show (see above)."""
     g = torch.Generator().manual_seed(seed)
+    gs = torch.Generator().manual_seed(seed + STRUCT_SEED_OFFSET) if structured else None
     layout = checkpoint_layout(args)
     pending_scale: dict[str, Tensor] = {}
     for name, spec in layout.items():
@@ -151,6 +202,8 @@ def random_checkpoint(args: ModelArgs, seed: int = 0) -> Iterator[tuple[str, Ten
             continue
         shape = spec.shape if spec.kind != "fp4" else (spec.shape[0], spec.shape[1] * 2)
         value = spec.init_const + spec.init_std * torch.randn(shape, generator=g)
+        if gs is not None:
+            value = _structure(value, spec, gs)
         if spec.kind == "fp8":
             q, s = quantize_fp8(value)
         elif spec.kind == "fp4":

@@ -118,9 +118,11 @@ def load_state_dict_official(model: torch.nn.Module, tensors: dict[str, Tensor],
 
 
 def build_random_model(args: ModelArgs, ops, dtype: torch.dtype = torch.float32, seed: int = 0,
-                       weights: str = "dequantized", parallel=None):
+                       weights: str = "dequantized", parallel=None, structured: bool = False):
     """The embedded default: the model of `args` with the deterministic random checkpoint of `seed`
-    (this rank's shard of it under tensor/expert parallelism)."""
+    (this rank's shard of it under tensor/expert parallelism); `structured` weights make number formats matter
+    (layout.random_checkpoint)."""
     model = Transformer(args, ops, dtype=dtype, weights=weights, parallel=parallel or SINGLE)
-    load_state_dict_official(model, dict(random_checkpoint(args, seed)), source=f"random checkpoint (seed {seed})")
+    what = f"{'structured ' if structured else ''}random checkpoint (seed {seed})"
+    load_state_dict_official(model, dict(random_checkpoint(args, seed, structured)), source=what)
     return model.to(ops.device)

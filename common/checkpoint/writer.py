@@ -65,13 +65,14 @@ class WrittenCheckpoint:
 
 
 def make_checkpoint(args: ModelArgs, out_dir: str | Path, quant: str = "none", seed: int = 0,
-                    shard_size_bytes: int | None = None, tokenizer: bool = True) -> WrittenCheckpoint:
+                    shard_size_bytes: int | None = None, tokenizer: bool = True,
+                    structured: bool = False) -> WrittenCheckpoint:
     """Write the deterministic random checkpoint of (args, quant, seed) in the HF layout: sharded
     model-0000K-of-0000N.safetensors, model.safetensors.index.json, config.json and tokenizer files.
 
     quant: "none" (bf16), "fp8" (FP8 linears and experts) or "fp4" (the release: FP8 linears, FP4 experts). The
     default shard size is a quarter of the total (capped at 5 GB), so even the tiny model gets several shards.
-    Memory: one shard at a time."""
+    `structured` writes the structured random weights (layout.random_checkpoint). Memory: one shard at a time."""
     a = args_for_quant(args, quant)
     layout = checkpoint_layout(a)
     total = sum(spec_nbytes(s) for s in layout.values())
@@ -83,7 +84,7 @@ def make_checkpoint(args: ModelArgs, out_dir: str | Path, quant: str = "none", s
     file_of = {n: names[i] for i, group in enumerate(shards) for n in group}
     written = WrittenCheckpoint(out, total_size=total, n_tensors=len(layout))
     k, buffer = 0, {}
-    for name, t in random_checkpoint(a, seed):
+    for name, t in random_checkpoint(a, seed, structured):
         spec = layout[name]
         if tuple(t.shape) != spec.shape or _TORCH_DTYPE_NAME.get(t.dtype) != spec.dtype:  # generator/layout drift
             raise CheckpointError(f"random checkpoint: tensor '{name}' is {t.dtype} {list(t.shape)}, layout says "
@@ -125,13 +126,17 @@ def add_make_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
                         help="weight formats: none = bf16; fp8 = FP8 linears and experts; fp4 = as released "
                              "(FP8 linears, FP4 experts). Default: fp4")
     parser.add_argument("--seed", type=int, default=0, help="random seed (the embedded default uses 0)")
+    parser.add_argument("--weight-init", choices=("plain", "structured"), default="plain",
+                        help="structured: weights vary per quantisation block and have outlier channels, so "
+                             "number-format bugs change the output (for parity checks)")
     parser.add_argument("--shard-size", type=parse_size, default=None, metavar="SIZE",
                         help="max shard size, e.g. 5GB or 2MiB (default: a quarter of the total, at most 5GB)")
 
 
 def run_make_checkpoint(ns: argparse.Namespace) -> int:
     args = load_named_config(ns.config)
-    w = make_checkpoint(args, ns.out, quant=ns.quant, seed=ns.seed, shard_size_bytes=ns.shard_size)
+    w = make_checkpoint(args, ns.out, quant=ns.quant, seed=ns.seed, shard_size_bytes=ns.shard_size,
+                        structured=ns.weight_init == "structured")
     print(f"wrote {w.path}: {w.n_tensors} tensors, {w.total_size / 1e6:.1f} MB in {len(w.shards)} shard(s), "
           f"quant={ns.quant}, seed={ns.seed}")
     return 0

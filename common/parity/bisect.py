@@ -89,6 +89,7 @@ class RecordingOps:
         self.records: list[tuple[str, Any]] = []
         self.counts: dict[tuple[str, str, str], int] = {}
         self.phase = ""  # "" during prefill, "decode<k>:" during the k-th one-token step
+        self.current: str | None = None  # the op call under way (names the op when a backend raises)
 
     def reset(self) -> None:
         self.records.clear()
@@ -107,8 +108,9 @@ class RecordingOps:
             return target
 
         def call(*args: Any, **kwargs: Any) -> Any:
-            name = self.op_name(attr)
+            name = self.current = self.op_name(attr)
             out = target(*args, **kwargs)
+            self.current = None
             self.on_call(name, attr, args, kwargs, out)
             return out
 
@@ -160,39 +162,55 @@ class BisectResult:
     first_op: str | None  # first op whose isolated (replayed) error exceeds the op bounds
     first_layer: str | None  # first layer whose hidden stream exceeds the hidden bounds
     structure_error: str | None = None  # the two runs made different sequences of op calls
+    crash: str | None = None  # a backend raised: where (op call, or building the model) and the error
 
     @property
     def ok(self) -> bool:
-        return self.first_op is None and self.first_layer is None and self.structure_error is None
+        return (self.first_op is None and self.first_layer is None and self.structure_error is None
+                and self.crash is None)
 
     def summary(self) -> str:
         if self.ok:
             return f"{self.backend_a} vs {self.backend_b} ({self.profile}): no divergence beyond tolerance"
         lines = [f"{self.backend_a} vs {self.backend_b} ({self.profile}):"]
-        if self.first_op:
-            v = next(r for r in self.replay if r.name == self.first_op).violations
-            lines.append(f"  first divergent op (same inputs): {self.first_op}: " + "; ".join(x.detail for x in v))
+        replayed = next((r for r in self.replay if r.name == self.first_op), None)
+        if replayed:
+            lines.append(f"  first divergent op (same inputs): {self.first_op}: "
+                         + "; ".join(x.detail for x in replayed.violations))
         if self.first_layer:
             lines.append(f"  first divergent layer (free runs): {self.first_layer}")
         if self.structure_error:
             lines.append(f"  op sequences differ: {self.structure_error}")
+        if self.crash:
+            lines.append(f"  crashed: {self.crash}")
         return "\n".join(lines)
 
 
-Proxy = TypeVar("Proxy", bound=RecordingOps)
+class BackendCrash(Exception):
+    """A backend raised while bisect ran it; `where` names the op call (or the model build) it raised in."""
+
+    def __init__(self, label: str, where: str, error: BaseException) -> None:
+        super().__init__(f"{label} raised in {where}: {type(error).__name__}: {error}")
+        self.label, self.where, self.error = label, where, error
 
 
-def _proxied_run(model: nn.Module, ops: Ops, make_proxy: Callable[[ScopeTracker], Proxy], prompts: Tensor,
-                 decode_steps: int = 0, tokens: list[Tensor] | None = None
-                 ) -> tuple[Proxy, Tensor, list[Tensor], list[Tensor]]:
+def _op_layer(where: str) -> str:
+    """'decode1:layers.2.attn/sparse_attention#0' -> 'layers.2' (the layer an op call belongs to)."""
+    scope = where.split(":")[-1].split("/")[0]
+    parts = scope.split(".")
+    return ".".join(parts[:2]) if len(parts) > 1 and parts[0] in ("layers", "mtp") else scope
+
+
+def _proxied_run(model: nn.Module, ops: Ops, proxy: RecordingOps, prompts: Tensor, decode_steps: int = 0,
+                 tokens: list[Tensor] | None = None) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """One prefill of `prompts`, then `decode_steps` one-token steps through the cache, with the model's `ops`
-    swapped for make_proxy(tracker), then restored; the proxy holds the records. The steps feed `tokens` when given
-    (so a second backend decodes exactly what the first did), else the greedy choices, which are returned."""
+    swapped for `proxy` (which records every call, named by scope), then restored. The steps feed `tokens` when
+    given (so a second backend decodes exactly what the first did), else the greedy choices, which are returned."""
     dev = model.embed.weight.device
     B, S = prompts.shape
     fed: list[Tensor] = []
     with ScopeTracker(model) as tr:
-        proxy = make_proxy(tr)
+        proxy.tracker = tr
         model.ops = proxy
         try:
             cache = model.new_cache(B, S + decode_steps)
@@ -205,7 +223,26 @@ def _proxied_run(model: nn.Module, ops: Ops, make_proxy: Callable[[ScopeTracker]
                 step_logits = model(nxt.to(dev), cache)
         finally:
             model.ops = ops
-    return proxy, logits, hidden, fed
+    return logits, hidden, fed
+
+
+T = TypeVar("T")
+
+
+def _guarded(label: str, where: str, fn: Callable[[], T]) -> T:
+    try:
+        return fn()
+    except Exception as e:
+        raise BackendCrash(label, where, e) from e
+
+
+def _guarded_run(label: str, model: nn.Module, ops: Ops, proxy: RecordingOps, prompts: Tensor, decode_steps: int,
+                 tokens: list[Tensor] | None = None) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """_proxied_run, with an exception turned into BackendCrash naming the op call it came from."""
+    try:
+        return _proxied_run(model, ops, proxy, prompts, decode_steps, tokens)
+    except Exception as e:
+        raise BackendCrash(label, proxy.current or "the model's forward (outside any op)", e) from e
 
 
 def bisect(factory: ModelFactory, ops_a: Ops, ops_b: Ops, prompts: Tensor, dtype: torch.dtype, tol: Tolerances,
@@ -221,15 +258,24 @@ def bisect(factory: ModelFactory, ops_a: Ops, ops_b: Ops, prompts: Tensor, dtype
     label_a = label_a or ops_a.name
     label_b = label_b or ops_b.name
     pair = pair or Tolerances.pair_key(label_a, label_b)
-    model_a = factory(ops_a, dtype)
-    profile = profile_name(dtype, model_a.args.kv_fp8_sim)
-    op_bounds = tol.bounds(pair, profile, "op")
-    shadow, logits_a, hidden_a, fed = _proxied_run(model_a, ops_a, lambda tr: ShadowOps(ops_a, ops_b, op_bounds, tr),
-                                                   prompts, decode_steps)
-    del model_a
-    model_b = factory(ops_b, dtype)
-    rec, logits_b, hidden_b, _ = _proxied_run(model_b, ops_b, lambda tr: RecordingOps(ops_b, tr), prompts,
-                                              decode_steps, fed)
+    profile, shadow = profile_name(dtype, "?"), None
+    try:
+        model_a = _guarded(label_a, "building the model", lambda: factory(ops_a, dtype))
+        profile = profile_name(dtype, model_a.args.kv_fp8_sim)
+        shadow = ShadowOps(ops_a, ops_b, tol.bounds(pair, profile, "op"))
+        logits_a, hidden_a, fed = _guarded_run(label_a, model_a, ops_a, shadow, prompts, decode_steps)
+        del model_a
+        model_b = _guarded(label_b, "building the model", lambda: factory(ops_b, dtype))
+        rec = RecordingOps(ops_b)
+        logits_b, hidden_b, _ = _guarded_run(label_b, model_b, ops_b, rec, prompts, decode_steps, fed)
+    except BackendCrash as e:
+        # a backend cannot run the model: the verdict is the op it raised in (when B raised on A's inputs, pass 1
+        # already blamed that op), with its layer and the error; there is nothing further to compare
+        replay = shadow.results if shadow else []
+        first_op = next((r.name for r in replay if r.violations), None)
+        where = e.where if e.where == "building the model" else f"{e.where} ({_op_layer(e.where)})"
+        return BisectResult(label_a, label_b, pair, profile, replay, [], [], {}, first_op or e.where, None,
+                            crash=f"{e.label} raised in {where}: {type(e.error).__name__}: {e.error}")
 
     accumulated, structure_error = [], None
     names_a = [n for n, _ in shadow.records]

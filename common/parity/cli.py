@@ -85,7 +85,8 @@ def _resolve_source(ns: argparse.Namespace, model_source: ModelSource | None) ->
     if model_source is not None:
         return model_source
     return default_model_source(getattr(ns, "config", "tiny") or "tiny", getattr(ns, "seed", 0),
-                                getattr(ns, "kv_fp8_sim", None), getattr(ns, "weights", "dequantized"))
+                                getattr(ns, "kv_fp8_sim", None), getattr(ns, "weights", "dequantized"),
+                                getattr(ns, "weight_init", "plain") == "structured")
 
 
 def _prompts_for(ns: argparse.Namespace, vocab_size: int, tol: Tolerances, pair: str | None = None) -> Tensor:
@@ -210,6 +211,9 @@ def add_parity_arguments(subparsers: Any,
         sp.add_argument("--device", default=None, help="device for the real backends (default: the backend's)")
         sp.add_argument("--config", default="tiny", help="embedded random model config (default tiny)")
         sp.add_argument("--seed", type=int, default=0, help="embedded random model seed")
+        sp.add_argument("--weight-init", choices=("plain", "structured"), default="plain",
+                        help="embedded random model: structured weights vary per quantisation block and have "
+                             "outlier channels, so number-format bugs change the output")
         sp.add_argument("--kv-fp8-sim", choices=("e4m3", "clamp"), default=None,
                         help="override the config's KV FP8 simulation (clamp: continuous model, tight bounds)")
         sp.add_argument("--dtype", nargs="+" if dtypes_multi else 1, default=["fp32"], choices=("fp32", "bf16"))

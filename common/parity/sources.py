@@ -32,9 +32,11 @@ class ModelSource:
     config_hash: str | None = None  # ModelArgs.arch_hash() when known without building the model
 
 
-def random_fingerprint(config_hash: str, seed: int) -> str:
-    """Checkpoint identity of the embedded random model: it is fully determined by the config and the seed."""
-    return hashlib.sha256(f"random-checkpoint:{config_hash}:seed={seed}".encode()).hexdigest()[:16]
+def random_fingerprint(config_hash: str, seed: int, structured: bool = False) -> str:
+    """Checkpoint identity of the embedded random model: it is fully determined by the config, the seed and the
+    weight init (plain fingerprints are what they were before structured weights existed)."""
+    init = ":structured" if structured else ""
+    return hashlib.sha256(f"random-checkpoint:{config_hash}:seed={seed}{init}".encode()).hexdigest()[:16]
 
 
 def checkpoint_fingerprint(path: str | Path) -> str:
@@ -59,26 +61,27 @@ def checkpoint_fingerprint(path: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
-_RANDOM_CHECKPOINTS: dict[tuple[str, int], dict[str, Tensor]] = {}
+_RANDOM_CHECKPOINTS: dict[tuple[str, int, bool], dict[str, Tensor]] = {}
 
 
-def _random_tensors(args: ModelArgs, seed: int) -> dict[str, Tensor]:
+def _random_tensors(args: ModelArgs, seed: int, structured: bool = False) -> dict[str, Tensor]:
     """The random checkpoint of (args, seed), generated once per process: drawing and FP8/FP4-quantising it costs
     seconds of CPU, and the weights do not depend on kv_fp8_sim, so clamp and e4m3 sources share one copy."""
     from dsv4.common.checkpoint.layout import random_checkpoint
 
-    key = (args.replace(kv_fp8_sim="e4m3").arch_hash(), seed)
+    key = (args.replace(kv_fp8_sim="e4m3").arch_hash(), seed, structured)
     if key not in _RANDOM_CHECKPOINTS:
-        _RANDOM_CHECKPOINTS[key] = dict(random_checkpoint(args, seed))
+        _RANDOM_CHECKPOINTS[key] = dict(random_checkpoint(args, seed, structured))
     return _RANDOM_CHECKPOINTS[key]
 
 
 def default_model_source(config: str = "tiny", seed: int = 0, kv_fp8_sim: str | None = None,
-                         weights: str = "dequantized") -> ModelSource:
+                         weights: str = "dequantized", structured: bool = False) -> ModelSource:
     """The embedded default: the model build_random_model(load_named_config(config), ops, dtype, seed) builds.
     kv_fp8_sim overrides the config ("clamp" makes the model continuous, for tight fp32 bounds). One CPU copy per
     dtype is built once and deep-copied onto each backend. weights="quantized" keeps the FP8/FP4 weights for the
-    backends' quantised GEMMs (on 910B/910C the Ascend backend converts them to W8A8/W4A8)."""
+    backends' quantised GEMMs (on 910B/910C the Ascend backend converts them to W8A8/W4A8). `structured` draws
+    the structured random weights (checkpoint.layout), under which number-format bugs change the output."""
     from dsv4.common.checkpoint.load import load_state_dict_official
     from dsv4.common.model.transformer import Transformer
 
@@ -89,17 +92,19 @@ def default_model_source(config: str = "tiny", seed: int = 0, kv_fp8_sim: str | 
 
     def factory(ops: Ops, dtype: torch.dtype) -> nn.Module:
         if dtype not in built:
-            # the same steps as weights.build_random_model, with the checkpoint tensors cached
+            # the same steps as checkpoint.load.build_random_model, with the checkpoint tensors cached
             base = Transformer(args, ops, dtype=dtype, weights=weights)
-            load_state_dict_official(base, _random_tensors(args, seed), source=f"random checkpoint (seed {seed})")
+            load_state_dict_official(base, _random_tensors(args, seed, structured), source=f"random checkpoint "
+                                     f"(seed {seed}{', structured' if structured else ''})")
             base.ops = None  # the cached copy must not keep (or deep-copy) a backend
             built[dtype] = base
         model = copy.deepcopy(built[dtype])
         model.ops = ops
         return model.to(ops.device)
 
-    return ModelSource(factory, random_fingerprint(args.arch_hash(), seed),
-                       f"random {config} (seed {seed}, kv_fp8_sim {args.kv_fp8_sim}, weights {weights})",
+    init = "structured" if structured else "plain"
+    return ModelSource(factory, random_fingerprint(args.arch_hash(), seed, structured),
+                       f"random {config} (seed {seed}, {init} init, kv_fp8_sim {args.kv_fp8_sim}, weights {weights})",
                        args.vocab_size, args.arch_hash())
 
 
