@@ -4,6 +4,7 @@ planner, bench); the model loading every command shares is dsv4.common.runtime.l
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
@@ -11,7 +12,15 @@ import torch
 from dsv4.common.model.config import ConfigError, ModelArgs, load_named_config
 from dsv4.common.runtime.backend import BackendUnavailable, probe_backend
 from dsv4.common.runtime.distributed import RankFailure, process_group_cleanup
-from dsv4.common.runtime.loading import add_backend_arguments, add_model_arguments, load_model, make_ops
+from dsv4.common.runtime.guards import NonFiniteLogitsError
+from dsv4.common.runtime.loading import (
+    add_backend_arguments,
+    add_model_arguments,
+    apply_threads,
+    check_run_arguments,
+    load_model,
+    make_ops,
+)
 
 DESCRIPTION = """DeepSeek-V4 inference on Ascend NPUs (torch_npu), NVIDIA GPUs (Triton) and CPU (pure torch reference),
 with tools to prove numerically that they agree.
@@ -24,6 +33,12 @@ Start with:  dsv4 generate --prompt "Hello"     (runs the embedded tiny model on
 def cmd_generate(ns: argparse.Namespace) -> int:
     from dsv4.common.runtime.generate import run_generate
 
+    for i, p in enumerate(ns.prompt):
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError as e:  # bytes the terminal could not decode reach us as lone surrogates
+            raise ValueError(f"--prompt #{i + 1} is not valid UTF-8 (byte {e.object[e.start:e.end]!r} at position "
+                             f"{e.start}); check the terminal's or the file's encoding") from None
     model, tokenizer, source = load_model(ns)
     print(f"[dsv4] model: {source}; backend: {model.ops.name}; dtype: {str(model.dtype).replace('torch.', '')}",
           file=sys.stderr)
@@ -116,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Ordinary mistakes and bad inputs end with one line naming the flag, file, tensor or field (exit 2); DSV4_DEBUG=1
+# shows the traceback instead. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (ConfigError, BackendUnavailable, ValueError, FileNotFoundError, RankFailure, MemoryError,
+               NonFiniteLogitsError, ImportError)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
@@ -124,7 +145,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         with process_group_cleanup():
+            if hasattr(ns, "threads"):
+                check_run_arguments(ns)
+                apply_threads(ns)
             return int(ns.func(ns) or 0)
-    except (ConfigError, BackendUnavailable, ValueError, FileNotFoundError, RankFailure) as e:
+    except BrokenPipeError:  # `dsv4 config flash | head`: the reader left; nothing more to say
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush does not complain either
+        return 141  # 128 + SIGPIPE, what a shell reports for a process ended by a closed pipe
+    except KeyboardInterrupt:
+        print("dsv4: interrupted", file=sys.stderr)
+        return 130
+    except USER_ERRORS as e:
+        if os.environ.get("DSV4_DEBUG"):
+            raise
         print(f"dsv4: error: {e}", file=sys.stderr)
         return 2
