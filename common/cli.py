@@ -11,7 +11,7 @@ import torch
 
 from dsv4.common.model.config import ConfigError, ModelArgs, load_named_config
 from dsv4.common.runtime.backend import BackendUnavailable, probe_backend
-from dsv4.common.runtime.distributed import RankFailure, process_group_cleanup
+from dsv4.common.runtime.distributed import RankFailure, describe_collective_failure, process_group_cleanup
 from dsv4.common.runtime.guards import NonFiniteLogitsError
 from dsv4.common.runtime.loading import (
     add_backend_arguments,
@@ -148,7 +148,15 @@ def main(argv: list[str] | None = None) -> int:
             if hasattr(ns, "threads"):
                 check_run_arguments(ns)
                 apply_threads(ns)
-            return int(ns.func(ns) or 0)
+            try:
+                rc = int(ns.func(ns) or 0)
+            except RuntimeError as e:  # under torchrun: a peer died mid-collective (before the group is destroyed)
+                why = describe_collective_failure(e)
+                if why is None or os.environ.get("DSV4_DEBUG"):
+                    raise
+                raise RankFailure(why) from None
+            sys.stdout.flush()  # a pipe closed early fails here, inside the handler below, not at interpreter exit
+            return rc
     except BrokenPipeError:  # `dsv4 config flash | head`: the reader left; nothing more to say
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush does not complain either
@@ -159,5 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         if os.environ.get("DSV4_DEBUG"):
             raise
-        print(f"dsv4: error: {e}", file=sys.stderr)
+        rank = int(os.environ.get("RANK", 0))
+        # ranks other than 0 print nothing (load_model silences them): their own error still reaches the terminal
+        print(f"dsv4: error: {e}" if rank == 0 else f"dsv4: rank {rank}: error: {e}",
+              file=sys.stderr if rank == 0 else sys.__stderr__)
         return 2
