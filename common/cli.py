@@ -42,7 +42,15 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     model, tokenizer, source = load_model(ns)
     print(f"[dsv4] model: {source}; backend: {model.ops.name}; dtype: {str(model.dtype).replace('torch.', '')}",
           file=sys.stderr)
-    return run_generate(ns, model, tokenizer)
+    rc = run_generate(ns, model, tokenizer)
+    if ns.speculative and not ns.model and rc == 0:
+        # measured: the random MTP head's drafts match neither the greedy continuation nor the main head's own
+        # prediction of the same token (0 of 38 and 0 of 48 on the tiny default); tests/test_generate.py drives
+        # the accept path with an oracle draft instead
+        print("[dsv4] MTP acceptance near 0 is expected here: the embedded default has random weights, so its MTP "
+              "layer's drafts are unrelated to the main model's tokens (a trained checkpoint's MTP layer agrees "
+              "with it most of the time)", file=sys.stderr)
+    return rc
 
 
 def add_parity_model_arguments(p: argparse.ArgumentParser) -> None:
