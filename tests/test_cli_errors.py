@@ -99,6 +99,14 @@ CASES = [
     ("model-missing", GEN + ["--model", "{tmp}/nowhere"], "nowhere: no such checkpoint"),
     ("too-large", GEN + ["--config", "pro"], "GiB free"),
     ("parity-device", ["parity", "run", "--device", "cuda:1"], "--device 'cuda:1'"),
+    ("parity-batch-0", ["parity", "run", "--batch", "0"], "--batch must be >= 1"),  # 0 meant "default" silently
+    ("parity-seq-len-0", ["parity", "run", "--seq-len", "0"], "--seq-len must be >= 1"),
+    ("parity-tolerances-missing", ["parity", "run", "--tolerances", "{tmp}/tol.yaml"], "tol.yaml: no such file"),
+    ("bench-set-unknown-field", ["bench", "--set", "n_layer=3"], "unknown field(s) ['n_layer']"),
+    ("bench-set-bad-value", ["bench", "--set", "dim=abc"], "--set dim=abc: field 'dim'"),
+    ("config-not-yaml", ["config", str(ROOT / "README.md")], "README.md: not valid YAML"),
+    ("make-checkpoint-out-is-a-file", ["make-checkpoint", "--out", str(ROOT / "README.md")],
+     "README.md: exists and is not a directory"),
     ("nan-weight", GEN + ["--model", "{nan}"], "tensor 'layers.1.attn_norm.weight' holds 1 NaN/Inf"),
     ("fp8-nan-byte-kept-quantized", GEN + ["--model", "{fp8nan}", "--weights", "quantized"],
      "tensor 'layers.0.attn.wq_a.weight' holds 1 NaN/Inf"),
@@ -215,3 +223,18 @@ def test_killed_rank_is_named_by_rank0(tmp_path):
     ours = [line for line in text.splitlines() if "dsv4: error:" in line]
     assert ours and f"rank 1 (pid {victims[0]}) ended" in ours[0], text[-3000:]
     assert "gloo" not in text.split("dsv4: error:")[0]  # no gloo traceback from rank 0 before our line
+
+
+def test_nonfinite_logits_in_generate_name_the_layer():
+    """Weights that went bad after the load check (a backend writing NaN, an in-place edit): generation stops with
+    the layer, instead of an argmax over NaN (garbage text, exit 0) or a multinomial traceback when sampling."""
+    from dsv4.common.checkpoint.load import build_random_model
+    from dsv4.common.model.reference import ReferenceOps
+    from dsv4.common.runtime.generate import GenerationConfig, generate
+    from dsv4.common.runtime.guards import NonFiniteLogitsError
+
+    model = build_random_model(load_named_config("tiny"), ReferenceOps())
+    model.layers[2].ffn.shared_experts.w2.weight.data[0, 0] = float("nan")
+    for cfg in (GenerationConfig(max_new_tokens=2), GenerationConfig(max_new_tokens=2, temperature=0.8)):
+        with pytest.raises(NonFiniteLogitsError, match="first non-finite output: layer 2 MoE"):
+            generate(model, [[0, 5, 6]], cfg)

@@ -125,9 +125,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
 # -- entry point ------------------------------------------------------------------------------------------------------
 def embedded_args(ns: argparse.Namespace, max_seq_len: int) -> ModelArgs:
     args = load_named_config(ns.config)
-    if ns.overrides:
-        args = args.replace(**dict(ns.overrides))
-        args.validate(f"--set {' '.join(f'{k}={v}' for k, v in ns.overrides)}")
+    if ns.overrides:  # from_dict names an unknown field and says which --set broke a rule
+        args = ModelArgs.from_dict({**args.to_dict(), **dict(ns.overrides)},
+                                   source=f"--set {' '.join(f'{k}={v}' for k, v in ns.overrides)}")
     return args.replace(max_seq_len=max_seq_len)
 
 

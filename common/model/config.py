@@ -219,8 +219,11 @@ class ModelArgs:
             data = yaml.safe_load(path.read_text())
         except FileNotFoundError:
             raise ConfigError(f"{path}: config file not found") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        except yaml.YAMLError as e:  # one line: the problem and where (str(e) quotes the offending lines)
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            raise ConfigError(f"{path}: not valid YAML: {getattr(e, 'problem', None) or type(e).__name__}{where}"
+                              ) from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of field: value, got {type(data).__name__}")
         return cls.from_dict(data, source=str(path))

@@ -37,7 +37,7 @@ from dsv4.common.parity.sources import (
     make_backend,
 )
 from dsv4.common.runtime.backend import BackendUnavailable
-from dsv4.common.runtime.guards import NonFiniteLogitsError
+from dsv4.common.runtime.guards import NonFiniteLogitsError, locate_nonfinite
 from dsv4.common.runtime.loading import add_threads_argument
 
 
@@ -55,6 +55,11 @@ def run_matrix(source: ModelSource, backends: Sequence[tuple[str, Ops]], dtypes:
             teacher = runs[0].decode_tokens if runs else None
             runs.append(run_backend(model, prompts, decode_steps, teacher, label=label))
             log(f"  ran {label} {dtype_name(dtype)} in {time.perf_counter() - t0:.1f}s")
+            bad_rows = (~torch.isfinite(runs[-1].prefill_logits).flatten(1).all(-1)).nonzero().flatten().tolist()
+            if bad_rows:  # say where the NaN/Inf came from, not only that the metrics are NaN
+                where = locate_nonfinite(model, prompts[bad_rows[0]].tolist())
+                log(f"  {label} {dtype_name(dtype)}: NaN/Inf prefill logits (prompt {bad_rows[0]}); first "
+                    f"non-finite output: {where}")
             del model
         for i in range(len(runs)):
             for j in range(i + 1, len(runs)):
@@ -188,7 +193,7 @@ def cmd_compare(ns: argparse.Namespace, model_source: ModelSource | None = None)
         model = source.factory(ops, header.run.dtype)
         golden = load_golden(ns.golden, model.args.arch_hash(), source.checkpoint_hash)
     except GoldenError as e:
-        print(f"parity compare: {e}", file=sys.stderr)
+        print(f"dsv4 parity compare: error: {e}", file=sys.stderr)
         return 2
     comp = compare_golden(golden, model, tol, label=ns.backend)
     print(f"golden: {golden.metadata.get('backend')} on {golden.metadata.get('device')} "
@@ -272,10 +277,23 @@ def add_parity_arguments(subparsers: Any,
     return p
 
 
+def check_parity_arguments(ns: argparse.Namespace) -> None:
+    """0 for --batch/--seq-len used to mean "the suite default" silently; a negative count meant nonsense later."""
+    for flag in ("batch", "seq_len"):
+        v = getattr(ns, flag, None)
+        if v is not None and v < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {v}")
+    if getattr(ns, "decode_steps", None) is not None and ns.decode_steps < 0:
+        raise ValueError(f"--decode-steps must be >= 0, got {ns.decode_steps}")
+    if ns.tolerances and not Path(ns.tolerances).is_file():
+        raise ValueError(f"--tolerances {ns.tolerances}: no such file")
+
+
 def run_parity(ns: argparse.Namespace, model_source: ModelSource | None = None) -> int:
     """Dispatch a parsed `parity` command. Returns the exit status (0 ok, 1 violation, 2 unusable input)."""
     try:
+        check_parity_arguments(ns)
         return COMMANDS[ns.parity_command](ns, model_source)
     except (BackendUnavailable, NonFiniteError, NonFiniteLogitsError, KeyError, ValueError, MemoryError) as e:
-        print(f"parity {ns.parity_command}: {e}", file=sys.stderr)
+        print(f"dsv4 parity {ns.parity_command}: error: {e}", file=sys.stderr)
         return 2
