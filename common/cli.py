@@ -17,6 +17,7 @@ from dsv4.common.runtime.loading import (
     add_backend_arguments,
     add_model_arguments,
     apply_threads,
+    check_fits_memory,
     check_run_arguments,
     load_model,
     make_ops,
@@ -64,6 +65,10 @@ def add_parity_model_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_parity(ns: argparse.Namespace) -> int:
     from dsv4.common.parity.cli import model_source_from_loader, run_parity
 
+    if not ns.model:  # the embedded model of --config: refuse what cannot fit before any backend builds it
+        dtype = torch.float32 if "fp32" in ns.dtype else torch.bfloat16
+        where = argparse.Namespace(device=torch.device(ns.device or "cpu"))
+        check_fits_memory(load_named_config(ns.config), where, dtype, ns.weights, embedded=True)
     source = model_source_from_loader(ns, lambda ns_, ops, dtype: load_model(ns_, ops, dtype)[0], ns.model)
     return run_parity(ns, source)
 

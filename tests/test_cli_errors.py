@@ -98,6 +98,7 @@ CASES = [
     ("config-missing", GEN + ["--config", "no-such-config"], "no-such-config"),
     ("model-missing", GEN + ["--model", "{tmp}/nowhere"], "nowhere: no such checkpoint"),
     ("too-large", GEN + ["--config", "pro"], "GiB free"),
+    ("parity-too-large", ["parity", "run", "--config", "flash"], "GiB free"),
     ("parity-device", ["parity", "run", "--device", "cuda:1"], "--device 'cuda:1'"),
     ("parity-batch-0", ["parity", "run", "--batch", "0"], "--batch must be >= 1"),  # 0 meant "default" silently
     ("parity-seq-len-0", ["parity", "run", "--seq-len", "0"], "--seq-len must be >= 1"),
@@ -238,3 +239,30 @@ def test_nonfinite_logits_in_generate_name_the_layer():
     for cfg in (GenerationConfig(max_new_tokens=2), GenerationConfig(max_new_tokens=2, temperature=0.8)):
         with pytest.raises(NonFiniteLogitsError, match="first non-finite output: layer 2 MoE"):
             generate(model, [[0, 5, 6]], cfg)
+
+
+def test_report_without_matplotlib_says_so_on_the_terminal(tmp_path, monkeypatch, capsys):
+    from dsv4.common.parity.cli import _report
+    from dsv4.common.parity.compare import Comparison
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    comp = Comparison("reference-x", "reference", "x", "fp32", {"cosine": 1.0}, {}, [{"cosine": 0.99}])
+    _report(str(tmp_path / "rep"), [comp], title="t")
+    err = capsys.readouterr().err
+    assert "plot skipped" in err and "pip install 'dsv4[plot]'" in err
+    assert not (tmp_path / "rep" / "error_growth.png").exists()
+
+
+def test_include_interpreted_arranges_triton_interpret(monkeypatch):
+    """--include-interpreted used to crash deep in the interpreter unless TRITON_INTERPRET=1 was exported by hand."""
+    from dsv4.common.parity import cli as parity_cli
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delitem(sys.modules, "triton", raising=False)
+    parity_cli._arrange_triton_interpreter()
+    assert os.environ["TRITON_INTERPRET"] == "1"
+    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.setitem(sys.modules, "triton", object())  # imported before: too late to switch, so refuse
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        parity_cli._arrange_triton_interpreter()
