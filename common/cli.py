@@ -34,6 +34,8 @@ Start with:  dsv4 generate --prompt "Hello"     (runs the embedded tiny model on
 def cmd_generate(ns: argparse.Namespace) -> int:
     from dsv4.common.runtime.generate import run_generate
 
+    if not ns.prompt:  # before minutes of loading
+        raise ValueError("give at least one --prompt")
     for i, p in enumerate(ns.prompt):
         try:
             p.encode("utf-8")

@@ -90,6 +90,10 @@ CASES = [
     ("ep-0", GEN + ["--ep", "0"], "--ep must be >= 1"),
     ("threads-0", GEN + ["--threads", "0"], "--threads must be >= 1"),
     ("max-seq-len-0", GEN + ["--max-seq-len", "0"], "--max-seq-len must be >= 1"),
+    ("max-seq-len-too-long", GEN + ["--max-seq-len", "99999999"], "--max-seq-len 99999999 exceeds"),
+    ("no-prompt", ["generate"], "give at least one --prompt"),
+    ("max-seq-len-too-long-checkpoint", GEN + ["--model", "{ck}", "--max-seq-len", "99999999"],
+     "max_seq_len 99999999 (--max-seq-len) exceeds"),
     ("emulate-reference", GEN + ["--emulate"], "--emulate applies to --backend ascend"),
     ("bench-emulate", ["bench", "--emulate", "--backend", "reference"], "--emulate"),
     ("stop-outside-vocab", GEN + ["--stop", "99999"], "--stop: token id(s) [99999] outside the vocabulary"),
@@ -126,6 +130,7 @@ def paths(checkpoints, tmp_path_factory):
     ck, ck8 = checkpoints["none"], checkpoints["fp8"]
     return {
         "tmp": str(tmp),
+        "ck": str(ck),
         "nan": str(damaged(ck, tmp / "nan", "layers.1.attn_norm.weight", nan_at_3)),
         "fp8nan": str(damaged(ck8, tmp / "fp8nan", "layers.0.attn.wq_a.weight", fp8_nan_byte)),
         "huge": str(damaged(ck, tmp / "huge", "layers.0.attn_norm.weight", huge)),

@@ -238,6 +238,9 @@ def load_model(ns: argparse.Namespace, ops=None, dtype: torch.dtype | None = Non
             return model, TextTokenizer.from_dir(ns.model, model.args), f"checkpoint {ns.model}"
         args = load_named_config(ns.config)
         if ns.max_seq_len:
+            if ns.max_seq_len > args.max_position_embeddings:
+                raise ValueError(f"--max-seq-len {ns.max_seq_len} exceeds the model's max_position_embeddings "
+                                 f"({args.max_position_embeddings})")
             args = args.replace(max_seq_len=ns.max_seq_len)
         check_fits_memory(args, rt.ops, dtype, ns.weights, True, rt.parallel)
         model = build_random_model(args, rt.ops, dtype=dtype, seed=EMBEDDED_SEED, weights=ns.weights,
