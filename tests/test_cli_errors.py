@@ -31,6 +31,14 @@ from dsv4.common.runtime.loading import choose_threads
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def keep_one_thread():
+    """main() picks torch's thread count for the process; give the rest of the suite back its one thread."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """Tiny bf16 and FP8 checkpoints, written once; each case copies and damages its own."""
