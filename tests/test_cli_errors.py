@@ -96,6 +96,7 @@ CASES = [
     ("device-bad-index", GEN + ["--device", "cpu:x"], "--device 'cpu:x'"),
     ("tp-0", GEN + ["--tp", "0"], "--tp must be >= 1"),
     ("ep-0", GEN + ["--ep", "0"], "--ep must be >= 1"),
+    ("tp-without-torchrun", GEN + ["--tp", "2"], "launch with torchrun --nproc-per-node 2"),
     ("threads-0", GEN + ["--threads", "0"], "--threads must be >= 1"),
     ("max-seq-len-0", GEN + ["--max-seq-len", "0"], "--max-seq-len must be >= 1"),
     ("max-seq-len-too-long", GEN + ["--max-seq-len", "99999999"], "--max-seq-len 99999999 exceeds"),

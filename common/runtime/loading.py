@@ -91,6 +91,11 @@ def check_run_arguments(ns: argparse.Namespace) -> None:
         v = getattr(ns, flag, None)
         if v is not None and v < 1:
             raise ValueError(f"--{flag} must be >= 1, got {v}")
+    tp, ep, world = getattr(ns, "tp", None) or 1, getattr(ns, "ep", None) or 1, int(os.environ.get("WORLD_SIZE", 1))
+    if max(tp, ep) != world:
+        how = (f"launch with torchrun --nproc-per-node {max(tp, ep)} -m dsv4 ..." if world == 1 else
+               f"torchrun started {world} processes; pass --tp/--ep so that the larger is {world}")
+        raise ValueError(f"--tp {tp} --ep {ep} needs {max(tp, ep)} processes, this job has {world}: {how}")
     msl = getattr(ns, "max_seq_len", None)
     if msl is not None and msl < 1:
         raise ValueError(f"--max-seq-len must be >= 1 (tokens the cache holds), got {msl}")
