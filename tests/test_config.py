@@ -41,6 +41,9 @@ def test_hf_official_field_names(tmp_path):
           "compress_ratios": [4, 128, 0], "n_routed_experts": 8, "n_shared_experts": 1, "num_experts_per_tok": 2,
           "moe_intermediate_size": 128, "scoring_func": "sqrtsoftplus", "routed_scaling_factor": 1.5,
           "index_n_heads": 4, "index_head_dim": 128, "index_topk": 16, "rms_norm_eps": 1e-6,
+          "swiglu_limit": 10.0, "rope_theta": 10000, "compress_rope_theta": 160000, "hc_mult": 4,
+          "hc_sinkhorn_iters": 20, "hc_eps": 1e-6, "max_position_embeddings": 1048576, "bos_token_id": 0,
+          "eos_token_id": 1,
           "rope_scaling": {"type": "yarn", "factor": 16, "original_max_position_embeddings": 65536,
                            "beta_fast": 32, "beta_slow": 1},
           "quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "scale_fmt": "ue8m0",
@@ -50,6 +53,25 @@ def test_hf_official_field_names(tmp_path):
     a = ModelArgs.from_hf_config(p)
     assert (a.dim, a.n_layers, a.window_size, a.n_activated_experts) == (256, 2, 128, 2)
     assert (a.rope_factor, a.original_seq_len, a.dtype, a.expert_dtype) == (16.0, 65536, "fp8", "fp4")
+
+
+@pytest.mark.parametrize("drop", ["index_topk", "hidden_size", "rope_scaling"])
+def test_hf_config_missing_field_is_named_not_defaulted(tmp_path, drop):
+    """A missing field must not silently take Flash's value (index_topk would quietly change the model)."""
+    hf = load_named_config("tiny").to_hf_config()
+    del hf[drop]
+    p = tmp_path / "config.json"
+    p.write_text(json.dumps(hf))
+    with pytest.raises(ConfigError, match=f"config.json: missing field.*'{drop}'"):
+        ModelArgs.from_hf_config(p)
+
+
+def test_hf_config_errors_use_the_config_json_names(tmp_path):
+    hf = dict(load_named_config("tiny").to_hf_config(), hidden_size=200)  # breaks the FP8 128-blocks
+    p = tmp_path / "config.json"
+    p.write_text(json.dumps(hf))
+    with pytest.raises(ConfigError, match="field 'hidden_size': 200 is not a multiple of 128"):
+        ModelArgs.from_hf_config(p)
 
 
 @pytest.mark.parametrize("change, field", [

@@ -55,12 +55,14 @@ def load_tensor_into(model: torch.nn.Module, targets: dict[str, Tensor], name: s
         raise CheckpointError(f"{source}: tensor '{name}' is {stored_fmt.upper()} but '{scale_name}' is missing")
     if scale is not None:
         scale = e8m0_to_float(scale) if scale.dtype in (torch.float8_e8m0fnu, torch.uint8) else scale.float()
+        check_finite(source, scale_name, scale)  # E8M0 byte 0xFF is NaN (read as 2^128 = inf here)
     if dst.dtype in (torch.float8_e4m3fn, torch.int8):  # the model keeps this weight quantised
         if value.dtype != dst.dtype:
             raise CheckpointError(f"{source}: tensor '{name}': model expects {dst.dtype} storage, got {value.dtype}")
         if not sliced:
             value, scale = _tp_slice(model, name, value), _tp_slice(model, scale_name, scale)
         _check_shape(source, name, value.shape, dst.shape)
+        check_finite(source, name, value)
         dst.copy_(value)
         dst_scale = targets[target_name[: -len("weight")] + "scale"]
         if expert is not None:
@@ -75,8 +77,27 @@ def load_tensor_into(model: torch.nn.Module, targets: dict[str, Tensor], name: s
     if not sliced:
         dense = _tp_slice(model, name, dense)
     _check_shape(source, name, dense.shape, dst.shape)
+    check_finite(source, name, dense)
     dst.copy_(dense.to(dst.dtype))
     return target_name
+
+
+def check_finite(source: str, name: str, t: Tensor) -> None:
+    """Refuse a tensor holding NaN/Inf (a corrupt shard, a bad conversion): it would only show up as empty or garbage
+    text much later. One pass per tensor as it is read: aminmax propagates NaN and shows +-Inf, without a
+    tensor-sized temporary. FP8 e4m3fn has no Inf; its NaN is the byte pattern S.1111.111."""
+    if t.dtype == torch.float8_e4m3fn:
+        bad = int(((t.view(torch.uint8) & 0x7F) == 0x7F).sum())
+    elif t.is_floating_point() and t.numel():
+        lo, hi = t.aminmax()
+        if bool(torch.isfinite(lo)) and bool(torch.isfinite(hi)):
+            return
+        bad = int((~torch.isfinite(t)).sum())  # the error path counts them exactly
+    else:
+        return  # integer storage (packed FP4, expert ids) cannot hold NaN
+    if bad:
+        raise CheckpointError(f"{source}: tensor '{name}' holds {bad} NaN/Inf value(s) of {t.numel()} (a corrupt "
+                              "shard or a bad conversion); the model would produce NaN logits")
 
 
 def _tp_slice(model: torch.nn.Module, name: str, t: Tensor) -> Tensor:

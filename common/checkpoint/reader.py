@@ -534,6 +534,9 @@ def load_checkpoint(path: str | Path, ops: Any, dtype: torch.dtype | None = None
     else:
         source = "the given args"
     changes = {k: v for k, v in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)) if v}
+    if max_seq_len and max_seq_len > args.max_position_embeddings:
+        raise CheckpointError(f"max_seq_len {max_seq_len} (--max-seq-len) exceeds max_position_embeddings "
+                              f"{args.max_position_embeddings} of {source}")
     if changes:
         args = args.replace(**changes)
     with CheckpointReader(path) as reader:

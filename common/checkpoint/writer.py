@@ -134,6 +134,11 @@ def add_make_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_make_checkpoint(ns: argparse.Namespace) -> int:
+    out = Path(ns.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {ns.out}: exists and is not a directory")
+    if out.is_dir() and any(out.glob("*.safetensors")):
+        raise ValueError(f"--out {ns.out}: already holds safetensors files; choose an empty or new directory")
     args = load_named_config(ns.config)
     w = make_checkpoint(args, ns.out, quant=ns.quant, seed=ns.seed, shard_size_bytes=ns.shard_size,
                         structured=ns.weight_init == "structured")

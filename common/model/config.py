@@ -79,9 +79,11 @@ class ModelArgs:
     def __post_init__(self) -> None:
         self.validate()
 
-    def validate(self, source: str = "config") -> None:
+    def validate(self, source: str = "config", names: dict[str, str] | None = None) -> None:
+        """Raise ConfigError naming the source and the field; `names` maps our field names to the ones the user
+        wrote (config.json's hidden_size for dim), so the message names what is in their file."""
         def fail(field_name: str, msg: str) -> None:
-            raise ConfigError(f"{source}: field '{field_name}': {msg}")
+            raise ConfigError(f"{source}: field '{(names or {}).get(field_name, field_name)}': {msg}")
 
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
@@ -182,7 +184,8 @@ class ModelArgs:
 
     # ----------------------------------------------------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, d: dict[str, Any], source: str = "config") -> ModelArgs:
+    def from_dict(cls, d: dict[str, Any], source: str = "config",
+                  user_names: dict[str, str] | None = None) -> ModelArgs:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
@@ -206,7 +209,7 @@ class ModelArgs:
                     setattr(args, name, float(getattr(args, name)))
         except TypeError as e:  # pragma: no cover - defensive
             raise ConfigError(f"{source}: {e}") from e
-        args.validate(source)
+        args.validate(source, user_names)
         return args
 
     @classmethod
@@ -216,8 +219,11 @@ class ModelArgs:
             data = yaml.safe_load(path.read_text())
         except FileNotFoundError:
             raise ConfigError(f"{path}: config file not found") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        except yaml.YAMLError as e:  # one line: the problem and where (str(e) quotes the offending lines)
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            raise ConfigError(f"{path}: not valid YAML: {getattr(e, 'problem', None) or type(e).__name__}{where}"
+                              ) from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of field: value, got {type(data).__name__}")
         return cls.from_dict(data, source=str(path))
@@ -234,7 +240,8 @@ class ModelArgs:
             raise ConfigError(f"{path}: not valid JSON: {e}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a JSON object")
-        return cls.from_dict(hf_to_args_dict(data, str(path)), source=str(path))
+        return cls.from_dict(hf_to_args_dict(data, str(path)), source=str(path),
+                             user_names=HF_FIELD_MAP)
 
     @classmethod
     def load(cls, path: str | Path) -> ModelArgs:
@@ -326,14 +333,40 @@ HF_IGNORED = {
 }
 
 
+# config.json fields every official V4 release carries (Flash and Pro, spec 1.1): a checkpoint's config missing one
+# is refused rather than filled with Flash's value, which would quietly change the model (index_topk) or surface
+# later as a tensor shape mismatch (hidden_size). num_nextn_predict_layers may be absent (the official default, 1).
+HF_OPTIONAL = {"num_nextn_predict_layers"}
+HF_REQUIRED = [k for k in HF_FIELD_MAP.values() if "." not in k and k not in HF_OPTIONAL] + ["rope_scaling"]
+ROPE_SCALING_REQUIRED = ["factor", "original_max_position_embeddings", "beta_fast", "beta_slow"]
+
+
+def _flash_value(hf_key: str) -> Any:
+    ours = next((o for o, t in HF_FIELD_MAP.items() if t == hf_key), None)
+    f = ModelArgs.__dataclass_fields__.get(ours or "")
+    return None if f is None or f.default is dataclasses.MISSING else f.default
+
+
 def hf_to_args_dict(data: dict[str, Any], source: str) -> dict[str, Any]:
     unknown = sorted(set(data) - set(HF_FIELD_MAP.values()) - HF_IGNORED)
     if unknown:
         raise ConfigError(f"{source}: unknown config.json field(s) {unknown}")
+    missing = [k for k in HF_REQUIRED if k not in data]
+    if missing:
+        examples = ", ".join(f"{k}: {_flash_value(k)}" for k in missing[:4] if _flash_value(k) is not None)
+        raise ConfigError(f"{source}: missing field(s) {', '.join(repr(k) for k in missing)}: every official "
+                          "DeepSeek-V4 config.json has them, and guessing would change the model"
+                          + (f" (V4-Flash has {examples})" if examples else "")
+                          + ("; write \"rope_scaling\": null for a model without YaRN" if "rope_scaling" in missing
+                             else ""))
     out: dict[str, Any] = {}
     rope_scaling = data.get("rope_scaling") or {}
     if not isinstance(rope_scaling, dict):
         raise ConfigError(f"{source}: field 'rope_scaling': expected an object, got {rope_scaling!r}")
+    absent = [k for k in ROPE_SCALING_REQUIRED if rope_scaling and k not in rope_scaling]
+    if absent:
+        raise ConfigError(f"{source}: field 'rope_scaling' lacks {', '.join(repr(k) for k in absent)} (YaRN needs "
+                          f"all of {', '.join(ROPE_SCALING_REQUIRED)})")
     for ours, theirs in HF_FIELD_MAP.items():
         if theirs.startswith("rope_scaling."):
             key = theirs.split(".", 1)[1]

@@ -4,6 +4,7 @@ common/parity.py."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -36,6 +37,8 @@ from dsv4.common.parity.sources import (
     make_backend,
 )
 from dsv4.common.runtime.backend import BackendUnavailable
+from dsv4.common.runtime.guards import NonFiniteLogitsError, locate_nonfinite
+from dsv4.common.runtime.loading import add_threads_argument
 
 
 def run_matrix(source: ModelSource, backends: Sequence[tuple[str, Ops]], dtypes: Sequence[torch.dtype],
@@ -52,6 +55,11 @@ def run_matrix(source: ModelSource, backends: Sequence[tuple[str, Ops]], dtypes:
             teacher = runs[0].decode_tokens if runs else None
             runs.append(run_backend(model, prompts, decode_steps, teacher, label=label))
             log(f"  ran {label} {dtype_name(dtype)} in {time.perf_counter() - t0:.1f}s")
+            bad_rows = (~torch.isfinite(runs[-1].prefill_logits).flatten(1).all(-1)).nonzero().flatten().tolist()
+            if bad_rows:  # say where the NaN/Inf came from, not only that the metrics are NaN
+                where = locate_nonfinite(model, prompts[bad_rows[0]].tolist())
+                log(f"  {label} {dtype_name(dtype)}: NaN/Inf prefill logits (prompt {bad_rows[0]}); first "
+                    f"non-finite output: {where}")
             del model
         for i in range(len(runs)):
             for j in range(i + 1, len(runs)):
@@ -101,10 +109,12 @@ def _decode_steps(ns: argparse.Namespace, tol: Tolerances) -> int:
 
 def cmd_run(ns: argparse.Namespace, model_source: ModelSource | None = None) -> int:
     """`dsv4 parity run`: every backend this machine can run, every pair, each dtype; table + optional report."""
-    from dsv4.common.parity.report import comparison_table, write_report
+    from dsv4.common.parity.report import comparison_table
 
     tol = Tolerances.load(ns.tolerances)
     source = _resolve_source(ns, model_source)
+    if ns.include_interpreted:
+        _arrange_triton_interpreter()
     choices = available_backends(ns.device, ns.include_interpreted)
     usable = [c for c in choices if c.available]
     for c in choices:
@@ -126,8 +136,31 @@ def cmd_run(ns: argparse.Namespace, model_source: ModelSource | None = None) -> 
         for v in c.violations:
             print(f"VIOLATION {c.ref} vs {c.got} [{c.profile}] {v}")
     if ns.report:
-        print(f"report: {write_report(ns.report, comps, title=f'dsv4 parity run: {source.label}')}")
+        _report(ns.report, comps, title=f"dsv4 parity run: {source.label}")
     return 0 if all(c.ok for c in comps) else 1
+
+
+def _arrange_triton_interpreter() -> None:
+    """--include-interpreted on a machine without a CUDA GPU: Triton reads TRITON_INTERPRET when it is imported and
+    when its kernels are decorated, so it must be set before either happens (toolchain fact: otherwise a launch fails
+    deep inside the interpreter). Set it here, first thing; refuse when triton was already imported without it."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") or torch.cuda.is_available():
+        return
+    if "triton" in sys.modules:
+        raise ValueError("--include-interpreted: triton was imported in this process before TRITON_INTERPRET=1 "
+                         "was set; run with TRITON_INTERPRET=1 in the environment")
+    os.environ["TRITON_INTERPRET"] = "1"
+
+
+def _report(path: str, comps: list, **kw: Any) -> None:
+    """Write the report and say where; a skipped plot (matplotlib missing) is said on the terminal too."""
+    from dsv4.common.parity.report import write_report
+
+    md = write_report(path, comps, **kw)
+    print(f"report: {md}")
+    note = next((line for line in md.read_text().splitlines() if line.startswith("plot skipped")), None)
+    if note:
+        print(f"parity: {note}", file=sys.stderr)
 
 
 def cmd_record(ns: argparse.Namespace, model_source: ModelSource | None = None) -> int:
@@ -150,7 +183,7 @@ def cmd_record(ns: argparse.Namespace, model_source: ModelSource | None = None) 
 
 def cmd_compare(ns: argparse.Namespace, model_source: ModelSource | None = None) -> int:
     """`dsv4 parity compare golden.safetensors --backend Y`; exit 1 on a violation, 2 on an unusable golden file."""
-    from dsv4.common.parity.report import comparison_table, write_report
+    from dsv4.common.parity.report import comparison_table
 
     tol = Tolerances.load(ns.tolerances)
     source = _resolve_source(ns, model_source)
@@ -161,7 +194,7 @@ def cmd_compare(ns: argparse.Namespace, model_source: ModelSource | None = None)
         model = source.factory(ops, header.run.dtype)
         golden = load_golden(ns.golden, model.args.arch_hash(), source.checkpoint_hash)
     except GoldenError as e:
-        print(f"parity compare: {e}", file=sys.stderr)
+        print(f"dsv4 parity compare: error: {e}", file=sys.stderr)
         return 2
     comp = compare_golden(golden, model, tol, label=ns.backend)
     print(f"golden: {golden.metadata.get('backend')} on {golden.metadata.get('device')} "
@@ -170,13 +203,13 @@ def cmd_compare(ns: argparse.Namespace, model_source: ModelSource | None = None)
     for v in comp.violations:
         print(f"VIOLATION {v}")
     if ns.report:
-        print(f"report: {write_report(ns.report, [comp], title=f'dsv4 parity compare: {ns.golden}')}")
+        _report(ns.report, [comp], title=f"dsv4 parity compare: {ns.golden}")
     return 0 if comp.ok else 1
 
 
 def cmd_bisect(ns: argparse.Namespace, model_source: ModelSource | None = None) -> int:
     """`dsv4 parity bisect --backends A B`: name the first op and layer where B leaves A."""
-    from dsv4.common.parity.report import bisect_table, write_report
+    from dsv4.common.parity.report import bisect_table
 
     tol = Tolerances.load(ns.tolerances)
     source = _resolve_source(ns, model_source)
@@ -189,7 +222,7 @@ def cmd_bisect(ns: argparse.Namespace, model_source: ModelSource | None = None) 
     print(bisect_table(res, only_failures=not ns.verbose))
     print(res.summary())
     if ns.report:
-        print(f"report: {write_report(ns.report, [], bisects=[res], title=f'dsv4 parity bisect: {a} vs {b}')}")
+        _report(ns.report, [], bisects=[res], title=f"dsv4 parity bisect: {a} vs {b}")
     return 0 if res.ok else 1
 
 
@@ -222,6 +255,7 @@ def add_parity_arguments(subparsers: Any,
         sp.add_argument("--prompt-seed", type=int, default=0)
         sp.add_argument("--decode-steps", type=int, default=None, help="one-token steps after the prefill")
         sp.add_argument("--report", default=None, help="directory for report.md and the error-growth plot")
+        add_threads_argument(sp)
         if extra:
             extra(sp)
 
@@ -247,10 +281,23 @@ def add_parity_arguments(subparsers: Any,
     return p
 
 
+def check_parity_arguments(ns: argparse.Namespace) -> None:
+    """0 for --batch/--seq-len used to mean "the suite default" silently; a negative count meant nonsense later."""
+    for flag in ("batch", "seq_len"):
+        v = getattr(ns, flag, None)
+        if v is not None and v < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {v}")
+    if getattr(ns, "decode_steps", None) is not None and ns.decode_steps < 0:
+        raise ValueError(f"--decode-steps must be >= 0, got {ns.decode_steps}")
+    if ns.tolerances and not Path(ns.tolerances).is_file():
+        raise ValueError(f"--tolerances {ns.tolerances}: no such file")
+
+
 def run_parity(ns: argparse.Namespace, model_source: ModelSource | None = None) -> int:
     """Dispatch a parsed `parity` command. Returns the exit status (0 ok, 1 violation, 2 unusable input)."""
     try:
+        check_parity_arguments(ns)
         return COMMANDS[ns.parity_command](ns, model_source)
-    except (BackendUnavailable, NonFiniteError, KeyError, ValueError) as e:
-        print(f"parity {ns.parity_command}: {e}", file=sys.stderr)
+    except (BackendUnavailable, NonFiniteError, NonFiniteLogitsError, KeyError, ValueError, MemoryError) as e:
+        print(f"dsv4 parity {ns.parity_command}: error: {e}", file=sys.stderr)
         return 2

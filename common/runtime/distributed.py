@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
+import time
 import traceback
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -23,6 +25,7 @@ from dsv4.common.model.ops import Ops
 from dsv4.common.model.parallel import DistributedOps, ParallelConfig
 
 DEFAULT_TIMEOUT_S = 300
+_PEERS: list[tuple[str, int]] = []  # (host, pid) of every rank, gathered at init: who is gone when a collective fails
 
 
 class RankFailure(RuntimeError):
@@ -70,6 +73,10 @@ def init_parallel(ops: Ops, tp: int, ep: int, timeout_s: float = DEFAULT_TIMEOUT
     if not dist.is_initialized():
         dist.init_process_group(collective_backend(ops.device), rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout_s))
+    peers: list[tuple[str, int] | None] = [None] * world
+    dist.all_gather_object(peers, (socket.gethostname(), os.getpid()))
+    _PEERS[:] = [p for p in peers if p is not None]
+    _stop_on_sigterm()
     groups = {"tp": _block_group(rank, world, tp), "ep": _block_group(rank, world, ep)}
     if ep_comm == "mc2":  # the MC2 ops want a communicator of their own (no other op may use it)
         from dsv4.ascend.ep import Mc2DistributedOps  # lazily: torch_npu machinery only on this path
@@ -109,6 +116,67 @@ def all_ranks_ok(step: str, fn: Callable[[], object]) -> object:
         detail = "; ".join(f"rank {r}: {msg}" for r, msg in failed)
         raise RankFailure(f"{step} failed on {len(failed)} rank(s): {detail}")
     return result
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")  # a zombie has ended
+    except (OSError, IndexError):
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process with that pid: alive
+        pass
+    return True
+
+
+def lost_peers() -> str:
+    """Which ranks have ended, as far as this host can tell (ranks on other hosts cannot be checked from here)."""
+    here, gone, remote = socket.gethostname(), [], 0
+    for _ in range(10):  # the launcher may not have reaped the dead rank yet: look again for up to a second
+        gone, remote = [], 0
+        for r, (host, pid) in enumerate(_PEERS):
+            if host != here:
+                remote += 1
+            elif not _alive(pid):
+                gone.append(f"rank {r} (pid {pid})")
+        if gone:
+            break
+        time.sleep(0.1)
+    if gone:
+        return (f"{', '.join(gone)} ended: a rank that raised an error printed its own 'dsv4: rank N: error' line; "
+                "one that printed nothing was killed by a signal (kill -9, the OOM killer) or crashed hard; the "
+                "launcher's summary gives its exit code or signal")
+    return "another rank ended or stopped answering" + (f" ({remote} rank(s) on other hosts)" if remote else "")
+
+
+def _stop_on_sigterm() -> None:
+    """torchrun answers a rank's death by sending SIGTERM to the others, often before their pending collective has
+    failed: turn that signal into a RankFailure naming the lost rank, so rank 0 still ends with its one line.
+    (dsv4 serve installs its own SIGTERM handler, a drain, once the server starts.)"""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise RankFailure(f"rank {dist.get_rank() if dist.is_initialized() else '?'}: stopped by the launcher "
+                          f"(SIGTERM): {lost_peers()}")
+
+    signal.signal(signal.SIGTERM, stop)
+
+
+def describe_collective_failure(e: BaseException) -> str | None:
+    """One line for a collective that failed because a peer died (gloo/nccl/hccl raise RuntimeError subclasses with
+    multi-line messages), or None when no process group is running (then the error is not about peers)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return None
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    return f"rank {dist.get_rank()}: a collective failed: {lost_peers()} [{type(e).__name__}: {first}]"
 
 
 @contextmanager

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from dsv4.common.model.cache import ContextLengthError, KVCache
+from dsv4.common.runtime.guards import check_logits
 
 FINISH_STOP, FINISH_LENGTH = "stop", "length"
 
@@ -162,6 +163,9 @@ class _Engine:
             bad = [t for t in p if not 0 <= t < a.vocab_size]
             if bad:
                 raise ValueError(f"prompt {i} has token ids outside [0, {a.vocab_size}): {bad[:5]}")
+        bad = [t for t in cfg.stop_token_ids if not 0 <= t < a.vocab_size]
+        if bad:
+            raise ValueError(f"--stop: token id(s) {bad} outside the vocabulary [0, {a.vocab_size})")
         if cfg.speculative and not a.n_mtp_layers:
             raise ValueError("speculative decoding needs the MTP layer (n_mtp_layers = 1)")
         max_seq_len = cfg.max_seq_len or a.max_seq_len
@@ -217,6 +221,7 @@ class _Engine:
         self.results[b].stats.decode_s = time.perf_counter() - self.t_decode0
 
     def _choose(self, logits: Tensor, lo: int, hi: int) -> Tensor:
+        check_logits(logits, self.model, lambda i: self.prompts[lo + i] + self.results[lo + i].tokens)
         return sample_next(logits, self.cfg, None if self.gens is None else self.gens[lo:hi])
 
     # -- prefill -------------------------------------------------------------------------------------------------------
@@ -312,6 +317,7 @@ class _Engine:
                 snaps[lo + i] = self._snapshot(lo + i, (L + 1) % W)
         x = torch.stack([self.cur[sl], self.draft[sl]], dim=1)
         logits, hidden = model(x, cache, slots=sl, return_hidden="last")
+        check_logits(logits[:, 0], model, lambda i: self.prompts[lo + i] + self.results[lo + i].tokens)
         g = logits.argmax(-1)  # [B,2]
         acc = g[:, 0] == self.draft[sl]
         acc_list = acc.tolist()
