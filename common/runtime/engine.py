@@ -86,6 +86,7 @@ class Logprobs:
     """log_softmax of the raw logits (before temperature/top-k/top-p, as vLLM reports them)."""
     token_id: int
     logprob: float
+    rank: int  # 1 = the most likely token
     top: list[tuple[int, float]]  # best first
 
 
@@ -325,9 +326,11 @@ class Engine:
         """For rows of logits [T,V] and their target ids: the target's log-prob and the top-k."""
         lp = torch.log_softmax(logits.float(), dim=-1)
         top_v, top_i = lp.topk(k, dim=-1) if k > 0 else (lp[:, :0], lp[:, :0].long())
-        chosen = lp.gather(-1, torch.tensor(targets, device=lp.device)[:, None])[:, 0].tolist()
-        return [Logprobs(t, c, list(zip(ids, vals, strict=True)))
-                for t, c, ids, vals in zip(targets, chosen, top_i.tolist(), top_v.tolist(), strict=True)]
+        chosen = lp.gather(-1, torch.tensor(targets, device=lp.device)[:, None])  # [T,1]
+        ranks = ((lp > chosen).sum(-1) + 1).tolist()
+        return [Logprobs(t, c, rk, list(zip(ids, vals, strict=True)))
+                for t, c, rk, ids, vals in zip(targets, chosen[:, 0].tolist(), ranks, top_i.tolist(), top_v.tolist(),
+                                               strict=True)]
 
     # -- emitting ------------------------------------------------------------------------------------------------------
     def _emit(self, r: Request, tok: int, lp: Logprobs | None) -> None:
