@@ -5,8 +5,8 @@ Requests arrive at any time (`add`, thread-safe) and wait in a bounded queue. Ea
   2. admits waiting requests into free cache slots (first come, first served),
   3. decodes every running request by one token in ONE forward, wherever their slots are and whatever their
      positions (speculative requests verify [token, draft] in a second forward of their own),
-  4. spends what is left of the step's token budget on prompt chunks, so a long prompt is prefilled a chunk per
-     step beside the decodes instead of stalling them.
+  4. spends what is left of the step's token budget on prompt chunks, shortest remaining prompt first, so a long
+     prompt is prefilled a chunk per step beside the decodes and the short prompts instead of stalling them.
 Sampling is per request (its own torch.Generator, seeded), so a request's tokens do not depend on what else is in
 the batch. `dsv4 generate` (runtime/generate.py) and `dsv4 serve` (common/serve) both drive this engine.
 """
@@ -149,15 +149,20 @@ class Request:
 class Engine:
     def __init__(self, model, max_batch: int = 8, max_seq_len: int | None = None, prefill_chunk: int = 256,
                  step_tokens: int | None = None, max_waiting: int = 64, tokenizer=None,
-                 mirror: Mirror | None = None, max_logprobs: int = MAX_LOGPROBS) -> None:
+                 mirror: Mirror | None = None, max_logprobs: int = MAX_LOGPROBS,
+                 long_prefill_chunk: int | None = None) -> None:
         """max_batch: cache slots (requests running at once); step_tokens: tokens per step, decodes first, the rest
-        for prompt chunks of at most prefill_chunk (default: prefill_chunk + max_batch)."""
+        for prompt chunks of at most prefill_chunk (default: prefill_chunk + max_batch). long_prefill_chunk: the
+        chunk per step of a prompt longer than prefill_chunk (default prefill_chunk); smaller keeps the steps short
+        while a long prompt prefills, so short requests arriving meanwhile wait less (vLLM calls the same idea
+        long_prefill_token_threshold), at the cost of more steps for the long prompt."""
         if max_batch < 1 or prefill_chunk < 1:
             raise ValueError(f"max_batch and prefill_chunk must be >= 1, got {max_batch} and {prefill_chunk}")
         self.model, self.args, self.tokenizer = model, model.args, tokenizer
         self.max_seq_len = max_seq_len or model.args.max_seq_len
         self.prefill_chunk, self.max_waiting, self.max_logprobs = prefill_chunk, max_waiting, max_logprobs
         self.step_tokens = step_tokens or prefill_chunk + max_batch
+        self.long_prefill_chunk = min(long_prefill_chunk or prefill_chunk, prefill_chunk)
         self.runner = ModelRunner(model, max_batch, self.max_seq_len, mirror)
         self.device = self.runner.device
         self.waiting: deque[Request] = deque()
@@ -229,12 +234,19 @@ class Engine:
         if spec:
             self._guarded(spec, self._decode_speculative)
         budget = max(self.step_tokens - len(plain) - 2 * len(spec), MIN_PREFILL_TOKENS)
-        for r in [r for r in self.active if r.status == PREFILL]:
+        # shortest remaining prompt first: a short request's only chunk runs (and its first token goes out) before
+        # a long prompt's next chunk, which takes what is left of the budget (at least MIN_PREFILL_TOKENS)
+        chunks: dict[tuple[int, bool], list[Request]] = {}
+        for r in sorted((r for r in self.active if r.status == PREFILL), key=lambda r: len(r.prompt) - r.n_fed):
             if budget <= 0:
                 break
-            n = min(budget, self.prefill_chunk, len(r.prompt) - r.n_fed)
-            self._guarded([r], lambda rs, n=n: self._prefill(rs[0], n))
+            chunk = self.long_prefill_chunk if len(r.prompt) > self.prefill_chunk else self.prefill_chunk
+            n = min(budget, chunk, len(r.prompt) - r.n_fed)
+            chunks.setdefault((n, r.params.speculative), []).append(r)
             budget -= n
+        for (n, spec), reqs in chunks.items():  # chunks of one length share a forward (speculative ones: their own)
+            for group in ([[r] for r in reqs] if spec else [reqs]):
+                self._guarded(group, lambda rs, n=n: self._prefill(rs, n))
         return self._events
 
     def _admit(self) -> None:
@@ -263,20 +275,27 @@ class Engine:
                     self._finish(r, FINISH_ERROR)
 
     # -- prefill and decode --------------------------------------------------------------------------------------------
-    def _prefill(self, r: Request, n: int) -> None:
+    def _prefill(self, reqs: list[Request], n: int) -> None:
+        """The next n prompt tokens of each request, in one forward (rows may start at different positions)."""
         t0 = time.perf_counter()
-        c0, piece = r.n_fed, r.prompt[r.n_fed:r.n_fed + n]
-        if r.params.speculative:
-            logits = self.runner.prefill_speculative(r.slot, piece, c0)[0]
+        if reqs[0].params.speculative:  # alone: the MTP layer's cache is fed beside the main one
+            r = reqs[0]
+            logits = self.runner.prefill_speculative(r.slot, r.prompt[r.n_fed:r.n_fed + n], r.n_fed)
         else:
-            logits = self.runner.forward([piece], [r.slot])[0]  # [S,V]
+            logits = self.runner.forward([r.prompt[r.n_fed:r.n_fed + n] for r in reqs], [r.slot for r in reqs])
+        dt = time.perf_counter() - t0
+        for r, rows in zip(reqs, logits, strict=True):  # rows [n,V]
+            r.stats.prefill_s += dt
+            self._guarded([r], lambda _, r=r, rows=rows: self._after_chunk(r, rows, n))  # a row fails alone
+
+    def _after_chunk(self, r: Request, logits: Tensor, n: int) -> None:
+        c0 = r.n_fed
         if r.params.prompt_logprobs is not None:
             if c0 == 0:
                 r.prompt_logprobs.append(None)
             targets = r.prompt[c0 + 1:c0 + n + 1]  # row j predicts prompt token c0 + j + 1
             r.prompt_logprobs += self._logprobs(logits[:len(targets)], targets, r.params.prompt_logprobs)
         r.n_fed += n
-        r.stats.prefill_s += time.perf_counter() - t0
         if r.n_fed < len(r.prompt):
             return
         r.status = RUNNING

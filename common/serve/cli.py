@@ -21,6 +21,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="the name clients pass as `model` (default: the checkpoint folder's name, or dsv4-<config>)")
     g.add_argument("--max-batch", type=int, default=16, help="cache slots: requests running at once")
     g.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per prefill forward")
+    g.add_argument("--long-prefill-chunk", type=int, default=None,
+                   help="prompt tokens per step of a prompt longer than --prefill-chunk (default: --prefill-chunk); "
+                        "smaller = less delay for short requests beside a long prompt, slower long prefill")
     g.add_argument("--step-tokens", type=int, default=None,
                    help="tokens per engine step, decodes first (default: --prefill-chunk + --max-batch)")
     g.add_argument("--max-waiting", type=int, default=256,
@@ -50,7 +53,8 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     rank, world, _ = world_from_env()
     engine = Engine(model, max_batch=ns.max_batch, max_seq_len=ns.max_seq_len, prefill_chunk=ns.prefill_chunk,
                     step_tokens=ns.step_tokens, max_waiting=ns.max_waiting, tokenizer=tokenizer,
-                    mirror=Mirror() if world > 1 else None, max_logprobs=ns.max_logprobs)
+                    mirror=Mirror() if world > 1 else None, max_logprobs=ns.max_logprobs,
+                    long_prefill_chunk=ns.long_prefill_chunk)
     if rank != 0:
         # rank 0 drains on SIGTERM and then releases this rank; a rank that died on the launcher's SIGTERM at once
         # would leave rank 0's last calls without a peer (the launcher SIGKILLs stragglers after its own timeout)
