@@ -207,3 +207,25 @@ def test_request_errors_name_the_parameter(model):
     eng.add(Request([5], SamplingParams(max_tokens=1)))
     with pytest.raises(QueueFull):
         eng.add(Request([5], SamplingParams(max_tokens=1)))
+
+
+def test_stop_strings_end_the_text_and_are_held_back_until_settled(model):
+    """A stop string ends the request with the text before it; text that could start a stop string is not sent
+    until the next token settles it, so the streamed pieces always add up to the final text."""
+    from dsv4.common.checkpoint.tokenizer import TextTokenizer
+
+    tok = TextTokenizer.byte_level(model.args)
+    prompt = tok.encode("a" * 90)
+    eng = Engine(model, max_batch=1, max_seq_len=MAX_SEQ, prefill_chunk=64, tokenizer=tok)
+    free = eng.add(Request(prompt, greedy(24)))
+    list(eng.run_until_idle())
+    text = free.text
+    # two printable ASCII characters after the first one (random weights emit stray bytes too)
+    first = next(i for i in range(1, len(text) - 1) if text[i:i + 2].isascii() and text[i:i + 2].isprintable()
+                 and text.find(text[i:i + 2]) == i)
+    stop = text[first:first + 2]
+    pieces = []
+    r = eng.add(Request(prompt, greedy(24, stop=(stop, "never-there")), on_event=lambda ev: pieces.append(ev.text)))
+    list(eng.run_until_idle())
+    assert r.finish_reason == "stop" and r.stop_reason == stop
+    assert r.text == text[:first] and "".join(pieces) == text[:first]

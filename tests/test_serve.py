@@ -141,6 +141,18 @@ def test_streaming_text_and_usage(client):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10
 
 
+def test_stop_string(client, model, tok):
+    full = client.completions.create(model=NAME, prompt=PROMPTS[2], max_tokens=24, temperature=0,
+                                     extra_body={"ignore_eos": True}).choices[0].text
+    # a stop string of two printable ASCII characters (random weights emit stray bytes too) after the first one
+    at = next(i for i in range(1, len(full) - 1) if full[i:i + 2].isascii() and full[i:i + 2].isprintable()
+              and full.find(full[i:i + 2]) == i)
+    r = client.completions.create(model=NAME, prompt=PROMPTS[2], max_tokens=24, temperature=0,
+                                  stop=[full[at:at + 2], "never-there"], extra_body={"ignore_eos": True})
+    c = r.choices[0]
+    assert c.finish_reason == "stop" and c.stop_reason == full[at:at + 2] and c.text == full[:at]
+
+
 def test_chat_with_logprobs_equals_generate(client, model, tok):
     msgs = [{"role": "user", "content": "Say something"}]
     want = greedy_ids(model, tok.apply_chat_template(msgs), 8)
