@@ -229,3 +229,15 @@ def test_stop_strings_end_the_text_and_are_held_back_until_settled(model):
     list(eng.run_until_idle())
     assert r.finish_reason == "stop" and r.stop_reason == stop
     assert r.text == text[:first] and "".join(pieces) == text[:first]
+
+
+def test_a_request_cancelled_while_waiting_leaves_the_queue(model):
+    eng = Engine(model, max_batch=1, max_seq_len=MAX_SEQ, prefill_chunk=64)
+    running = eng.add(Request(P[0], greedy(4)))
+    queued = [eng.add(Request(P[1], greedy(2))), eng.add(Request(P[3], greedy(2)))]
+    eng.step()
+    eng.cancel(queued[1])  # behind another waiting request, no slot free
+    eng.step()
+    assert queued[1].finish_reason == "abort" and eng.num_waiting == 1
+    list(eng.run_until_idle())
+    assert running.finish_reason == queued[0].finish_reason == "length" and queued[1].output == []

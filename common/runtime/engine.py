@@ -251,18 +251,19 @@ class Engine:
 
     def _admit(self) -> None:
         with self.lock:
-            while self.waiting and (self.free or self.waiting[0].cancelled):
+            gone = [r for r in self.waiting if r.cancelled]  # cancelled before they had a slot
+            if gone:
+                self.waiting = deque(r for r in self.waiting if not r.cancelled)
+            while self.waiting and self.free:
                 r = self.waiting.popleft()
-                if r.cancelled:
-                    r.status = FINISHED
-                    r.finish_reason = FINISH_ABORT
-                    self._event(r, None, "", None)
-                    continue
                 self.free.sort()  # lowest slots first: running slots stay contiguous more often (one slice)
                 r.slot = self.free.pop(0)
                 r.status = PREFILL
                 self.active.append(r)
                 self.runner.reset(r.slot)
+        for r in gone:
+            r.status, r.finish_reason = FINISHED, FINISH_ABORT
+            self._event(r, None, "", None)
 
     def _guarded(self, reqs: list[Request], fn: Callable[[list[Request]], None]) -> None:
         """A failure fails the requests of that forward only; the engine carries on with the others."""
