@@ -50,12 +50,14 @@ def mirrored(fn: Callable) -> Callable:
     return call
 
 
-def slot_index(slots: list[int], device: torch.device) -> slice | Tensor:
-    """A slice when the slots are one ascending run (the cache is then written in place), else an index tensor."""
+def slot_index(slots: list[int]) -> slice | Tensor:
+    """A slice when the slots are one ascending run (the cache is then written in place), else an index tensor.
+    The index lives on the CPU, like the cache's `lengths`, which it also indexes (a CPU index serves device
+    tensors too; a device index cannot index a CPU tensor)."""
     lo = slots[0]
     if slots == list(range(lo, lo + len(slots))):
         return slice(lo, lo + len(slots))
-    return torch.tensor(slots, dtype=torch.long, device=device)
+    return torch.tensor(slots, dtype=torch.long)
 
 
 class ModelRunner:
@@ -93,7 +95,7 @@ class ModelRunner:
     @mirrored
     def forward(self, rows: list[list[int]], slots: list[int]) -> Tensor:
         """Logits [B,S,V] of one forward: row i continues slot slots[i] at its own cached length."""
-        return self.model(self._tokens(rows), self.cache, slots=slot_index(slots, self.device))
+        return self.model(self._tokens(rows), self.cache, slots=slot_index(slots))
 
     # -- speculative (MTP) ---------------------------------------------------------------------------------------------
     @mirrored
@@ -159,8 +161,8 @@ class ModelRunner:
         draft from position L, and its bogus position L+1 entry sits in a ring row that is rewritten before use."""
         model, cache = self.model, self.cache
         W = model.args.window_size
-        idx = slot_index(slots, self.device)
-        rows = torch.tensor(slots, dtype=torch.long, device=self.device)
+        idx = slot_index(slots)
+        rows = torch.tensor(slots, dtype=torch.long)
         start = cache.lengths[idx].clone()
         snaps = {}
         for b, L in zip(slots, start.tolist(), strict=True):
