@@ -141,6 +141,19 @@ def test_streaming_text_and_usage(client):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10
 
 
+def test_speculative_greedy_equals_plain(served, client, model, tok, monkeypatch):
+    """With --speculative, greedy requests without logprobs verify MTP drafts; the text is plain greedy's."""
+    server, _ = served
+    verified = []
+    real = server.engine._decode_speculative
+    monkeypatch.setattr(server, "speculative", True)
+    monkeypatch.setattr(server.engine, "_decode_speculative", lambda reqs: (verified.append(len(reqs)), real(reqs)))
+    r = client.completions.create(model=NAME, prompt=PROMPTS[1], max_tokens=12, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    assert r.choices[0].text == tok.decode(greedy_ids(model, tok.encode(PROMPTS[1]), 12))
+    assert verified, "no speculative verify step ran"
+
+
 def test_stop_string(client, model, tok):
     full = client.completions.create(model=NAME, prompt=PROMPTS[2], max_tokens=24, temperature=0,
                                      extra_body={"ignore_eos": True}).choices[0].text
