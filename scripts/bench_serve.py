@@ -212,7 +212,7 @@ def main() -> int:
     p.add_argument("--device", default=None)
     p.add_argument("--max-seq-len", type=int, default=4608, help="room for the long prompt")
     p.add_argument("--max-batch", type=int, default=64)
-    p.add_argument("--prefill-chunk", type=int, default=32)
+    p.add_argument("--prefill-chunk", type=int, default=256, help="the server default")
     p.add_argument("--long-prefill-chunk", type=int, default=16)
     p.add_argument("--step-tokens", type=int, default=None)
     p.add_argument("--concurrency", default="1,4,16,64")
