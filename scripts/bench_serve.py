@@ -1,0 +1,261 @@
+"""Load test of `dsv4 serve` on 127.0.0.1: throughput and latency at several concurrencies, and the time to first
+token of short requests while a long prompt prefills beside them. Bounded: a fixed number of requests per level and
+a time limit per phase (a phase that runs out of time reports what finished).
+
+1. Concurrency levels (default 1, 4, 16, 64): `--requests-per-level` x level requests (at least --min-requests), each
+   a `--prompt-tokens` prompt and `--max-tokens` generated tokens (ignore_eos), streamed; at most `level` in flight.
+   Reported: output tokens/s and requests/s over the level's wall time, TTFT and inter-token latency p50/p99.
+   Target: output tokens/s at concurrency 16 >= 8x concurrency 1.
+2. Interference: TTFT of short requests sent one after another, first on an idle server, then while a
+   `--long-prompt`-token prompt prefills (the short ones counted are those that started and got their first token
+   while the long prompt had not). Target: TTFT p99 beside the long prompt <= 2x idle.
+
+The server is the real `dsv4 serve` command in its own process on the embedded tiny model; the clients are asyncio +
+httpx in this process on the same machine (their cost competes for the same cores).
+
+    python scripts/bench_serve.py                           # prints a markdown section
+    python scripts/bench_serve.py --markdown BENCHMARKS.md  # also writes it (only this script's section)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+from dsv4.common.model.config import load_named_config
+
+BEGIN, END = "<!-- bench_serve:begin -->", "<!-- bench_serve:end -->"
+NAME = "bench"
+
+
+def pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, round(q / 100 * (len(xs) - 1))))]
+
+
+def start_server(a: argparse.Namespace) -> tuple[subprocess.Popen, str]:
+    """The real `dsv4 serve` in its own process (its own GIL: the load generator here does not slow it down)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = [sys.executable, "-m", "dsv4", "serve", "--config", a.config, "--backend", a.backend,
+            "--max-seq-len", str(a.max_seq_len), "--max-batch", str(a.max_batch), "--prefill-chunk",
+            str(a.prefill_chunk), "--max-waiting", "4096", "--port", str(port), "--served-model-name", NAME]
+    if a.device:
+        argv += ["--device", a.device]
+    if a.step_tokens:
+        argv += ["--step-tokens", str(a.step_tokens)]
+    if a.long_prefill_chunk:
+        argv += ["--long-prefill-chunk", str(a.long_prefill_chunk)]
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(a.threads)} if a.threads else {})}
+    proc = subprocess.Popen(argv, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while True:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"the server did not start ({' '.join(argv)})")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            time.sleep(0.2)
+
+
+async def one(client: httpx.AsyncClient, url: str, prompt: list[int], max_tokens: int) -> dict:
+    """One streamed completion: start, first-token and per-token arrival times."""
+    t0 = time.perf_counter()
+    times: list[float] = []
+    body = {"model": NAME, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+            "stream": True}
+    async with client.stream("POST", url + "/v1/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            ev = json.loads(line[6:])
+            if "error" in ev:
+                raise RuntimeError(ev["error"]["message"])
+            times.append(time.perf_counter())
+    return {"start": t0, "times": times}
+
+
+def prompt_of(n: int, i: int, vocab: int) -> list[int]:
+    g = torch.Generator().manual_seed(1000 + i)
+    return torch.randint(4, vocab, (n,), generator=g).tolist()
+
+
+async def level(url: str, conc: int, n_req: int, a: argparse.Namespace, vocab: int) -> dict:
+    sem = asyncio.Semaphore(conc)
+    results: list[dict] = []
+    limits = httpx.Limits(max_connections=conc + 4, max_keepalive_connections=conc + 4)
+    async with httpx.AsyncClient(timeout=a.time_limit, limits=limits) as client:
+        async def run(i: int) -> None:
+            async with sem:
+                results.append(await one(client, url, prompt_of(a.prompt_tokens, i, vocab), a.max_tokens))
+
+        t0 = time.perf_counter()
+        tasks = [asyncio.create_task(run(i)) for i in range(n_req)]
+        done, pending = await asyncio.wait(tasks, timeout=a.time_limit)
+        for t in pending:
+            t.cancel()
+        wall = time.perf_counter() - t0
+    for t in done:
+        t.result()  # a failed request fails the benchmark loudly
+    ttft = [r["times"][0] - r["start"] for r in results if r["times"]]
+    itl = [b - x for r in results for x, b in zip(r["times"], r["times"][1:], strict=False)]
+    toks = sum(len(r["times"]) for r in results)
+    return {"conc": conc, "requests": len(results), "asked": n_req, "wall": wall, "tok_s": toks / wall,
+            "req_s": len(results) / wall, "ttft50": pct(ttft, 50), "ttft99": pct(ttft, 99), "itl50": pct(itl, 50),
+            "itl99": pct(itl, 99)}
+
+
+async def interference(url: str, a: argparse.Namespace, vocab: int) -> dict:
+    async with httpx.AsyncClient(timeout=a.time_limit) as client:
+        idle = []
+        for i in range(a.short_requests):
+            r = await one(client, url, prompt_of(a.prompt_tokens, 5000 + i, vocab), 1)
+            idle.append(r["times"][0] - r["start"])
+        long_task = asyncio.create_task(one(client, url, prompt_of(a.long_prompt, 9999, vocab), 1))
+        beside, t_end = [], time.perf_counter() + a.time_limit
+        i = 0
+        while not long_task.done() and time.perf_counter() < t_end:
+            r = await one(client, url, prompt_of(a.prompt_tokens, 6000 + i, vocab), 1)
+            i += 1
+            if not long_task.done():  # only those that finished while the long prompt was still prefilling
+                beside.append(r["times"][0] - r["start"])
+        long_r = await long_task
+    return {"idle": idle, "beside": beside, "long_ttft": long_r["times"][0] - long_r["start"]}
+
+
+def section(a: argparse.Namespace, levels: list[dict], inter: dict, total_s: float) -> str:
+    base = next(x for x in levels if x["conc"] == 1) if any(x["conc"] == 1 for x in levels) else None
+    rows = []
+    for x in levels:
+        ratio = f"{x['tok_s'] / base['tok_s']:.1f}x" if base else "-"
+        rows.append(f"| {x['conc']} | {x['requests']}/{x['asked']} | {x['tok_s']:.1f} | {ratio} | {x['req_s']:.2f} | "
+                    f"{x['ttft50'] * 1e3:.0f} | {x['ttft99'] * 1e3:.0f} | {x['itl50'] * 1e3:.1f} | "
+                    f"{x['itl99'] * 1e3:.1f} |")
+    c16 = next((x for x in levels if x["conc"] == 16), None)
+    idle99, beside99 = pct(inter["idle"], 99), pct(inter["beside"], 99)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    lines = [
+        BEGIN,
+        "## Serving: continuous batching under load (scripts/bench_serve.py)",
+        "",
+        f"Command: `{' '.join(['python scripts/bench_serve.py', *sys.argv[1:]])}`",
+        "",
+        f"Setup: `dsv4 serve` (its own process) on 127.0.0.1, streaming clients (asyncio + httpx) in the benchmark's "
+        f"process; embedded {a.config} model (random weights), backend {a.backend}, its default dtype, max_batch "
+        f"{a.max_batch}, prefill chunk {a.prefill_chunk} (long prompts {a.long_prefill_chunk}), step budget "
+        f"{a.step_tokens or a.prefill_chunk + a.max_batch} tokens; requests: {a.prompt_tokens}-token prompts, "
+        f"{a.max_tokens} generated tokens (greedy, ignore_eos); "
+        f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, server threads "
+        f"{a.threads or 'default'}; 1-min load average at the end {load:.1f} "
+        f"(the machine is shared: read the ratios, which come from one run; each level is the best of {a.rounds} "
+        f"rounds of the sweep, the interference samples are pooled over the rounds). Total {total_s:.0f} s.",
+        "",
+        "| concurrency | requests done | output tok/s | vs concurrency 1 | req/s | TTFT p50 ms | TTFT p99 ms | "
+        "ITL p50 ms | ITL p99 ms |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        *rows,
+        "",
+    ]
+    if c16 and base:
+        r = c16["tok_s"] / base["tok_s"]
+        lines.append(f"Target (output tok/s at concurrency 16 >= 8x concurrency 1): {r:.1f}x, "
+                     f"{'met' if r >= 8 else 'NOT met'}.")
+        lines.append("")
+    ratio = beside99 / idle99 if idle99 else float("nan")
+    lines += [
+        f"Interference: {len(inter['idle'])} short requests ({a.prompt_tokens}-token prompts, 1 token) one after "
+        f"another on the idle server, then {len(inter['beside'])} while a {a.long_prompt}-token prompt prefilled "
+        f"beside them (its own TTFT {inter['long_ttft']:.2f} s).",
+        "",
+        "| short-request TTFT | p50 ms | p99 ms |",
+        "|---|---:|---:|",
+        f"| idle | {pct(inter['idle'], 50) * 1e3:.0f} | {idle99 * 1e3:.0f} |",
+        f"| beside the {a.long_prompt}-token prefill | {pct(inter['beside'], 50) * 1e3:.0f} | {beside99 * 1e3:.0f} |",
+        "",
+        f"Target (TTFT p99 beside the long prefill <= 2x idle): {ratio:.2f}x, {'met' if ratio <= 2 else 'NOT met'}.",
+        END,
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def update_markdown(path: Path, text: str) -> None:
+    old = path.read_text() if path.exists() else ""
+    if BEGIN in old and END in old:
+        head, rest = old.split(BEGIN, 1)
+        new = head + text.rstrip("\n") + rest.split(END, 1)[1]
+    else:
+        new = old.rstrip("\n") + "\n\n" + text
+    path.write_text(new)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="tiny")
+    p.add_argument("--backend", default="reference")
+    p.add_argument("--device", default=None)
+    p.add_argument("--max-seq-len", type=int, default=4608, help="room for the long prompt")
+    p.add_argument("--max-batch", type=int, default=64)
+    p.add_argument("--prefill-chunk", type=int, default=256, help="the server default")
+    p.add_argument("--long-prefill-chunk", type=int, default=16)
+    p.add_argument("--step-tokens", type=int, default=None)
+    p.add_argument("--concurrency", default="1,4,16,64")
+    p.add_argument("--requests-per-level", type=int, default=2, help="requests = this x concurrency ...")
+    p.add_argument("--min-requests", type=int, default=8, help="... but at least this many")
+    p.add_argument("--prompt-tokens", type=int, default=32)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--long-prompt", type=int, default=4096)
+    p.add_argument("--short-requests", type=int, default=10)
+    p.add_argument("--time-limit", type=float, default=300.0, help="seconds per phase")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="repeat the sweep: each level reports its best round, interference pools the rounds' samples")
+    p.add_argument("--threads", type=int, default=None, help="the server's torch threads (OMP_NUM_THREADS)")
+    p.add_argument("--markdown", type=Path, default=None, help="write the section into this file")
+    a = p.parse_args()
+    proc, url = start_server(a)
+    vocab = load_named_config(a.config).vocab_size
+    t0 = time.perf_counter()
+    try:
+        asyncio.run(level(url, 1, 2, a, vocab))  # warm-up
+        best: dict[int, dict] = {}
+        inter = {"idle": [], "beside": [], "long_ttft": float("nan")}
+        for rnd in range(a.rounds):  # the machine is shared: each level's best round, interference samples pooled
+            for c in [int(x) for x in a.concurrency.split(",")]:
+                x = asyncio.run(level(url, c, max(a.min_requests, a.requests_per_level * c), a, vocab))
+                print(f"round {rnd + 1}, concurrency {c}: {x['tok_s']:.1f} tok/s", file=sys.stderr)
+                if c not in best or x["tok_s"] > best[c]["tok_s"]:
+                    best[c] = x
+            i = asyncio.run(interference(url, a, vocab))
+            inter["idle"] += i["idle"]
+            inter["beside"] += i["beside"]
+            inter["long_ttft"] = i["long_ttft"]
+        levels = list(best.values())
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    text = section(a, levels, inter, time.perf_counter() - t0)
+    print(text)
+    if a.markdown:
+        update_markdown(a.markdown, text)
+        print(f"wrote {a.markdown}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
