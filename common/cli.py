@@ -107,6 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = add_parity_arguments(sub, extra=add_parity_model_arguments)
     p.set_defaults(func=cmd_parity)
 
+    from dsv4.common.serve.cli import add_serve_arguments, cmd_serve
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching (needs the [serve] extra)")
+    add_model_arguments(p)
+    add_serve_arguments(p)
+    p.set_defaults(func=cmd_serve)
+
     from dsv4.common.bench.cli import add_bench_arguments, run_bench
 
     p = sub.add_parser("bench", help="benchmark prefill/decode speed and memory, side by side with a baseline")

@@ -19,6 +19,7 @@ from dsv4.common.model.cache import ContextLengthError
 from dsv4.common.model.config import load_named_config
 from dsv4.common.model.reference import ReferenceOps
 from dsv4.common.runtime import generate as gen
+from dsv4.common.runtime.engine_runner import ModelRunner
 from dsv4.common.runtime.generate import GenerationConfig, generate, sample_next
 
 MAX_SEQ = 512
@@ -259,14 +260,14 @@ def test_speculative_rollback_with_an_oracle_drafter(model, spec_prompt, plain_4
         return out
 
     restores = []
-    restore = gen._Engine._restore
+    restore = ModelRunner._restore
 
-    def counting_restore(self, b, snap):
+    def counting_restore(self, b, snap, cur):
         restores.append(b)
-        restore(self, b, snap)
+        restore(self, b, snap, cur)
 
     monkeypatch.setattr(model, "mtp_forward", oracle)
-    monkeypatch.setattr(gen._Engine, "_restore", counting_restore)
+    monkeypatch.setattr(ModelRunner, "_restore", counting_restore)
     res = generate(model, [spec_prompt], cfg(max_new_tokens=N_SPEC, speculative=True))[0]
     assert res.tokens == plain_40
     st = res.stats

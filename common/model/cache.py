@@ -8,6 +8,11 @@ Layout per attention layer (spec 5.7):
   index_kv  [Bmax, max_seq_len // 4, D_I] the lightning indexer's compressed keys (ratio 4 only),
             already Hadamard-rotated and FP4-simulated; index_comp is its compressor's state.
 `lengths[b]` counts the tokens cached for batch slot b; the next token of slot b has position lengths[b].
+
+Slots: a forward names its sequences either by a slice (a view: the layers write straight into the cache) or by an
+index tensor of any slots (continuous batching: the rows of one forward sit wherever their requests were admitted).
+An index tensor gathers a copy of those slots' rows up to the forward's end position (`layer_for`) and writes it
+back afterwards (`write_back`), so the model's arithmetic sees the same [B, ...] tensors either way.
 """
 
 from __future__ import annotations
@@ -46,6 +51,17 @@ class CompressorState:
                                None if self.prev_kv is None else self.prev_kv[slots],
                                None if self.prev_score is None else self.prev_score[slots])
 
+    def gather(self, idx: Tensor) -> CompressorState:
+        return CompressorState(*(None if t is None else t[idx] for t in self._tensors()))
+
+    def scatter_(self, idx: Tensor, part: CompressorState) -> None:
+        for full, t in zip(self._tensors(), part._tensors(), strict=True):
+            if full is not None:
+                full[idx] = t
+
+    def _tensors(self) -> tuple[Tensor | None, ...]:
+        return self.kv, self.score, self.prev_kv, self.prev_score
+
 
 @dataclass
 class LayerCache:
@@ -62,6 +78,26 @@ class LayerCache:
             None if self.index_kv is None else self.index_kv[slots],
             None if self.index_comp is None else self.index_comp.view(slots),
         )
+
+    def gather(self, idx: Tensor, window: int, end: int) -> LayerCache:
+        """A copy of slots `idx` [B] holding all that positions < end can touch: the ring, the compressed entries
+        of the blocks complete before `end`, the indexer keys likewise, and the (small) compressor states."""
+        rows = window + (end // self.ratio if self.ratio else 0)
+        return LayerCache(
+            self.ratio, self.kv[idx, :rows],
+            None if self.comp is None else self.comp.gather(idx),
+            None if self.index_kv is None else self.index_kv[idx, :end // 4],
+            None if self.index_comp is None else self.index_comp.gather(idx),
+        )
+
+    def scatter_(self, idx: Tensor, part: LayerCache) -> None:
+        """Write a gathered copy back (after the forward changed it)."""
+        self.kv[idx, :part.kv.shape[1]] = part.kv
+        if self.comp is not None:
+            self.comp.scatter_(idx, part.comp)
+        if self.index_kv is not None:
+            self.index_kv[idx, :part.index_kv.shape[1]] = part.index_kv
+            self.index_comp.scatter_(idx, part.index_comp)
 
 
 class KVCache:
@@ -86,15 +122,26 @@ class KVCache:
             lc.index_comp = CompressorState.allocate(B, 4, a.index_head_dim, dev)
         return lc
 
-    def check_room(self, slots: slice, start_pos: Tensor, n_new: int) -> None:
+    def layer_for(self, i: int, slots: slice | Tensor, end: int) -> LayerCache:
+        """Layer i's cache for a forward over `slots` that ends before position `end` (see the module docstring)."""
+        lc = self.layers[i]
+        return lc.view(slots) if isinstance(slots, slice) else lc.gather(slots, self.args.window_size, end)
+
+    def write_back(self, i: int, slots: slice | Tensor, part: LayerCache) -> None:
+        if not isinstance(slots, slice):  # a slice's view already wrote into the cache
+            self.layers[i].scatter_(slots, part)
+
+    def check_room(self, slots: slice | Tensor, start_pos: Tensor, n_new: int) -> None:
         end = int(start_pos.max()) + n_new
         if end > self.max_seq_len:
             raise ContextLengthError(
                 f"request needs {end} positions but the cache holds max_seq_len={self.max_seq_len} "
                 f"(prompt + generated tokens must fit; raise --max-seq-len up to "
                 f"{self.args.max_position_embeddings})")
-        if slots.stop > self.max_batch:
+        if isinstance(slots, slice) and slots.stop > self.max_batch:
             raise ValueError(f"batch slots {slots.start}..{slots.stop - 1} exceed max_batch={self.max_batch}")
+        if not isinstance(slots, slice) and not (0 <= int(slots.min()) and int(slots.max()) < self.max_batch):
+            raise ValueError(f"batch slots {slots.tolist()} outside [0, max_batch={self.max_batch})")
 
     def reset(self, slots: slice | None = None) -> None:
         """Forget the sequences in `slots` (the compressor state is re-initialised at position 0 anyway)."""

@@ -403,18 +403,19 @@ class Transformer(nn.Module):
                        self.embed.weight.device, with_mtp=bool(self.args.n_mtp_layers))
 
     @torch.no_grad()
-    def forward(self, tokens: Tensor, cache: KVCache | None = None, slots: slice | None = None,
+    def forward(self, tokens: Tensor, cache: KVCache | None = None, slots: slice | Tensor | None = None,
                 return_hidden: bool | str = False) -> Tensor | tuple[Tensor, list[Tensor]]:
         """Logits [B,S,V] fp32 for every position of `tokens` [B,S].
 
         Without a cache this is a full forward from position 0. With a cache, the chunk continues the sequences in
-        `slots` (default: the first B) at their cached lengths, and the cache is advanced. With return_hidden, also
+        `slots` (a slice or an index tensor [B] of any slots; default: the first B) at their cached lengths, which
+        may differ per row, and the cache is advanced. With return_hidden, also
         returns the hidden streams [B,S,n,d] after each block; return_hidden="last" keeps only the last block's
         (what the MTP module needs) instead of holding every layer's alive."""
         B, S = tokens.shape
         if cache is None:
             cache = self.new_cache(B, S)
-        slots = slots or slice(0, B)
+        slots = slice(0, B) if slots is None else slots
         start = cache.lengths[slots].to(tokens.device)
         cache.check_room(slots, start, S)
         pos = start[:, None] + torch.arange(S, device=tokens.device)  # [B,S]
@@ -422,8 +423,11 @@ class Transformer(nn.Module):
         h = self.embedding(tokens)  # [B,S,d]
         X = h.unsqueeze(2).repeat(1, 1, a.hc_mult, 1)  # [B,S,n,d]: n identical streams
         hidden = []
+        end = int(start.max()) + S
         for i, layer in enumerate(self.layers):
-            X = layer(ops, X, pos, tokens, cache.layers[i].view(slots), self.rope_for(i))
+            lc = cache.layer_for(i, slots, end)
+            X = layer(ops, X, pos, tokens, lc, self.rope_for(i))
+            cache.write_back(i, slots, lc)
             if return_hidden and (return_hidden != "last" or i == len(self.layers) - 1):
                 hidden.append(X)
         logits = self._head(X, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, self.norm)
@@ -445,7 +449,7 @@ class Transformer(nn.Module):
         return ops.all_gather(ops.linear(y.float(), self.head.lw), dim=-1)  # fp32 logits
 
     @torch.no_grad()
-    def mtp_forward(self, streams: Tensor, next_tokens: Tensor, cache: KVCache, slots: slice | None = None,
+    def mtp_forward(self, streams: Tensor, next_tokens: Tensor, cache: KVCache, slots: slice | Tensor | None = None,
                     start: Tensor | None = None) -> Tensor:
         """Draft logits [B,S,V]: for position i, the main streams at i and the token at i+1 predict token i+2.
         streams [B,S,n,d] (the last block's output); next_tokens [B,S]; `start` [B] the position of the first
@@ -454,7 +458,7 @@ class Transformer(nn.Module):
             raise ValueError("this model has no MTP layer (n_mtp_layers = 0)")
         a, ops, mtp = self.args, self.ops, self.mtp[0]
         B, S = next_tokens.shape
-        slots = slots or slice(0, B)
+        slots = slice(0, B) if slots is None else slots
         if start is None:
             start = cache.lengths[slots] - S
         pos = start.to(next_tokens.device)[:, None] + torch.arange(S, device=next_tokens.device)
@@ -462,5 +466,7 @@ class Transformer(nn.Module):
         X = ops.linear(e, mtp.e_proj.lw).unsqueeze(2) + ops.linear(
             ops.rms_norm(streams, mtp.hnorm.weight, a.norm_eps), mtp.h_proj.lw)
         layer_id = a.n_layers
-        X = mtp(ops, X, pos, next_tokens, cache.layers[layer_id].view(slots), self.rope_for(layer_id))
+        lc = cache.layer_for(layer_id, slots, int(pos[:, -1].max()) + 1)
+        X = mtp(ops, X, pos, next_tokens, lc, self.rope_for(layer_id))
+        cache.write_back(layer_id, slots, lc)
         return self._head(X, mtp.hc_head_fn, mtp.hc_head_scale, mtp.hc_head_base, mtp.norm)

@@ -1,0 +1,413 @@
+"""Continuous batching: the scheduler that owns the model and its KV cache (through engine_runner.ModelRunner).
+
+Requests arrive at any time (`add`, thread-safe) and wait in a bounded queue. Each `step`:
+  1. drops cancelled requests (their slots are free at once),
+  2. admits waiting requests into free cache slots (first come, first served),
+  3. decodes every running request by one token in ONE forward, wherever their slots are and whatever their
+     positions (speculative requests verify [token, draft] in a second forward of their own),
+  4. spends what is left of the step's token budget on prompt chunks, so a long prompt is prefilled a chunk per
+     step beside the decodes instead of stalling them.
+Sampling is per request (its own torch.Generator, seeded), so a request's tokens do not depend on what else is in
+the batch. `dsv4 generate` (runtime/generate.py) and `dsv4 serve` (common/serve) both drive this engine.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from dsv4.common.model.cache import ContextLengthError
+from dsv4.common.runtime.engine_runner import Mirror, ModelRunner
+from dsv4.common.runtime.engine_sampling import Detokenizer, filtered_probs
+
+FINISH_STOP, FINISH_LENGTH, FINISH_ABORT, FINISH_ERROR = "stop", "length", "abort", "error"
+WAITING, PREFILL, RUNNING, FINISHED = "waiting", "prefill", "running", "finished"
+MAX_LOGPROBS = 20  # vLLM's --max-logprobs default (vllm/config/model.py, see shared/notes/serving.md)
+MIN_PREFILL_TOKENS = 16  # prompt tokens per step even when the decodes alone fill the budget: prefills progress
+
+
+class ParamError(ValueError):
+    """A request parameter is out of range; `param` names it (the HTTP layer answers 400 with it)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class QueueFull(RuntimeError):
+    """The bounded waiting queue is full (the HTTP layer answers 503 with Retry-After)."""
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    seed: int | None = None  # None: a random seed
+    stop_token_ids: tuple[int, ...] = ()  # in addition to eos (unless ignore_eos)
+    stop: tuple[str, ...] = ()  # stop strings: the text ends before the first match
+    ignore_eos: bool = False
+    logprobs: int | None = None  # top-N log-probs of each generated token (the sampled one always included)
+    prompt_logprobs: int | None = None  # top-N log-probs at every prompt position (vLLM's extension)
+    speculative: bool = False  # MTP self-speculative decoding (greedy only)
+
+    def validate(self, max_logprobs: int = MAX_LOGPROBS) -> None:
+        if self.max_tokens < 0:
+            raise ParamError("max_tokens", f"max_tokens must be >= 0, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise ParamError("temperature", f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ParamError("top_k", f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ParamError("top_p", f"top_p must be in (0, 1], got {self.top_p}")
+        for name in ("logprobs", "prompt_logprobs"):
+            n = getattr(self, name)
+            if n is not None and not 0 <= n <= max_logprobs:
+                # vLLM's wording (vllm/sampling_params.py): "Requested sample logprobs of N, which is greater ..."
+                raise ParamError(name, f"requested {name} of {n}, which is outside [0, max allowed: {max_logprobs}]")
+        if self.speculative and self.temperature > 0:
+            raise ParamError("speculative", "speculative decoding is implemented for greedy decoding only "
+                                            "(temperature 0)")
+        if self.speculative and (self.logprobs is not None or self.stop):
+            raise ParamError("speculative", "speculative decoding does not return logprobs or check stop strings "
+                                            "(a verify step emits two tokens at once); drop one of them")
+
+
+@dataclass
+class Logprobs:
+    """log_softmax of the raw logits (before temperature/top-k/top-p, as vLLM reports them)."""
+    token_id: int
+    logprob: float
+    rank: int  # 1 = the most likely token
+    top: list[tuple[int, float]]  # best first
+
+
+@dataclass
+class RequestStats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0  # first token to the end
+    forwards: int = 0  # decode forwards that included this request
+    drafted: int = 0  # speculative: drafts verified
+    accepted: int = 0  # speculative: drafts the main model agreed with
+    arrival: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    token_times: list[float] = field(default_factory=list)
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.accepted / self.drafted if self.drafted else None
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.new_tokens / self.decode_s if self.decode_s > 0 else float("nan")
+
+
+@dataclass
+class Event:
+    request: Request
+    token_id: int | None  # None: the request ended without a new token (stop token, cancel, error)
+    text: str  # new text ("" without a tokenizer, inside a multi-byte character or a possible stop string)
+    logprobs: Logprobs | None
+    finished: bool
+
+
+class Request:
+    def __init__(self, prompt: list[int], params: SamplingParams, request_id: str = "",
+                 on_event: Callable[[Event], None] | None = None) -> None:
+        self.prompt, self.params, self.id, self.on_event = list(prompt), params, request_id, on_event
+        self.status = WAITING
+        self.slot: int | None = None
+        self.n_fed = 0  # prompt tokens in the cache
+        self.cur = 0  # the last emitted token, not yet fed
+        self.output: list[int] = []
+        self.output_logprobs: list[Logprobs] = []
+        self.prompt_logprobs: list[Logprobs | None] = []  # [0] is None: nothing predicts the first token
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+        self.error: str | None = None
+        self.cancelled = False
+        self.stats = RequestStats(prompt_tokens=len(prompt))
+        self.generator: torch.Generator | None = None
+        self.detok = None
+        self.text, self.sent = "", 0  # generated text so far; how much of it was sent (stop strings hold back)
+
+    @property
+    def finished(self) -> bool:
+        return self.status == FINISHED
+
+
+class Engine:
+    def __init__(self, model, max_batch: int = 8, max_seq_len: int | None = None, prefill_chunk: int = 256,
+                 step_tokens: int | None = None, max_waiting: int = 64, tokenizer=None,
+                 mirror: Mirror | None = None, max_logprobs: int = MAX_LOGPROBS) -> None:
+        """max_batch: cache slots (requests running at once); step_tokens: tokens per step, decodes first, the rest
+        for prompt chunks of at most prefill_chunk (default: prefill_chunk + max_batch)."""
+        if max_batch < 1 or prefill_chunk < 1:
+            raise ValueError(f"max_batch and prefill_chunk must be >= 1, got {max_batch} and {prefill_chunk}")
+        self.model, self.args, self.tokenizer = model, model.args, tokenizer
+        self.max_seq_len = max_seq_len or model.args.max_seq_len
+        self.prefill_chunk, self.max_waiting, self.max_logprobs = prefill_chunk, max_waiting, max_logprobs
+        self.step_tokens = step_tokens or prefill_chunk + max_batch
+        self.runner = ModelRunner(model, max_batch, self.max_seq_len, mirror)
+        self.device = self.runner.device
+        self.waiting: deque[Request] = deque()
+        self.lock = threading.Lock()  # guards `waiting` (add runs on the HTTP thread, step on the engine's)
+        self.active: list[Request] = []  # admitted, in admission order
+        self.free = list(range(max_batch))
+        self._events: list[Event] = []
+
+    # -- intake --------------------------------------------------------------------------------------------------------
+    def check(self, prompt: list[int], params: SamplingParams) -> None:
+        """Everything that can be wrong with a request, before it costs anything."""
+        params.validate(self.max_logprobs)
+        V = self.args.vocab_size
+        if not prompt:
+            raise ParamError("prompt", "the prompt is empty")
+        bad = [t for t in prompt if not 0 <= t < V]
+        if bad:
+            raise ParamError("prompt", f"token ids outside [0, {V}): {bad[:5]}")
+        need = len(prompt) + params.max_tokens
+        if need > self.max_seq_len:
+            raise ContextLengthError(
+                f"{len(prompt)} prompt tokens + max_tokens {params.max_tokens} = {need} exceeds "
+                f"max_seq_len={self.max_seq_len} (shorten the prompt, lower max_tokens or raise --max-seq-len up to "
+                f"{self.args.max_position_embeddings})")
+        if params.speculative and not self.args.n_mtp_layers:
+            raise ParamError("speculative", "speculative decoding needs the MTP layer (n_mtp_layers = 1)")
+
+    def add(self, req: Request) -> Request:
+        self.check(req.prompt, req.params)
+        p = req.params
+        if p.temperature > 0:
+            req.generator = torch.Generator(device=self.device)
+            req.generator.manual_seed(p.seed if p.seed is not None else random.getrandbits(63))
+        if self.tokenizer is not None:
+            req.detok = Detokenizer(self.tokenizer)
+        with self.lock:
+            if len(self.waiting) >= self.max_waiting:
+                raise QueueFull(f"the waiting queue is full ({self.max_waiting} requests)")
+            self.waiting.append(req)
+        return req
+
+    def cancel(self, req: Request) -> None:
+        """Thread-safe: the request leaves at the start of the next step and its slot is free."""
+        req.cancelled = True
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.active)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.active)
+
+    # -- one step ------------------------------------------------------------------------------------------------------
+    def step(self) -> list[Event]:
+        self._events = []
+        for r in [r for r in self.active if r.cancelled]:
+            self._finish(r, FINISH_ABORT)
+        self._admit()
+        running = [r for r in self.active if r.status == RUNNING]
+        # a 2-token verify must not run past the length budget: a request's last token is a plain step
+        spec = [r for r in running if r.params.speculative and r.params.max_tokens - len(r.output) >= 2]
+        plain = [r for r in running if r not in spec]
+        if plain:
+            self._guarded(plain, self._decode)
+        if spec:
+            self._guarded(spec, self._decode_speculative)
+        budget = max(self.step_tokens - len(plain) - 2 * len(spec), MIN_PREFILL_TOKENS)
+        for r in [r for r in self.active if r.status == PREFILL]:
+            if budget <= 0:
+                break
+            n = min(budget, self.prefill_chunk, len(r.prompt) - r.n_fed)
+            self._guarded([r], lambda rs, n=n: self._prefill(rs[0], n))
+            budget -= n
+        return self._events
+
+    def _admit(self) -> None:
+        with self.lock:
+            while self.waiting and (self.free or self.waiting[0].cancelled):
+                r = self.waiting.popleft()
+                if r.cancelled:
+                    r.status = FINISHED
+                    r.finish_reason = FINISH_ABORT
+                    self._event(r, None, "", None)
+                    continue
+                self.free.sort()  # lowest slots first: running slots stay contiguous more often (one slice)
+                r.slot = self.free.pop(0)
+                r.status = PREFILL
+                self.active.append(r)
+                self.runner.reset(r.slot)
+
+    def _guarded(self, reqs: list[Request], fn: Callable[[list[Request]], None]) -> None:
+        """A failure fails the requests of that forward only; the engine carries on with the others."""
+        try:
+            fn(reqs)
+        except Exception as e:  # noqa: BLE001  reported to the request's client
+            for r in reqs:
+                if not r.finished:
+                    r.error = f"{type(e).__name__}: {e}"
+                    self._finish(r, FINISH_ERROR)
+
+    # -- prefill and decode --------------------------------------------------------------------------------------------
+    def _prefill(self, r: Request, n: int) -> None:
+        t0 = time.perf_counter()
+        c0, piece = r.n_fed, r.prompt[r.n_fed:r.n_fed + n]
+        if r.params.speculative:
+            logits = self.runner.prefill_speculative(r.slot, piece, c0)[0]
+        else:
+            logits = self.runner.forward([piece], [r.slot])[0]  # [S,V]
+        if r.params.prompt_logprobs is not None:
+            if c0 == 0:
+                r.prompt_logprobs.append(None)
+            targets = r.prompt[c0 + 1:c0 + n + 1]  # row j predicts prompt token c0 + j + 1
+            r.prompt_logprobs += self._logprobs(logits[:len(targets)], targets, r.params.prompt_logprobs)
+        r.n_fed += n
+        r.stats.prefill_s += time.perf_counter() - t0
+        if r.n_fed < len(r.prompt):
+            return
+        r.status = RUNNING
+        if r.params.max_tokens == 0:  # scoring only (prompt_logprobs / echo)
+            self._finish(r, FINISH_LENGTH)
+            return
+        tok = self._take(r, logits[-1], int(logits[-1].argmax()))
+        if r.params.speculative and not r.finished:
+            self.runner.first_draft(r.slot, tok, len(r.prompt))
+
+    def _decode(self, reqs: list[Request]) -> None:
+        logits = self.runner.forward([[r.cur] for r in reqs], [r.slot for r in reqs])[:, -1]  # [B,V]
+        best = logits.argmax(-1).tolist()
+        for i, r in enumerate(reqs):
+            r.stats.forwards += 1
+            self._guarded([r], lambda _, i=i, r=r: self._take(r, logits[i], best[i]))  # a row fails alone
+
+    def _decode_speculative(self, reqs: list[Request]) -> None:
+        g, acc = self.runner.spec_step([r.slot for r in reqs], [r.cur for r in reqs])
+        for r, (g1, g2), ok in zip(reqs, g, acc, strict=True):
+            st = r.stats
+            st.forwards += 1
+            st.drafted += 1
+            st.accepted += int(ok)
+            self._emit(r, g1, None)
+            if ok and not r.finished:
+                self._emit(r, g2, None)
+
+    # -- sampling ------------------------------------------------------------------------------------------------------
+    def _take(self, r: Request, row: Tensor, best: int) -> int:
+        """Choose r's next token from its logits row [V] (best = the row's argmax), with its logprobs; emit it."""
+        tok = self._sample(r, row, best)
+        lp = self._logprobs(row[None], [tok], r.params.logprobs)[0] if r.params.logprobs is not None else None
+        self._emit(r, tok, lp)
+        return tok
+
+    def _sample(self, r: Request, row: Tensor, best: int) -> int:
+        """argmax for a greedy request, else a draw from its filtered distribution with its own generator."""
+        p = r.params
+        if p.temperature <= 0:
+            return best
+        probs = filtered_probs(row[None], p.temperature, p.top_k, p.top_p)[0]
+        return int(torch.multinomial(probs, 1, generator=r.generator))
+
+    @staticmethod
+    def _logprobs(logits: Tensor, targets: list[int], k: int) -> list[Logprobs]:
+        """For rows of logits [T,V] and their target ids: the target's log-prob and the top-k."""
+        lp = torch.log_softmax(logits.float(), dim=-1)
+        top_v, top_i = lp.topk(k, dim=-1) if k > 0 else (lp[:, :0], lp[:, :0].long())
+        chosen = lp.gather(-1, torch.tensor(targets, device=lp.device)[:, None])  # [T,1]
+        ranks = ((lp > chosen).sum(-1) + 1).tolist()
+        return [Logprobs(t, c, rk, list(zip(ids, vals, strict=True)))
+                for t, c, rk, ids, vals in zip(targets, chosen[:, 0].tolist(), ranks, top_i.tolist(), top_v.tolist(),
+                                               strict=True)]
+
+    # -- emitting ------------------------------------------------------------------------------------------------------
+    def _emit(self, r: Request, tok: int, lp: Logprobs | None) -> None:
+        p = r.params
+        now = time.perf_counter()
+        if tok in p.stop_token_ids or (tok == self.args.eos_token_id and not p.ignore_eos):
+            r.stop_reason = tok
+            self._finish(r, FINISH_STOP)
+            return
+        r.output.append(tok)
+        if lp is not None:
+            r.output_logprobs.append(lp)
+        r.cur = tok
+        st = r.stats
+        st.new_tokens += 1
+        st.token_times.append(now)
+        if st.first_token_at is None:
+            st.first_token_at = now
+        last = len(r.output) >= p.max_tokens
+        text, stopped = self._text(r, tok, last)
+        if stopped or last:
+            self._finish(r, FINISH_STOP if stopped else FINISH_LENGTH, tok, text, lp)
+        else:
+            self._event(r, tok, text, lp)
+
+    def _text(self, r: Request, tok: int, last: bool) -> tuple[str, bool]:
+        """The text this token releases, and whether a stop string ended the request. Text that might be the
+        start of a stop string is held back until the next token settles it."""
+        if r.detok is None:
+            return "", False
+        r.text += r.detok.push(tok) + (r.detok.flush() if last else "")
+        stops = r.params.stop
+        for s in stops:
+            at = r.text.find(s, max(0, r.sent - len(s) + 1))
+            if at >= 0:
+                r.stop_reason = s
+                r.text = r.text[:at]
+                piece, r.sent = r.text[r.sent:], at
+                return piece, True
+        hold = 0
+        if not last:
+            for s in stops:
+                hold = max(hold, max((k for k in range(1, len(s)) if r.text.endswith(s[:k])), default=0))
+        end = max(len(r.text) - hold, r.sent)
+        piece, r.sent = r.text[r.sent:end], end
+        return piece, False
+
+    def _finish(self, r: Request, reason: str, tok: int | None = None, text: str = "",
+                lp: Logprobs | None = None) -> None:
+        if r.sent < len(r.text):  # text held back for a stop string that never came
+            text += r.text[r.sent:]
+            r.sent = len(r.text)
+        r.status, r.finish_reason = FINISHED, reason
+        st = r.stats
+        if st.first_token_at is not None:
+            st.decode_s = time.perf_counter() - st.first_token_at
+        if r in self.active:
+            self.active.remove(r)
+            self.free.append(r.slot)
+        self._event(r, tok, text, lp)
+
+    def _event(self, r: Request, tok: int | None, text: str, lp: Logprobs | None) -> None:
+        ev = Event(r, tok, text, lp, r.finished)
+        self._events.append(ev)
+        if r.on_event is not None:
+            r.on_event(ev)
+
+    # -- driving -------------------------------------------------------------------------------------------------------
+    def run_until_idle(self):
+        """Offline use: step until every request has finished, yielding events as they come."""
+        while self.has_work():
+            yield from self.step()
+
+    def close(self) -> None:
+        """Release the other ranks from `follow()` (multi-rank serving)."""
+        self.runner.stop_followers()
+
+
+__all__ = ["Engine", "Event", "Logprobs", "ParamError", "QueueFull", "Request", "RequestStats", "SamplingParams",
+           "FINISH_STOP", "FINISH_LENGTH", "FINISH_ABORT", "FINISH_ERROR"]

@@ -1,0 +1,203 @@
+"""The model side of the serving engine: the one model, its KV cache, and every call that touches them.
+
+The scheduler (common/runtime/engine.py) decides what runs; this runner runs it. Each public method takes plain
+Python values (token ids, slot numbers, positions), so a call can be replayed on other ranks: under torchrun, rank 0
+broadcasts every call (`Mirror`) before running it, and the other ranks sit in `follow()` running the same calls in
+the same order. Every rank thus feeds the same batch through the same collectives, and the caches stay identical.
+Sampling needs no broadcast: rank 0 samples and the chosen ids travel with the next call.
+
+Speculative decoding (MTP, greedy only) lives here too, because its accept/reject decisions change the cache: every
+rank computes them from the same all-gathered logits, so they agree without a message.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from dsv4.common.model.cache import KVCache
+
+STOP_FOLLOWING = "__stop__"
+
+
+class Mirror:
+    """Rank 0's side of the call broadcast (torch.distributed, default group)."""
+
+    def __init__(self, src: int = 0) -> None:
+        import torch.distributed as dist
+
+        self.dist, self.src = dist, src
+
+    def send(self, name: str, args: tuple) -> None:
+        self.dist.broadcast_object_list([(name, args)], src=self.src)
+
+    def receive(self) -> tuple[str, tuple]:
+        box: list = [None]
+        self.dist.broadcast_object_list(box, src=self.src)
+        return box[0]
+
+
+def mirrored(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def call(self: ModelRunner, *args):
+        if self.mirror is not None and not self.following:
+            self.mirror.send(fn.__name__, args)
+        return fn(self, *args)
+
+    return call
+
+
+def slot_index(slots: list[int], device: torch.device) -> slice | Tensor:
+    """A slice when the slots are one ascending run (the cache is then written in place), else an index tensor."""
+    lo = slots[0]
+    if slots == list(range(lo, lo + len(slots))):
+        return slice(lo, lo + len(slots))
+    return torch.tensor(slots, dtype=torch.long, device=device)
+
+
+class ModelRunner:
+    def __init__(self, model, max_batch: int, max_seq_len: int, mirror: Mirror | None = None) -> None:
+        self.model, self.max_batch, self.max_seq_len, self.mirror = model, max_batch, max_seq_len, mirror
+        self.following = False
+        self.device = model.embed.weight.device
+        self._cache: KVCache | None = None  # allocated on first use: validation alone must cost nothing
+        a = model.args
+        self.draft = torch.zeros(max_batch, dtype=torch.long, device=self.device)  # MTP guess after each slot's cur
+        self.pending: dict[int, Tensor] = {}  # speculative prefill: last-block streams [1,1,n,d] awaiting a token
+        # a draft at position p is cheap to take back unless it completes some compressor's block (see spec_step)
+        self.block_ratios = sorted({r for r in a.compress_ratios[:a.n_layers] if r})
+
+    @property
+    def cache(self) -> KVCache:
+        if self._cache is None:
+            self._cache = self.model.new_cache(self.max_batch, self.max_seq_len)
+        return self._cache
+
+    def _tokens(self, rows: list[list[int]]) -> Tensor:
+        return torch.tensor(rows, dtype=torch.long, device=self.device)
+
+    # -- plain calls ---------------------------------------------------------------------------------------------------
+    @mirrored
+    def ping(self) -> None:
+        """Nothing: an idle rank 0 calls it now and then so the other ranks' wait never times out."""
+
+    @mirrored
+    def reset(self, slot: int) -> None:
+        """A new sequence in `slot`: position 0 (the compressor states re-initialise there)."""
+        self.cache.lengths[slot] = 0
+        self.pending.pop(slot, None)
+
+    @mirrored
+    def forward(self, rows: list[list[int]], slots: list[int]) -> Tensor:
+        """Logits [B,S,V] of one forward: row i continues slot slots[i] at its own cached length."""
+        return self.model(self._tokens(rows), self.cache, slots=slot_index(slots, self.device))
+
+    # -- speculative (MTP) ---------------------------------------------------------------------------------------------
+    @mirrored
+    def prefill_speculative(self, slot: int, piece: list[int], c0: int) -> Tensor:
+        """A prefill chunk at positions [c0, c0+S) that also feeds the MTP layer's cache, which lags the main model
+        by one position (position i needs token i+1). Returns the main logits [1,S,V]."""
+        model, cache, sl = self.model, self.cache, slice(slot, slot + 1)
+        logits, hidden = model(self._tokens([piece]), cache, slots=sl, return_hidden="last")
+        X = hidden[-1]
+        pending = self.pending.get(slot)
+        streams = X if pending is None else torch.cat([pending, X], dim=1)
+        nxt = piece if pending is not None else piece[1:]  # the next tokens of positions q0 .. c0+S-2
+        if nxt:
+            q0 = c0 - (pending is not None)
+            model.mtp_forward(streams[:, :-1], self._tokens([nxt]), cache, sl, start=torch.tensor([q0]))
+        self.pending[slot] = X[:, -1:]
+        return logits
+
+    @mirrored
+    def first_draft(self, slot: int, first_token: int, prompt_len: int) -> None:
+        """MTP at the prompt's last position (its streams + the first generated token) guesses the token after."""
+        lm = self.model.mtp_forward(self.pending.pop(slot), self._tokens([[first_token]]), self.cache,
+                                    slice(slot, slot + 1), start=torch.tensor([prompt_len - 1]))
+        self.draft[slot] = lm[0, -1].argmax()
+
+    def _completes_block(self, pos: int) -> bool:
+        return any((pos + 1) % r == 0 for r in self.block_ratios)
+
+    def _snapshot(self, b: int, ring_row: int) -> list[tuple[Tensor, Tensor]]:
+        """Copies of slot b's compressor states and its ring row `ring_row` in every main layer (all small)."""
+        views: list[Tensor] = []
+        for lc in self.cache.layers[:self.model.args.n_layers]:
+            views.append(lc.kv[b, ring_row])
+            for st in (lc.comp, lc.index_comp):
+                if st is not None:
+                    views += [t[b] for t in (st.kv, st.score, st.prev_kv, st.prev_score) if t is not None]
+        return [(v, v.clone()) for v in views]
+
+    def _restore(self, b: int, snap: list[tuple[Tensor, Tensor]], cur: int) -> None:
+        for view, saved in snap:
+            view.copy_(saved)
+        self.cache.lengths[b] -= 2  # back to L, then re-feed the valid token alone
+        self.model(self._tokens([[cur]]), self.cache, slots=slice(b, b + 1))
+
+    @mirrored
+    def spec_step(self, slots: list[int], cur: list[int]) -> tuple[list[list[int]], list[bool]]:
+        """Verify [cur, draft] at positions [L, L+1] of each slot in one forward; g1/g2 = the greedy picks after L
+        and L+1. Returns ([[g1, g2]] per row, accepted per row). Accepted (g1 == draft): the tokens are g1, g2 and
+        the cache is exactly as after feeding both. Rejected: the token is g1; the cache holds one position too
+        many. Taking it back:
+          - lengths: L+2 -> L+1.
+          - ring row (L+1) % W got the draft's KV: harmless, the true token at L+1 rewrites it before any query
+            reads it, and no later query looks back at position L+1-W.
+          - compressor state, when the draft did NOT complete a block: the draft only wrote the row of the block in
+            progress after L's; the next chunk reads rows before its start only, so that row is never read. A block
+            completed at L (by the valid token) was pooled from valid rows only. Compressed rows written for a block
+            are rewritten when the block truly completes, and queries see entries by position. Nothing to do.
+          - when the draft completed a block ((L+2) % ratio == 0 for some layer), the chunk pooled the draft into it,
+            overwrote the overlap look-back rows and never stored row L in the pending rows. Those steps snapshot the
+            compressor states (and ring row (L+1) % W, which holds position L+1-W, still inside L's window) before
+            verifying; a rejection restores them and re-feeds token L alone.
+        The MTP layer is then fed positions [L, L+1] with their true next tokens [g1, g2]; a rejected slot keeps the
+        draft from position L, and its bogus position L+1 entry sits in a ring row that is rewritten before use."""
+        model, cache = self.model, self.cache
+        W = model.args.window_size
+        idx = slot_index(slots, self.device)
+        rows = torch.tensor(slots, dtype=torch.long, device=self.device)
+        start = cache.lengths[idx].clone()
+        snaps = {}
+        for b, L in zip(slots, start.tolist(), strict=True):
+            if self._completes_block(L + 1):
+                snaps[b] = self._snapshot(b, (L + 1) % W)
+        draft = self.draft[rows]
+        x = torch.stack([self._tokens(cur), draft], dim=1)
+        logits, hidden = model(x, cache, slots=idx, return_hidden="last")
+        g = logits.argmax(-1)  # [B,2]
+        acc = g[:, 0] == draft
+        acc_list = acc.tolist()
+        for b, c, ok in zip(slots, cur, acc_list, strict=True):
+            if ok:
+                continue
+            if b not in snaps:
+                cache.lengths[b] -= 1  # L+2 -> L+1: the cheap, exact take-back
+                continue
+            self._restore(b, snaps[b], c)
+        lm = model.mtp_forward(hidden[-1], g, cache, idx, start=start)  # [B,2,V]
+        self.draft[rows] = torch.where(acc, lm[:, 1].argmax(-1), lm[:, 0].argmax(-1))
+        return g.tolist(), acc_list
+
+    # -- other ranks ---------------------------------------------------------------------------------------------------
+    def stop_followers(self) -> None:
+        if self.mirror is not None:
+            self.mirror.send(STOP_FOLLOWING, ())
+
+    def follow(self) -> None:
+        """Ranks other than 0: run rank 0's calls until it says stop. A call that fails here fails the same way on
+        rank 0 (same inputs, same arithmetic), where the scheduler fails that request and carries on."""
+        assert self.mirror is not None
+        self.following = True
+        while True:
+            name, args = self.mirror.receive()
+            if name == STOP_FOLLOWING:
+                return
+            try:
+                getattr(self, name)(*args)
+            except Exception:  # noqa: BLE001  rank 0 saw the same failure and reports it
+                pass

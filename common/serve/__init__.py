@@ -1,0 +1,1 @@
+"""`dsv4 serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) over the continuous-batching engine."""

@@ -1,0 +1,74 @@
+"""`dsv4 serve`: arguments, and start-up on one process or several (torchrun).
+
+Under torchrun, rank 0 serves HTTP and schedules; every other rank replays rank 0's engine calls
+(runtime/engine_runner.py: Mirror, follow), so each step's batch runs through the same collectives everywhere.
+SIGTERM drains: the listening socket closes, requests in flight finish (up to --drain-timeout seconds, then they
+end with an error), the other ranks are released and the process exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("serving")
+    g.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--served-model-name", default=None,
+                   help="the name clients pass as `model` (default: the checkpoint folder's name, or dsv4-<config>)")
+    g.add_argument("--max-batch", type=int, default=16, help="cache slots: requests running at once")
+    g.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per prefill forward")
+    g.add_argument("--step-tokens", type=int, default=None,
+                   help="tokens per engine step, decodes first (default: --prefill-chunk + --max-batch)")
+    g.add_argument("--max-waiting", type=int, default=256,
+                   help="requests queued beyond the running ones; more get 503 + Retry-After")
+    g.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
+    g.add_argument("--max-logprobs", type=int, default=20, help="the most logprobs/top_logprobs a request may ask")
+    g.add_argument("--speculative", action="store_true",
+                   help="MTP self-speculative decoding for greedy requests without logprobs or stop strings "
+                        "(others decode plainly)")
+    g.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="seconds SIGTERM waits for requests in flight before ending them")
+
+
+def cmd_serve(ns: argparse.Namespace) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError as e:
+        raise ValueError(f"dsv4 serve needs the [serve] extra ({e.name} is missing): pip install -e '.[serve]'") \
+            from None
+    from dsv4.common.runtime.distributed import world_from_env
+    from dsv4.common.runtime.engine import Engine
+    from dsv4.common.runtime.engine_runner import Mirror
+    from dsv4.common.runtime.loading import load_model
+
+    model, tokenizer, source = load_model(ns)
+    rank, world, _ = world_from_env()
+    engine = Engine(model, max_batch=ns.max_batch, max_seq_len=ns.max_seq_len, prefill_chunk=ns.prefill_chunk,
+                    step_tokens=ns.step_tokens, max_waiting=ns.max_waiting, tokenizer=tokenizer,
+                    mirror=Mirror() if world > 1 else None, max_logprobs=ns.max_logprobs)
+    if rank != 0:
+        engine.runner.follow()
+        return 0
+    from dsv4.common.serve.app import Server, create_app
+
+    name = ns.served_model_name or (Path(ns.model).name if ns.model else f"dsv4-{ns.config}")
+    server = Server(engine, tokenizer, name, ns.speculative)
+    app = create_app(server, ns.max_body_bytes)
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            server.draining = True  # new requests get 503 while those in flight finish
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, host=ns.host, port=ns.port, log_level="warning",
+                            timeout_graceful_shutdown=ns.drain_timeout)
+    print(f"[dsv4] model: {source}; backend: {model.ops.name}; ranks: {world}", file=sys.stderr)
+    print(f"[dsv4] serving {name!r} on http://{ns.host}:{ns.port}/v1 (Ctrl-C or SIGTERM drains and stops)",
+          file=sys.stderr, flush=True)
+    DrainingServer(config).run()
+    return 0
