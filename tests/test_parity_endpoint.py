@@ -20,6 +20,7 @@ from dsv4.common.checkpoint.tokenizer import TextTokenizer
 from dsv4.common.parity.endpoint import (
     EndpointProfile,
     first_divergence,
+    load_continuations,
     load_prompts,
     position_metrics,
     run_endpoint,
@@ -138,15 +139,15 @@ def test_models_tokenize_and_error_bodies():
 def test_position_metrics_by_hand():
     ref = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.1, 0.2, 0.3, 0.4]], dtype=torch.float64).log()  # rows: ids[1:]
     ids = [9, 0, 2]
-    end = torch.tensor([[0.4, 0.4, 0.1, 0.1], [0.1, 0.2, 0.3, 0.4]], dtype=torch.float64).log()
+    end = torch.tensor([[0.45, 0.4, 0.1, 0.05], [0.1, 0.2, 0.3, 0.4]], dtype=torch.float64).log()
     got = [PositionLogprobs(0, float(end[0, 0]), {0: float(end[0, 0]), 1: float(end[0, 1])}),
            PositionLogprobs(2, float(end[1, 2]), {3: float(end[1, 3]), 2: float(end[1, 2])})]
     m = position_metrics(ref, ids, got, k=2)
-    assert m["dlogprob"] == pytest.approx([abs(math.log(0.5 / 0.4)), 0.0])
-    assert m["top1"] == [True, True]  # 0.4 = 0.4: the endpoint's tie resolves to the first listed, id 0
+    assert m["dlogprob"] == pytest.approx([abs(math.log(0.5 / 0.45)), 0.0])
+    assert m["top1"] == [True, True]
     assert m["topk_overlap"] == [1.0, 1.0]
-    # position 1: returned {0, 1}, rest bucket ref 0.2 vs endpoint 0.2
-    kl0 = 0.5 * math.log(0.5 / 0.4) + 0.3 * math.log(0.3 / 0.4) + 0.2 * math.log(0.2 / 0.2)
+    # position 1: returned {0, 1}; the rest bucket holds ref 0.2 vs endpoint 0.15
+    kl0 = 0.5 * math.log(0.5 / 0.45) + 0.3 * math.log(0.3 / 0.4) + 0.2 * math.log(0.2 / 0.15)
     assert m["kl_lb"][0] == pytest.approx(kl0, rel=1e-9)
     full = float((ref[0].exp() * (ref[0] - end[0])).sum())
     assert m["kl_lb"][0] <= full + 1e-12  # a lower bound of the full KL (data-processing inequality)
@@ -224,11 +225,11 @@ def tiny():
 PROFILE_FP32 = EndpointProfile.load("fp32")
 
 
-def run(tiny, fake: FakeVLLM, **kw):
+def run(tiny, fake: FakeVLLM, continuations=None, **kw):
     model, tok, texts, prompts = tiny
     c = EndpointClient("http://fake/v1", sleep=lambda s: None, transport=fake.transport())
     kw = {"profile": PROFILE_FP32, "top_k": 20, "max_new_tokens": 8, **kw}
-    return run_endpoint(c, model, tok, texts, prompts, None, log=lambda m: None, **kw)
+    return run_endpoint(c, model, tok, texts, prompts, continuations, log=lambda m: None, **kw)
 
 
 def test_same_model_passes_and_writes_report(tiny, tmp_path):
@@ -263,6 +264,14 @@ def test_echo_only_endpoint_runs_in_echo_mode(tiny):
     assert res.teacher["dlogprob_max"] < 1e-5
 
 
+def test_sglang_like_endpoint_runs_through_generate(tiny):
+    # its OpenAI routes ignore prompt_logprobs and echo: the probe falls through to the native /generate
+    res = run(tiny, FakeVLLM(tiny[0], tiny[1], apis=("sglang",)))
+    assert res.api == "sglang_generate" and res.ok, res.violations
+    assert len(res.api_probe) == 1 and res.api_probe[0].startswith("prompt_logprobs: ")
+    assert res.teacher["dlogprob_max"] == 0.0 and res.free["greedy_match_frac"] == 1.0
+
+
 def test_endpoint_without_logprobs_is_a_clear_error(tiny):
     with pytest.raises(EndpointError, match=r"no usable log-probs \(prompt_logprobs: .*; sglang_generate: .*404.*; "
                                             r"echo_logprobs: .*"):
@@ -292,6 +301,23 @@ def test_prompts_file_formats(tmp_path, tiny):
     f.write_text('{"text": 3}\n')
     with pytest.raises(ValueError, match=r"p.jsonl:1: expected a 'prompt' string or a 'token_ids' list"):
         load_prompts(str(f), tok)
+
+
+def test_continuation_file_and_input_checks(tmp_path, tiny):
+    model, tok, texts, prompts = tiny
+    f = tmp_path / "c.jsonl"
+    f.write_text('{"token_ids": [5, 6]}\n')
+    with pytest.raises(ValueError, match="1 continuations for 2 prompts"):
+        load_continuations(str(f), 2, tok)
+    f.write_text('{"token_ids": [5, 6]}\n{"text": "ok"}\n')
+    conts = load_continuations(str(f), 2, tok)
+    assert conts == [[5, 6], tok.encode("ok", add_bos=False)]
+    res = run(tiny, FakeVLLM(model, tok), mode="teacher", continuations=conts)
+    assert [r.ids for r in res.prompts] == [p + c for p, c in zip(prompts, conts, strict=True)] and res.ok
+    with pytest.raises(ValueError, match="token id 999 is outside the reference's vocabulary"):
+        run(tiny, FakeVLLM(model, tok), mode="teacher", continuations=[[999], [1]])
+    with pytest.raises(ValueError, match="exceed the reference's max_seq_len 2048"):
+        run(tiny, FakeVLLM(model, tok), mode="teacher", continuations=[[5] * 2048, [1]])
 
 
 def test_cli_unreachable_endpoint_is_one_line_exit_2(capsys):

@@ -56,7 +56,24 @@ class FakeVLLM:
             return httpx.Response(200, json={"count": len(ids), "tokens": [t + self.tokenize_shift for t in ids]})
         if path == "/v1/completions":
             return self.completions(body)
+        if path == "/generate" and "sglang" in self.apis:
+            return self.sglang_generate(body)
         return httpx.Response(404, json={"detail": "Not Found"})
+
+    def sglang_generate(self, body: dict) -> httpx.Response:
+        """SGLang's native /generate (shape of tests/fixtures/endpoint/sglang_generate.json)."""
+        ids, sp = body["input_ids"], body.get("sampling_params", {})
+        gen = reference_greedy(self.model, [ids], max(1, int(sp.get("max_new_tokens", 16))))[0]
+        meta: dict = {"prompt_tokens": len(ids), "completion_tokens": len(gen),
+                      "finish_reason": {"type": "length", "length": len(gen)}}
+        if body.get("return_logprob"):
+            lp, k = self._logprobs(ids), int(body.get("top_logprobs_num", 0))
+            meta["input_token_logprobs"] = [[None, ids[0], None]] + [
+                [float(lp[j - 1, ids[j]]), ids[j], None] for j in range(1, len(ids))]
+            meta["input_top_logprobs"] = [None] + [
+                [[v, t, None] for t, v in self._top(lp[j - 1], k, None).items()] if k else None
+                for j in range(1, len(ids))]
+        return httpx.Response(200, json={"text": self.tokenizer.decode(gen), "output_ids": gen, "meta_info": meta})
 
     def _error(self, status: int, message: str) -> httpx.Response:
         return httpx.Response(status, json={"error": {"message": message, "type": "BadRequestError", "code": status}})
