@@ -198,6 +198,15 @@ def test_timeout_message():
         c.served_models()
 
 
+def test_a_server_that_never_answers_times_out():
+    with socket.socket() as srv:  # accepts connections (the kernel's backlog) and never replies
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(4)
+        c = EndpointClient(f"http://127.0.0.1:{srv.getsockname()[1]}/v1", timeout=0.3, retries=0)
+        with pytest.raises(EndpointError, match=r"did not answer within 0.3 s \(--timeout\) \(gave up after 1 tries"):
+            c.served_models()
+
+
 def test_429_retry_after_is_honoured_then_bounded():
     waits = []
     busy = (429, {"Retry-After": "2"}, {"error": {"message": "slow down"}})
@@ -282,6 +291,13 @@ def test_tokenizer_mismatch_is_an_error_not_a_score(tiny):
     with pytest.raises(TokenizationMismatch, match="prompt 0: the endpoint tokenizes differently from the "
                                                    "reference at token 0"):
         run(tiny, FakeVLLM(tiny[0], tiny[1], tokenize_shift=1))
+
+
+def test_tokenizer_check_without_tokenize_round_trips_ids(tiny):
+    res = run(tiny, FakeVLLM(tiny[0], tiny[1], has_tokenize=False), mode="teacher")
+    assert res.tokenizer_check.startswith("echoed token ids agree") and res.ok
+    with pytest.raises(TokenizationMismatch, match="prompt 0: the endpoint's echoed token ids"):
+        run(tiny, FakeVLLM(tiny[0], tiny[1], has_tokenize=False, tokenize_shift=1), mode="teacher")
 
 
 def test_top_k_above_the_server_cap_says_so(tiny):

@@ -20,9 +20,11 @@ class FakeVLLM:
     answers served first (for 429s, timeouts: body "TIMEOUT" raises httpx.ReadTimeout)."""
 
     def __init__(self, model, tokenizer, name: str = "dsv4-tiny", apis: tuple[str, ...] = ("prompt_logprobs", "echo"),
-                 max_logprobs: int = 20, tokenize_shift: int = 0, script: dict | None = None) -> None:
+                 max_logprobs: int = 20, tokenize_shift: int = 0, script: dict | None = None,
+                 has_tokenize: bool = True) -> None:
         self.model, self.tokenizer, self.name, self.apis = model, tokenizer, name, apis
         self.max_logprobs, self.tokenize_shift, self.script = max_logprobs, tokenize_shift, script or {}
+        self.has_tokenize = has_tokenize
         self.calls: list[tuple[str, dict | None]] = []
 
     def transport(self) -> httpx.MockTransport:
@@ -51,9 +53,9 @@ class FakeVLLM:
             return httpx.Response(status, headers=headers, json=payload)
         if path == "/v1/models":
             return httpx.Response(200, json={"object": "list", "data": [{"id": self.name, "object": "model"}]})
-        if path == "/tokenize":
-            ids = self.tokenizer.encode(body["prompt"], add_bos=body.get("add_special_tokens", True))
-            return httpx.Response(200, json={"count": len(ids), "tokens": [t + self.tokenize_shift for t in ids]})
+        if path == "/tokenize" and self.has_tokenize:
+            ids = self.encode(body["prompt"], body.get("add_special_tokens", True))
+            return httpx.Response(200, json={"count": len(ids), "tokens": ids})
         if path == "/v1/completions":
             return self.completions(body)
         if path == "/generate" and "sglang" in self.apis:
@@ -75,13 +77,18 @@ class FakeVLLM:
                 for j in range(1, len(ids))]
         return httpx.Response(200, json={"text": self.tokenizer.decode(gen), "output_ids": gen, "meta_info": meta})
 
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        """The server's tokenizer: the reference's, shifted by `tokenize_shift` (a different vocabulary)."""
+        ids = self.tokenizer.encode(text, add_bos=add_bos)
+        return [t + self.tokenize_shift if t != self.tokenizer.bos_id else t for t in ids]
+
     def _error(self, status: int, message: str) -> httpx.Response:
         return httpx.Response(status, json={"error": {"message": message, "type": "BadRequestError", "code": status}})
 
     def completions(self, body: dict) -> httpx.Response:
         if body.get("model") != self.name:
             return self._error(404, f"The model `{body.get('model')}` does not exist.")
-        ids = body["prompt"] if isinstance(body["prompt"], list) else self.tokenizer.encode(body["prompt"])
+        ids = body["prompt"] if isinstance(body["prompt"], list) else self.encode(body["prompt"])
         k = body.get("prompt_logprobs")
         echo_k = body.get("logprobs") if body.get("echo") else None
         for req in (k, body.get("logprobs")):

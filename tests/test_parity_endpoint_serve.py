@@ -89,6 +89,14 @@ def test_same_model_server_passes(server, tmp_path):
     assert (tmp_path / "report" / "report.md").exists()
 
 
+def test_unknown_served_model_is_one_line(server, capsys):
+    url = server(tiny())
+    rc = main(["parity", "endpoint", "--url", url, "--served-model", "nope"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err
+    assert err == f"parity endpoint: --served-model 'nope' is not served at {url}; it serves: {NAME}"
+
+
 def test_w8a8_910b_server_is_flagged_with_first_divergence(server, tmp_path):
     from dsv4.ascend import create_ops
 

@@ -40,6 +40,8 @@ from dsv4.common.parity.endpoint_client import (
     EndpointUnsupported,
     PositionLogprobs,
     TokenizationMismatch,
+    choice0,
+    token_id_of,
 )
 
 # default prompts: short texts of different kinds, tokenized by the reference's own tokenizer (the embedded default's
@@ -252,9 +254,7 @@ def roundtrip_tokenization(client: EndpointClient, texts: list[str | None], prom
             body = client.request("POST", "/v1/completions", {
                 "model": client.model, "prompt": text, "max_tokens": 1, "echo": True, "logprobs": 0,
                 "temperature": 0.0, "return_tokens_as_token_ids": True})
-            from dsv4.common.parity.endpoint_client import _choice0, token_id_of
-
-            toks = (_choice0(body, "echo").get("logprobs") or {}).get("tokens") or []
+            toks = (choice0(body, "echo").get("logprobs") or {}).get("tokens") or []
             got = [token_id_of(str(t), None) for t in toks]
         except EndpointUnsupported as e:
             raise EndpointError(f"cannot check tokenization: no /tokenize and no echo round trip ({e}); pass "
@@ -278,6 +278,9 @@ def run_endpoint(client: EndpointClient, model, tokenizer, texts: list[str | Non
     tok_note = (check_tokenization(client, texts, prompts, tokenizer, log) if check_tokenizer
                 else "not checked (--no-tokenizer-check)")
     log(f"tokenizer: {tok_note}")
+    if model.dtype != torch.float32:
+        log(f"note: the reference runs in {str(model.dtype).replace('torch.', '')}; the endpoint profiles were "
+            "measured against an fp32 reference (--dtype fp32)")
     V = model.args.vocab_size
     greedy = reference_greedy(model, prompts, max_new_tokens) if continuations is None or mode != "teacher" else []
     conts = continuations if continuations is not None else greedy

@@ -58,7 +58,8 @@ class PositionLogprobs:
 
 
 # -- parsers ----------------------------------------------------------------------------------------------------------
-def _choice0(body: Any, where: str) -> dict:
+def choice0(body: Any, where: str) -> dict:
+    """choices[0] of an OpenAI completions answer."""
     choices = body.get("choices") if isinstance(body, dict) else None
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
         raise EndpointUnsupported(f"{where}: response has no choices[0]")
@@ -84,7 +85,7 @@ def _check_ids(got: list[int], ids: list[int], where: str) -> None:
 
 def parse_vllm_prompt_logprobs(body: Any, ids: list[int]) -> list[PositionLogprobs]:
     """vLLM /v1/completions with prompt_logprobs: positions 1..len(ids)-1."""
-    ch = _choice0(body, "prompt_logprobs")
+    ch = choice0(body, "prompt_logprobs")
     plp = ch.get("prompt_logprobs", body.get("prompt_logprobs"))  # per choice on completions, top level on chat
     if not isinstance(plp, list):
         raise EndpointUnsupported("prompt_logprobs: the response has no prompt_logprobs list (the server ignored "
@@ -167,7 +168,7 @@ def parse_echo_logprobs(body: Any, ids: list[int],
     """Completions with echo + logprobs: the first len(ids) entries are the prompt's; positions 1..len(ids)-1.
     Token strings map to ids through "token_id:N" or `lookup` (the reference tokenizer); a top-k entry whose string
     maps to no id (or to a different id than the one sent, for the scored token) is an error or dropped."""
-    lp = _choice0(body, "echo+logprobs").get("logprobs")
+    lp = choice0(body, "echo+logprobs").get("logprobs")
     if not isinstance(lp, dict) or not isinstance(lp.get("tokens"), list) or not isinstance(
             lp.get("token_logprobs"), list):
         raise EndpointUnsupported("echo+logprobs: choices[0].logprobs has no tokens/token_logprobs")
@@ -202,7 +203,7 @@ def parse_generated_ids(body: Any, lookup: Callable[[str], int | None] | None = 
     logprobs tokens ("token_id:N"), else SGLang's output_ids; None when the answer names no ids."""
     if isinstance(body, dict) and isinstance(body.get("output_ids"), list):
         return [int(t) for t in body["output_ids"]]
-    ch = _choice0(body, "completions")
+    ch = choice0(body, "completions")
     if isinstance(ch.get("token_ids"), list):
         return [int(t) for t in ch["token_ids"]]
     lp = ch.get("logprobs")
@@ -382,7 +383,7 @@ class EndpointClient:
                 "model": self.model, "prompt": ids, "max_tokens": n, "temperature": 0.0, "logprobs": 1,
                 "return_token_ids": True, "return_tokens_as_token_ids": True, "ignore_eos": True})
             got = parse_generated_ids(body, lookup)
-            reason = str(_choice0(body, "completions").get("finish_reason"))
+            reason = str(choice0(body, "completions").get("finish_reason"))
         if got is None:
             raise EndpointUnsupported("greedy completion: the answer names no token ids (no token_ids field and "
                                       "no 'token_id:N' tokens)")
