@@ -52,11 +52,17 @@ def cmd_serve(ns: argparse.Namespace) -> int:
                     step_tokens=ns.step_tokens, max_waiting=ns.max_waiting, tokenizer=tokenizer,
                     mirror=Mirror() if world > 1 else None, max_logprobs=ns.max_logprobs)
     if rank != 0:
+        # rank 0 drains on SIGTERM and then releases this rank; a rank that died on the launcher's SIGTERM at once
+        # would leave rank 0's last calls without a peer (the launcher SIGKILLs stragglers after its own timeout)
+        import signal
+
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         engine.runner.follow()
         return 0
     from dsv4.common.serve.app import Server, create_app
 
-    name = ns.served_model_name or (Path(ns.model).name if ns.model else f"dsv4-{ns.config}")
+    name = ns.served_model_name or (Path(ns.model).name if ns.model else f"dsv4-{Path(ns.config).stem}")
     server = Server(engine, tokenizer, name, ns.speculative)
     app = create_app(server, ns.max_body_bytes)
 
@@ -70,5 +76,12 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     print(f"[dsv4] model: {source}; backend: {model.ops.name}; ranks: {world}", file=sys.stderr)
     print(f"[dsv4] serving {name!r} on http://{ns.host}:{ns.port}/v1 (Ctrl-C or SIGTERM drains and stops)",
           file=sys.stderr, flush=True)
-    DrainingServer(config).run()
+    # uvicorn drains on SIGTERM/SIGINT, then re-raises the signal to the handler that was there before it ran
+    # (uvicorn/server.py, capture_signals): that handler is this no-op, so a drained server exits with status 0
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    DrainingServer(config).run()  # returns once the requests in flight are done and the engine loop stopped
+    print(f"[dsv4] drained and stopped ({server.metrics.total_requests()} requests served)", file=sys.stderr)
     return 0

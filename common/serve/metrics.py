@@ -37,6 +37,9 @@ class Metrics:
         for a, b in zip(st.token_times, st.token_times[1:], strict=False):
             self.itl.observe(b - a)
 
+    def total_requests(self) -> int:
+        return int(sum(s.value for m in self.requests.collect() for s in m.samples if s.name.endswith("_total")))
+
     def rejected(self, status: int) -> None:
         self.requests.labels(status=f"rejected_{status}").inc()
 
