@@ -330,7 +330,7 @@ def test_continuation_file_and_input_checks(tmp_path, tiny):
     assert conts == [[5, 6], tok.encode("ok", add_bos=False)]
     res = run(tiny, FakeVLLM(model, tok), mode="teacher", continuations=conts)
     assert [r.ids for r in res.prompts] == [p + c for p, c in zip(prompts, conts, strict=True)] and res.ok
-    with pytest.raises(ValueError, match="token id 999 is outside the reference's vocabulary"):
+    with pytest.raises(ValueError, match="continuation 0: token id 999 is outside the reference's vocabulary"):
         run(tiny, FakeVLLM(model, tok), mode="teacher", continuations=[[999], [1]])
     with pytest.raises(ValueError, match="exceed the reference's max_seq_len 2048"):
         run(tiny, FakeVLLM(model, tok), mode="teacher", continuations=[[5] * 2048, [1]])

@@ -282,6 +282,11 @@ def run_endpoint(client: EndpointClient, model, tokenizer, texts: list[str | Non
         log(f"note: the reference runs in {str(model.dtype).replace('torch.', '')}; the endpoint profiles were "
             "measured against an fp32 reference (--dtype fp32)")
     V = model.args.vocab_size
+    for i, ids in enumerate(prompts + (continuations or [])):
+        bad = [t for t in ids if not 0 <= t < V]
+        if bad:
+            what = f"prompt {i}" if i < len(prompts) else f"continuation {i - len(prompts)}"
+            raise ValueError(f"{what}: token id {bad[0]} is outside the reference's vocabulary (0..{V - 1})")
     greedy = reference_greedy(model, prompts, max_new_tokens) if continuations is None or mode != "teacher" else []
     conts = continuations if continuations is not None else greedy
     results = [PromptResult(i, len(p), p + c) for i, (p, c) in enumerate(zip(prompts, conts, strict=True))]
@@ -290,9 +295,6 @@ def run_endpoint(client: EndpointClient, model, tokenizer, texts: list[str | Non
         if len(r.ids) > limit:
             raise ValueError(f"prompt {r.index}: {r.prompt_len} prompt + {len(r.ids) - r.prompt_len} continuation "
                              f"tokens exceed the reference's max_seq_len {limit} (--max-seq-len)")
-        bad = [t for t in r.ids if not 0 <= t < V]
-        if bad:
-            raise ValueError(f"prompt {r.index}: token id {bad[0]} is outside the reference's vocabulary (0..{V - 1})")
     api_used, probe_notes = "-", []
     if mode in ("teacher", "both"):
         lookup = _token_lookup(tokenizer)
