@@ -226,13 +226,20 @@ def cmd_bisect(ns: argparse.Namespace, model_source: ModelSource | None = None) 
     return 0 if res.ok else 1
 
 
+def cmd_endpoint(ns: argparse.Namespace, model_source: ModelSource | None = None) -> int:
+    """`dsv4 parity endpoint --url ...`: common/parity/endpoint.py (loads its reference through runtime.loading)."""
+    from dsv4.common.parity.endpoint import cmd_endpoint as run
+
+    return run(ns, model_source)
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace, ModelSource | None], int]] = {
-    "run": cmd_run, "record": cmd_record, "compare": cmd_compare, "bisect": cmd_bisect}
+    "run": cmd_run, "record": cmd_record, "compare": cmd_compare, "bisect": cmd_bisect, "endpoint": cmd_endpoint}
 
 
 def add_parity_arguments(subparsers: Any,
                          extra: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.ArgumentParser:
-    """Add `parity {run,record,compare,bisect}` to a CLI's subparsers. Each sub-command sets ns.parity_command;
+    """Add `parity {run,record,compare,bisect,endpoint}` to a CLI's subparsers. Each sub-command sets ns.parity_command;
     dispatch with run_parity(ns, model_source). Model options (--config/--seed/--kv-fp8-sim) describe the embedded
     random model; a CLI with real checkpoints passes its own ModelSource instead, and `extra(parser)` adds its
     options (e.g. --checkpoint) to every parity sub-command."""
@@ -278,6 +285,9 @@ def add_parity_arguments(subparsers: Any,
     common(bis, False)
     bis.add_argument("--backends", nargs=2, required=True, metavar=("A", "B"))
     bis.add_argument("--verbose", action="store_true", help="print every op, not only the failing ones")
+    from dsv4.common.parity.endpoint import add_endpoint_arguments
+
+    add_endpoint_arguments(sub, extra)
     return p
 
 
