@@ -10,6 +10,8 @@ Parameter names are the checkpoint's short names (spec 7.1), except that routed 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -325,14 +327,16 @@ class MoE(nn.Module):
         self.experts = Experts(args, expert_fmt, n_local, first)
         self.shared_experts = SharedExpert(args, fmt)  # replicated on every TP rank, as in the official split
 
-    def forward(self, ops: Ops, x: Tensor, token_ids: Tensor) -> Tensor:
+    def forward(self, ops: Ops, x: Tensor, token_ids: Tensor, routed: Callable[..., Tensor] | None = None) -> Tensor:
+        """`routed` replaces ops.moe_experts (same contract): the static decode step passes a form without
+        data-dependent shapes (common/model/static.py)."""
         a, shape = self.args, x.shape
         x = x.flatten(0, 1)  # [T,d]
         w, ids = ops.moe_gate(x, self.gate.weight, self.gate.bias, self.gate.tid2eid, token_ids.flatten(),
                               a.n_activated_experts, a.score_func, a.route_scale)
         e = self.experts
         # fp32; under expert parallelism the ops dispatch tokens to the experts' ranks and combine the results
-        y = ops.moe_experts(x, w, ids, e.w1.lw, e.w2.lw, e.w3.lw, a.swiglu_limit, e.offset)
+        y = (routed or ops.moe_experts)(x, w, ids, e.w1.lw, e.w2.lw, e.w3.lw, a.swiglu_limit, e.offset)
         s = self.shared_experts  # no SwiGLU clamp on the shared expert (spec 6.2)
         h = ops.swiglu(ops.linear(x, s.w1.lw), ops.linear(x, s.w3.lw), 0.0)
         y = y + ops.linear(h.to(x.dtype), s.w2.lw).float()
