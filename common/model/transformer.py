@@ -268,9 +268,10 @@ class Attention(nn.Module):
         B, S, H, D = o.shape
         rd, G = a.rope_head_dim, self.n_local_groups
         o = torch.cat([o[..., :-rd], ops.rope(o[..., -rd:], cos, sin, inverse=True)], dim=-1)  # undo q's rotation
-        o = o.reshape(B, S, G, H * D // G)
+        # [G,B,S,H*D/G]: each group's rows contiguous, so its GEMM sees the same layout eager and captured
+        o = o.reshape(B, S, G, H * D // G).movedim(2, 0).contiguous()
         wo_a = self.wo_a.weight.view(G, a.o_lora_rank, H * D // G)  # block-diagonal: one [R_o, H*D/G] per group
-        o = torch.stack([ops.linear(o[:, :, g], LinearWeight(wo_a[g], None, "none")) for g in range(G)], dim=2)
+        o = torch.stack([ops.linear(o[g], LinearWeight(wo_a[g], None, "none")) for g in range(G)], dim=2)
         return ops.all_reduce(ops.linear(o.flatten(2), self.wo_b.lw), "tp")  # row-parallel over the groups
 
     def window_indices(self, pos: Tensor, start: Tensor, chunk_row: int | None) -> Tensor:
