@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from dsv4.common.model.cache import ContextLengthError, KVCache
+from dsv4.common.runtime.static_decode import CAPTURE_MODES, StaticDecoder
 
 FINISH_STOP, FINISH_LENGTH = "stop", "length"
 
@@ -39,6 +40,10 @@ class GenerationConfig:
     speculative: bool = False  # MTP self-speculative decoding (greedy only)
     ignore_eos: bool = False  # benchmarks and tests want a fixed number of tokens
     max_seq_len: int | None = None  # cache size; None = the model's args.max_seq_len
+    # plain decode steps through the captured static-shape step (common/runtime/static_decode.py) when the batch
+    # fits: None = eager only; "eager" | "aot_eager" | "inductor" | "npu-graph" | "cuda-graph" = its capture mode
+    compile_decode: str | None = None
+    compile_batch_sizes: tuple[int, ...] = (1, 2, 4, 8)
 
     def validate(self) -> None:
         if self.max_new_tokens < 0:
@@ -53,6 +58,8 @@ class GenerationConfig:
             raise ValueError(f"prefill_chunk must be >= 1, got {self.prefill_chunk}")
         if self.speculative and self.temperature > 0:
             raise ValueError("speculative decoding is implemented for greedy decoding only (temperature 0)")
+        if self.compile_decode is not None and self.compile_decode not in CAPTURE_MODES:
+            raise ValueError(f"compile_decode must be one of {', '.join(CAPTURE_MODES)}, got {self.compile_decode!r}")
 
 
 @dataclass
@@ -188,6 +195,7 @@ class _Engine:
                 g.manual_seed(cfg.seed + i)
                 self.gens.append(g)
         self.cache: KVCache | None = None
+        self.static: StaticDecoder | None = None  # the captured plain decode step (cfg.compile_decode)
         self.cur = torch.zeros(n, dtype=torch.long, device=self.device)  # last emitted token, not yet fed
         self.draft = torch.zeros(n, dtype=torch.long, device=self.device)  # MTP guess for the token after cur
         # a draft at position p is cheap to take back unless it completes some compressor's block (see _spec_step)
@@ -256,6 +264,8 @@ class _Engine:
         x = self.cur[sl][:, None]
         if spec:
             logits, hidden = model(x, self.cache, slots=sl, return_hidden="last")
+        elif self.static is not None:  # runs eager itself when the batch or context does not fit a captured shape
+            logits = self.static.step(x[:, 0], range(lo, hi))[:, None]
         else:
             logits = model(x, self.cache, slots=sl)
         nxt = self._choose(logits[:, -1], lo, hi)
@@ -342,6 +352,8 @@ class _Engine:
         if all(self.done):
             return
         self.cache = self.model.new_cache(n, cfg.max_seq_len or self.model.args.max_seq_len)
+        if cfg.compile_decode is not None:
+            self.static = StaticDecoder(self.model, self.cache, cfg.compile_batch_sizes, cfg.compile_decode)
         self.t_decode0 = time.perf_counter()
         for b in range(n):
             self._prefill(b)
@@ -414,6 +426,10 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sentence token")
     g.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per prefill forward")
     g.add_argument("--speculative", action="store_true", help="MTP self-speculative decoding (greedy only)")
+    g.add_argument("--compile-decode", default=None, choices=CAPTURE_MODES,
+                   help="run plain decode steps as one captured static-shape graph per (batch, context bucket): "
+                        "inductor / aot_eager (torch.compile on CPU), cuda-graph, npu-graph (TorchAir; also what "
+                        "--npu-graph selects), or eager (the static step uncaptured)")
 
 
 def _stop_id(spec: str, tokenizer) -> int:
@@ -441,7 +457,9 @@ def run_generate(args: argparse.Namespace, model, tokenizer) -> int:
             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
             seed=args.seed, stop_token_ids=tuple(_stop_id(s, tokenizer) for s in args.stop),
             prefill_chunk=args.prefill_chunk, speculative=args.speculative, ignore_eos=args.ignore_eos,
-            max_seq_len=getattr(args, "max_seq_len", None))
+            max_seq_len=getattr(args, "max_seq_len", None),
+            compile_decode=getattr(args, "compile_decode", None) or ("npu-graph" if getattr(args, "npu_graph", False)
+                                                                      else None))
         gen = stream(model, prompts, cfg, tokenizer)
     except (ValueError, ContextLengthError) as e:  # ContextLengthError is a ValueError; named for the reader
         print(f"error: {e}", file=err)
