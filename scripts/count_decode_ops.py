@@ -35,6 +35,9 @@ from dsv4.common.model.config import load_named_config  # noqa: E402
 from dsv4.common.runtime.static_decode import StaticDecoder  # noqa: E402
 
 BEGIN, END = "<!-- count_decode_ops:begin -->", "<!-- count_decode_ops:end -->"
+VIEW_OPS = {"view", "_unsafe_view", "unsqueeze", "squeeze", "slice", "select", "t", "transpose", "permute", "expand",
+            "alias", "as_strided", "detach", "lift_fresh", "unflatten", "unbind", "split", "chunk", "reshape",
+            "movedim", "narrow"}  # metadata only: no kernel runs for them in a captured graph
 PROMPT = 300  # every layer kind has entries: 75 CSA blocks (> index_topk 16), 2 HCA blocks; the ring has wrapped
 
 
@@ -172,7 +175,8 @@ def count(backend: str, chip: str | None, dtype: torch.dtype, weights: str, path
     for (scope, op), n in counter.counts.items():
         if scope.startswith("layer"):
             by_op[op] += n
-    return dict(per_layer=sum(layers) / len(layers), layers=layers, outside=scopes.get("outside", 0),
+    compute = sum(n for op, n in by_op.items() if op not in VIEW_OPS) / len(layers)
+    return dict(per_layer=sum(layers) / len(layers), compute=compute, layers=layers, outside=scopes.get("outside", 0),
                 total=sum(scopes.values()), fused=sum(n for (s, op), n in counter.counts.items()
                                                       if s.startswith("layer") and "." in op) / len(layers),
                 internals=(sum(layers) + inside) / len(layers), top=by_op.most_common(8))
@@ -227,15 +231,17 @@ def main(argv: list[str] | None = None) -> int:
            f"iterations), random weights, batch {a.batch}, one decode step after a {PROMPT}-token prompt; torch "
            f"{torch.__version__}. Counted with a TorchDispatchMode: every aten op (views included), per layer = "
            "mean over the 4 layers, outside = embedding + head. A fused torch_npu op (emulated) or a Triton launch "
-           "(interpreted) counts as one op; `with internals` adds the aten ops the CPU emulation of the torch_npu ops "
+           "(interpreted) counts as one op; `without view ops` drops metadata-only ops (view, slice, unsqueeze...: no "
+           "kernel in a captured graph); `with internals` adds the aten ops the CPU emulation of the torch_npu ops "
            "spends inside them (not device launches). eager = the model's forward; static = the captured step "
            "(common/model/static.py) run uninterpreted.", "",
-           "| backend | weights | eager ops/layer | static ops/layer | of which fused launches | static outside "
-           "layers | static with internals |",
-           "|---|---|---:|---:|---:|---:|---:|"]
+           "| backend | weights | eager ops/layer | static ops/layer | static without view ops | of which fused "
+           "launches | static outside layers | static with internals |",
+           "|---|---|---:|---:|---:|---:|---:|---:|"]
     for label, weights, res in rows:
         e, s = res["eager"], res["static"]
-        out.append(f"| {label} | {weights} | {e['per_layer']:.0f} | {s['per_layer']:.0f} | {s['fused']:.0f} | "
+        out.append(f"| {label} | {weights} | {e['per_layer']:.0f} | {s['per_layer']:.0f} | {s['compute']:.0f} | "
+                   f"{s['fused']:.0f} | "
                    f"{s['outside']} | {s['internals']:.0f} |")
     section = "\n".join(out) + "\n"
     print(section)
