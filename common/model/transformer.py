@@ -4,6 +4,9 @@ Reads like the official inference/model.py (shared/spec/dsv4-architecture.md), w
 none of arithmetic: every primitive goes through `ops` (a backend decides how it runs), the KV cache is an object
 passed in (common/cache.py) rather than buffers inside modules, and any chunk of tokens at any start position
 goes through one code path (prefill, chunked prefill and one-token decode alike).
+The captured decode step (common/model/static.py, which says what a capture needs from the graph) reuses the
+modules' `project` / `entries` / `query` / `head_weights` / `output` methods below with static shapes, so the
+arithmetic lives here once; the host reads in this file (uniform_groups, int(...max())) are the eager path's.
 Parameter names are the checkpoint's short names (spec 7.1), except that routed experts are stacked:
 `layers.{i}.ffn.experts.w1.weight` is [E, I, d] where the checkpoint has one tensor per expert.
 """
