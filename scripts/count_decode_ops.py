@@ -155,11 +155,13 @@ def make_ops(backend: str, chip: str | None):
 
 def count(backend: str, chip: str | None, dtype: torch.dtype, weights: str, path: str, batch: int) -> dict:
     args = load_named_config("tiny")
-    ops = make_ops(backend, chip)
-    model = build_random_model(args, ops, dtype, seed=0, weights=weights)
+    from dsv4.common.model.reference import ReferenceOps
+
+    model = build_random_model(args, ReferenceOps(), dtype, seed=0, weights=weights)
     toks = torch.randint(2, args.vocab_size, (batch, PROMPT + 1), generator=torch.Generator().manual_seed(0))
     cache = model.new_cache(batch, 1024)
-    model(toks[:, :PROMPT], cache)
+    model(toks[:, :PROMPT], cache)  # the prompt through the reference (fast); only the counted step on the backend
+    model.ops = ops = make_ops(backend, chip)  # the graph takes every primitive from model.ops
     decoder = StaticDecoder(model, cache, batch_sizes=(batch,), capture="eager")
     counter = OpCounter()
     count_fused_launches(counter, ops)
