@@ -153,8 +153,14 @@ def make_ops(backend: str, chip: str | None):
     return CudaOps("cpu")
 
 
-def count(backend: str, chip: str | None, dtype: torch.dtype, weights: str, path: str, batch: int) -> dict:
-    args = load_named_config("tiny")
+# V4's attention dims (head_dim 512 with 64 rope dims, 64 indexer heads), where the 950's fused sparse flash attention
+# and lightning indexer take the call; the tiny model's head_dim 128 / 4 indexer heads fall back to torch there
+FLASH_ATTENTION_DIMS = dict(head_dim=512, index_n_heads=64)
+
+
+def count(backend: str, chip: str | None, dtype: torch.dtype, weights: str, path: str, batch: int,
+          changes: dict | None = None) -> dict:
+    args = load_named_config("tiny").replace(**(changes or {}))
     from dsv4.common.model.reference import ReferenceOps
 
     model = build_random_model(args, ReferenceOps(), dtype, seed=0, weights=weights)
@@ -184,11 +190,13 @@ def count(backend: str, chip: str | None, dtype: torch.dtype, weights: str, path
                 internals=(sum(layers) + inside) / len(layers), top=by_op.most_common(8))
 
 
-CASES = [  # (label, backend, chip, dtype, weights)
+CASES = [  # (label, backend, chip, dtype, weights[, config changes])
     ("reference fp32", "reference", None, torch.float32, "dequantized"),
     ("reference bf16", "reference", None, torch.bfloat16, "dequantized"),
     ("ascend 950dt bf16 (emulated)", "ascend", "950dt", torch.bfloat16, "quantized"),
     ("ascend 950dt bf16 dequantized (emulated)", "ascend", "950dt", torch.bfloat16, "dequantized"),
+    ("ascend 950dt bf16, V4 attention dims (emulated)", "ascend", "950dt", torch.bfloat16, "quantized",
+     FLASH_ATTENTION_DIMS),
     ("ascend 950pr bf16 (emulated)", "ascend", "950pr", torch.bfloat16, "quantized"),
     ("ascend 910c bf16 (emulated)", "ascend", "910c", torch.bfloat16, "quantized"),
     ("ascend 910b bf16 (emulated)", "ascend", "910b", torch.bfloat16, "quantized"),
@@ -216,10 +224,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     args = load_named_config("tiny")
     rows = []
-    for label, backend, chip, dtype, weights in CASES:
+    for label, backend, chip, dtype, weights, *changes in CASES:
         if a.only and a.only not in label:
             continue
-        res = {path: count(backend, chip, dtype, weights, path, a.batch) for path in ("eager", "static")}
+        res = {path: count(backend, chip, dtype, weights, path, a.batch, *changes) for path in ("eager", "static")}
         rows.append((label, weights, res))
         e, s = res["eager"], res["static"]
         print(f"{label:42s} eager {e['per_layer']:7.1f}  static {s['per_layer']:7.1f} per layer "

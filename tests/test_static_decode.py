@@ -84,6 +84,19 @@ def test_rows_from_any_slots_in_any_order(model):
     assert cache.lengths.tolist() == [41, 200, 132]
 
 
+def test_up_to_the_end_of_a_cache_that_ratios_do_not_divide(model):
+    # max_seq_len 300: HCA has 2 entry rows, so positions 256..299 sit in a block with no row (it can never complete)
+    # and the indexer's last block is 296..299; the step must neither write out of the slot nor disturb its entries
+    cache, seqs = prefilled(model, [289], max_seq_len=300)
+    static_cache = copy.deepcopy(cache)
+    dec = StaticDecoder(model, static_cache, batch_sizes=(1,), capture="eager")
+    while int(cache.lengths[0]) < 300:
+        nxt = seqs[0, cache.lengths]
+        torch.testing.assert_close(dec.step(nxt, [0]), model(nxt[:, None], cache)[:, 0], atol=STATIC_VS_EAGER, rtol=0)
+    for lc_s, lc_e in zip(static_cache.layers[:4], cache.layers[:4], strict=True):
+        torch.testing.assert_close(lc_s.kv, lc_e.kv, atol=STATIC_VS_EAGER, rtol=0)
+
+
 def test_falls_back_to_eager_when_the_batch_does_not_fit(model):
     cache, seqs = prefilled(model, [30, 31, 32])
     ref = copy.deepcopy(cache)

@@ -71,7 +71,7 @@ class StepPlan:
 
 # -- attention ---------------------------------------------------------------------------------------------------------
 def compressor_step(comp: Compressor, ops: Ops, x: Tensor, plan: StepPlan, state: CompressorState, flat_out: Tensor,
-                    out_base: Tensor) -> None:
+                    out_base: Tensor, n_entries: int) -> None:
     """Feed one token per row (x [B,1,d] at plan.pos) into `state` (rows plan.slots) and, where it completes a block,
     write the block's entry into flat_out[out_base + block] ([Bmax * rows, c]). Same arithmetic as
     Compressor.forward with S = 1; needs pos >= 1 (position 0 is always a prefill)."""
@@ -89,7 +89,9 @@ def compressor_step(comp: Compressor, ops: Ops, x: Tensor, plan: StepPlan, state
         kb_pool, zb_pool = kb, zb
     done = plan.complete[m]
     entry = comp.entries(ops, kb_pool, zb_pool, plan.entry_cos_sin[m], flat_out.dtype)[:, 0]  # [B,c]
-    row = out_base + plan.block[m]
+    # the last partial block of a max_seq_len that `ratio` does not divide has no row (it can never complete): its
+    # no-op write goes to the slot's last row, which it leaves unchanged
+    row = out_base + plan.block[m].clamp(max=n_entries - 1)
     flat_out[row] = torch.where(done[:, None], entry, flat_out[row])  # an incomplete block keeps its row
     if comp.overlap:  # the completed block becomes the next block's look-back half
         state.prev_kv[slots] = torch.where(done[:, None, None], kb[:, 0], prev_k)
@@ -103,7 +105,7 @@ def indexer_step(idx: Indexer, ops: Ops, x: Tensor, qr: Tensor, cos: Tensor, sin
     q = idx.query(ops, qr, cos, sin)
     n_keys = lc.index_kv.shape[1]
     compressor_step(idx.compressor, ops, x, plan, lc.index_comp, lc.index_kv.view(-1, lc.index_kv.shape[-1]),
-                    plan.slots * n_keys)
+                    plan.slots * n_keys, n_keys)
     w = idx.head_weights(ops, x)
     visible = plan.visible[4][:, None]  # [B,1]
     keys = lc.index_kv[plan.slots, :min(plan.context // 4, n_keys)]  # [B,cap,D_I]
@@ -123,7 +125,7 @@ def attention_step(attn: Attention, ops: Ops, x: Tensor, lc: LayerCache, rope: R
     flat = lc.kv.view(-1, D)  # [Bmax * (W + entries), D]
     base, idx = plan.rows(n_rows, attn.ratio)
     if attn.ratio:
-        compressor_step(attn.compressor, ops, x, plan, lc.comp, flat, base + W)
+        compressor_step(attn.compressor, ops, x, plan, lc.comp, flat, base + W, n_rows - W)
     flat[base + plan.ring] = kv[:, 0]
     if attn.ratio == 4:
         sel = indexer_step(attn.indexer, ops, x, qr, cos, sin, lc, plan)[:, 0]  # [B,topk]
