@@ -120,18 +120,26 @@ def create_ops(device: str | None = None, emulate: bool = False, chip: str | Non
                      use_custom_ops=use_custom_ops)
 
 
-def compile_graph(model: Any, dynamic: bool = False) -> Any:
-    """Wrap a model for TorchAir graph mode: torch.compile(model, backend=torchair.get_npu_backend(...))
-    (torch-npu-ops.md section 0). UNVERIFIED without hardware (GRAPH_MODE_VERIFIED is False): host-synchronising
-    paths (tolist()/item() in routing) may need work before a graph captures cleanly."""
+def compile_graph(fn: Any, dynamic: bool = False, fullgraph: bool = True, mode: str = "reduce-overhead") -> Any:
+    """TorchAir graph mode for a callable: torch.compile(fn, backend=torchair.get_npu_backend(...)).
+
+    What it is meant to capture is the static decode step (common/model/static.py via
+    common/runtime/static_decode.py, capture "npu-graph"): one graph per (batch, context bucket), no host syncs, so
+    fullgraph=True and dynamic=False. mode "reduce-overhead" is TorchAir's aclgraph (capture once, replay: the
+    CUDA-graph analogue, which removes the per-operator launch cost of decode); "max-autotune" is its Ascend IR graph
+    mode (torchair user guide, "reduce-overhead模式配置": CompilerConfig().mode; aclgraph requires dynamic=False).
+    UNVERIFIED without hardware (GRAPH_MODE_VERIFIED is False); on CPU the same step captures with zero graph breaks
+    under torch.compile (tests/test_static_decode.py)."""
     if importlib.util.find_spec("torchair") is None:
         raise RuntimeError("graph mode needs torchair (ships with torch_npu on NPU hosts); it is not importable here")
     import torch
     import torchair
     from torchair.configs.compiler_config import CompilerConfig
 
-    backend = torchair.get_npu_backend(compiler_config=CompilerConfig())
-    return torch.compile(model, backend=backend, dynamic=dynamic)
+    config = CompilerConfig()
+    config.mode = mode
+    backend = torchair.get_npu_backend(compiler_config=config)
+    return torch.compile(fn, backend=backend, dynamic=dynamic, fullgraph=fullgraph)
 
 
 __all__ = ["GRAPH_MODE_VERIFIED", "HCCL", "compile_graph", "create_ops", "doctor_lines", "probe", "version_report"]

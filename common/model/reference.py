@@ -7,7 +7,6 @@ long prompts and the benchmarks run on a CPU. Every formula follows shared/spec/
 from __future__ import annotations
 
 import math
-from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -28,14 +27,22 @@ def like(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-@lru_cache(maxsize=8)
-def hadamard_matrix(n: int) -> Tensor:
-    """Sylvester-ordered Hadamard matrix H_n (entries +-1), fp32."""
+_HADAMARD: dict[tuple[int, str], Tensor] = {}
+
+
+def hadamard_matrix(n: int, device: torch.device | str = "cpu") -> Tensor:
+    """Sylvester-ordered Hadamard matrix H_n (entries +-1), fp32, built once per (n, device) and kept in a plain
+    dict: a graph capture (torch.compile) then reads the stored tensor instead of tracing its construction."""
+    key = (n, str(device))
+    h = _HADAMARD.get(key)
+    if h is not None:
+        return h
     if n < 1 or n & (n - 1):
         raise ValueError(f"Hadamard size must be a power of two, got {n}")
     h = torch.ones(1, 1)
     while h.shape[0] < n:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    _HADAMARD[key] = h = h.to(device)
     return h
 
 
@@ -91,7 +98,7 @@ class ReferenceOps(Ops):
 
     def hadamard(self, x: Tensor) -> Tensor:
         n = x.shape[-1]
-        h = hadamard_matrix(n).to(x.device)
+        h = hadamard_matrix(n, x.device)
         return like(f32(x) @ h * n ** -0.5, x.dtype)
 
     # -- linear --------------------------------------------------------------------------------------------------------

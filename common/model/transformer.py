@@ -4,11 +4,16 @@ Reads like the official inference/model.py (shared/spec/dsv4-architecture.md), w
 none of arithmetic: every primitive goes through `ops` (a backend decides how it runs), the KV cache is an object
 passed in (common/cache.py) rather than buffers inside modules, and any chunk of tokens at any start position
 goes through one code path (prefill, chunked prefill and one-token decode alike).
+The captured decode step (common/model/static.py, which says what a capture needs from the graph) reuses the
+modules' `project` / `entries` / `query` / `head_weights` / `output` methods below with static shapes, so the
+arithmetic lives here once; the host reads in this file (uniform_groups, int(...max())) are the eager path's.
 Parameter names are the checkpoint's short names (spec 7.1), except that routed experts are stacked:
 `layers.{i}.ffn.experts.w1.weight` is [E, I, d] where the checkpoint has one tensor per expert.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -100,10 +105,7 @@ class Compressor(nn.Module):
         if start == 0 and self.overlap:  # a new sequence: nothing to look back on
             state.prev_kv.zero_()
             state.prev_score.fill_(float("-inf"))
-        xf = x.float()
-        pos = torch.arange(start, start + S, device=x.device)
-        k = ops.linear(xf, self.wkv.lw)  # [B,S,w] fp32
-        z = ops.linear(xf, self.wgate.lw) + self.ape[pos % m]
+        k, z = self.project(ops, x, torch.arange(start, start + S, device=x.device))
         k = torch.cat([state.kv[:, :r], k], dim=1)  # prepend the block in progress: positions [start-r, start+S)
         z = torch.cat([state.score[:, :r], z], dim=1)
         nb = (r + S) // m
@@ -120,21 +122,30 @@ class Compressor(nn.Module):
                 state.prev_score.copy_(zb[:, -1])
             else:
                 kb_pool, zb_pool = kb, zb
-            pooled = ops.compress_pool(kb_pool, zb_pool)  # [B,nb,c] fp32
-            pooled = ops.rms_norm(pooled.to(out.dtype), self.norm.weight, self.args.norm_eps)
-            rd = self.args.rope_head_dim
             block_pos = ((first + torch.arange(nb, device=x.device)) * m).expand(B, nb)  # each block's first token
-            cos, sin = rope.cos_sin(block_pos)
-            pooled = torch.cat([pooled[..., :-rd], ops.rope(pooled[..., None, -rd:], cos, sin)[:, :, 0]], dim=-1)
-            if self.is_indexer:
-                pooled = ops.fp4_sim(ops.hadamard(pooled), FP4_BLOCK)
-            else:
-                pooled = torch.cat([ops.fp8_sim(pooled[..., :-rd], KV_FP8_BLOCK, self.args.kv_fp8_sim),
-                                    pooled[..., -rd:]], dim=-1)
-            out[:, first:first + nb] = pooled
+            out[:, first:first + nb] = self.entries(ops, kb_pool, zb_pool, rope.cos_sin(block_pos), out.dtype)
         rem = r + S - nb * m
         state.kv[:, :rem] = k[:, nb * m:]
         state.score[:, :rem] = z[:, nb * m:]
+
+    def project(self, ops: Ops, x: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
+        """Raw K rows and gate scores (+ the position's ape row) of tokens x [B,S,d] at positions pos ([S] or
+        [B,S]): fp32 [B,S,w] each."""
+        xf = x.float()
+        return ops.linear(xf, self.wkv.lw), ops.linear(xf, self.wgate.lw) + self.ape[pos % self.ratio]
+
+    def entries(self, ops: Ops, kb: Tensor, zb: Tensor, cos_sin: tuple[Tensor, Tensor], dtype: torch.dtype) -> Tensor:
+        """Complete blocks kb/zb [B,nb,L,c] fp32 -> cache entries [B,nb,c] in `dtype`: pooled, normalised, rotated
+        at each block's first position (cos_sin [B,nb,rd/2]) and quantisation-simulated as the cache stores them."""
+        rd = self.args.rope_head_dim
+        pooled = ops.compress_pool(kb, zb)  # [B,nb,c] fp32
+        pooled = ops.rms_norm(pooled.to(dtype), self.norm.weight, self.args.norm_eps)
+        cos, sin = cos_sin
+        pooled = torch.cat([pooled[..., :-rd], ops.rope(pooled[..., None, -rd:], cos, sin)[:, :, 0]], dim=-1)
+        if self.is_indexer:
+            return ops.fp4_sim(ops.hadamard(pooled), FP4_BLOCK)
+        return torch.cat([ops.fp8_sim(pooled[..., :-rd], KV_FP8_BLOCK, self.args.kv_fp8_sim), pooled[..., -rd:]],
+                         dim=-1)
 
 
 class Indexer(nn.Module):
@@ -151,15 +162,11 @@ class Indexer(nn.Module):
     def forward(self, ops: Ops, x: Tensor, qr: Tensor, pos: Tensor, cos: Tensor, sin: Tensor, cache: LayerCache,
                 rope: RopeTable) -> Tensor:
         a = self.args
-        B, S, _ = x.shape
-        rd, di = a.rope_head_dim, a.index_head_dim
-        q = ops.linear(qr, self.wq_b.lw).view(B, S, self.n_local_heads, di)
-        q = torch.cat([q[..., :-rd], ops.rope(q[..., -rd:], cos, sin)], dim=-1)
-        q = ops.fp4_sim(ops.hadamard(q), FP4_BLOCK)
+        q = self.query(ops, qr, cos, sin)
         for lo, hi_b, start in uniform_groups(pos[:, 0]):
             self.compressor(ops, x[lo:hi_b], start, cache.index_comp.view(slice(lo, hi_b)),
                             cache.index_kv[lo:hi_b], rope)
-        w = ops.linear(x, self.weights_proj.lw).float() * (di ** -0.5 * a.index_n_heads ** -0.5)
+        w = self.head_weights(ops, x)
         visible = (pos + 1) // 4  # only fully completed blocks count
         keys = cache.index_kv[:, :int(visible.max())]
         if self.tp == 1:
@@ -167,6 +174,19 @@ class Indexer(nn.Module):
         # heads are split over the TP ranks: sum the partial scores before selecting
         score = ops.all_reduce(ops.indexer_scores(q, keys, w), "tp")
         return topk_visible(score, visible, a.index_topk)
+
+    def query(self, ops: Ops, qr: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """Indexer queries [B,S,H_I,D_I] from the query latent qr [B,S,q_lora]: rotated, Hadamard, FP4-simulated."""
+        B, S, _ = qr.shape
+        rd = self.args.rope_head_dim
+        q = ops.linear(qr, self.wq_b.lw).view(B, S, self.n_local_heads, self.args.index_head_dim)
+        q = torch.cat([q[..., :-rd], ops.rope(q[..., -rd:], cos, sin)], dim=-1)
+        return ops.fp4_sim(ops.hadamard(q), FP4_BLOCK)
+
+    def head_weights(self, ops: Ops, x: Tensor) -> Tensor:
+        """Per-head score weights [B,S,H_I] fp32."""
+        a = self.args
+        return ops.linear(x, self.weights_proj.lw).float() * (a.index_head_dim ** -0.5 * a.index_n_heads ** -0.5)
 
 
 class Attention(nn.Module):
@@ -198,14 +218,9 @@ class Attention(nn.Module):
         slots with every position < pos[:, 0] already fed."""
         a = self.args
         B, S, _ = x.shape
-        H, D, rd, W, eps = self.n_local_heads, a.head_dim, a.rope_head_dim, a.window_size, a.norm_eps
+        D, W = a.head_dim, a.window_size
         cos, sin = rope.cos_sin(pos)  # [B,S,rd/2]
-        qr = ops.rms_norm(ops.linear(x, self.wq_a.lw), self.q_norm.weight, eps)
-        q = ops.head_rms_norm(ops.linear(qr, self.wq_b.lw).view(B, S, H, D), eps)
-        q = torch.cat([q[..., :-rd], ops.rope(q[..., -rd:], cos, sin)], dim=-1)  # [B,S,H,D]
-        kv = ops.rms_norm(ops.linear(x, self.wkv.lw), self.kv_norm.weight, eps)  # [B,S,D]
-        kv = torch.cat([ops.fp8_sim(kv[..., :-rd], KV_FP8_BLOCK, a.kv_fp8_sim),
-                        ops.rope(kv[:, :, None, -rd:], cos, sin)[:, :, 0]], dim=-1)
+        qr, q, kv = self.project(ops, x, cos, sin)
 
         # compressed entries first: a block completed inside this chunk is visible to its later queries
         start = pos[:, 0]
@@ -234,11 +249,32 @@ class Attention(nn.Module):
             rows = torch.arange(B, device=x.device)[:, None]
             cache.kv[rows, pos[:, -keep:] % W] = kv[:, -keep:]
 
+        return self.output(ops, o, cos, sin)
+
+    def project(self, ops: Ops, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x [B,S,d] -> (query latent qr [B,S,q_lora], rotated queries q [B,S,H,D], the chunk's KV rows [B,S,D]
+        as the cache stores them: FP8-simulated nope part, rotated rope part)."""
+        a = self.args
+        B, S, _ = x.shape
+        H, D, rd, eps = self.n_local_heads, a.head_dim, a.rope_head_dim, a.norm_eps
+        qr = ops.rms_norm(ops.linear(x, self.wq_a.lw), self.q_norm.weight, eps)
+        q = ops.head_rms_norm(ops.linear(qr, self.wq_b.lw).view(B, S, H, D), eps)
+        q = torch.cat([q[..., :-rd], ops.rope(q[..., -rd:], cos, sin)], dim=-1)  # [B,S,H,D]
+        kv = ops.rms_norm(ops.linear(x, self.wkv.lw), self.kv_norm.weight, eps)  # [B,S,D]
+        kv = torch.cat([ops.fp8_sim(kv[..., :-rd], KV_FP8_BLOCK, a.kv_fp8_sim),
+                        ops.rope(kv[:, :, None, -rd:], cos, sin)[:, :, 0]], dim=-1)
+        return qr, q, kv
+
+    def output(self, ops: Ops, o: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """Attention output o [B,S,H,D] -> [B,S,d]: undo q's rotation, grouped low-rank projection, all-reduce."""
+        a = self.args
+        B, S, H, D = o.shape
+        rd, G = a.rope_head_dim, self.n_local_groups
         o = torch.cat([o[..., :-rd], ops.rope(o[..., -rd:], cos, sin, inverse=True)], dim=-1)  # undo q's rotation
-        G = self.n_local_groups
-        o = o.reshape(B, S, G, H * D // G)
+        # [G,B,S,H*D/G]: each group's rows contiguous, so its GEMM sees the same layout eager and captured
+        o = o.reshape(B, S, G, H * D // G).movedim(2, 0).contiguous()
         wo_a = self.wo_a.weight.view(G, a.o_lora_rank, H * D // G)  # block-diagonal: one [R_o, H*D/G] per group
-        o = torch.stack([ops.linear(o[:, :, g], LinearWeight(wo_a[g], None, "none")) for g in range(G)], dim=2)
+        o = torch.stack([ops.linear(o[g], LinearWeight(wo_a[g], None, "none")) for g in range(G)], dim=2)
         return ops.all_reduce(ops.linear(o.flatten(2), self.wo_b.lw), "tp")  # row-parallel over the groups
 
     def window_indices(self, pos: Tensor, start: Tensor, chunk_row: int | None) -> Tensor:
@@ -295,14 +331,16 @@ class MoE(nn.Module):
         self.experts = Experts(args, expert_fmt, n_local, first)
         self.shared_experts = SharedExpert(args, fmt)  # replicated on every TP rank, as in the official split
 
-    def forward(self, ops: Ops, x: Tensor, token_ids: Tensor) -> Tensor:
+    def forward(self, ops: Ops, x: Tensor, token_ids: Tensor, routed: Callable[..., Tensor] | None = None) -> Tensor:
+        """`routed` replaces ops.moe_experts (same contract): the static decode step passes a form without
+        data-dependent shapes (common/model/static.py)."""
         a, shape = self.args, x.shape
         x = x.flatten(0, 1)  # [T,d]
         w, ids = ops.moe_gate(x, self.gate.weight, self.gate.bias, self.gate.tid2eid, token_ids.flatten(),
                               a.n_activated_experts, a.score_func, a.route_scale)
         e = self.experts
         # fp32; under expert parallelism the ops dispatch tokens to the experts' ranks and combine the results
-        y = ops.moe_experts(x, w, ids, e.w1.lw, e.w2.lw, e.w3.lw, a.swiglu_limit, e.offset)
+        y = (routed or ops.moe_experts)(x, w, ids, e.w1.lw, e.w2.lw, e.w3.lw, a.swiglu_limit, e.offset)
         s = self.shared_experts  # no SwiGLU clamp on the shared expert (spec 6.2)
         h = ops.swiglu(ops.linear(x, s.w1.lw), ops.linear(x, s.w3.lw), 0.0)
         y = y + ops.linear(h.to(x.dtype), s.w2.lw).float()

@@ -152,12 +152,15 @@ class Engine:
     def __init__(self, model, max_batch: int = 8, max_seq_len: int | None = None, prefill_chunk: int = 256,
                  step_tokens: int | None = None, max_waiting: int = 64, tokenizer=None,
                  mirror: Mirror | None = None, max_logprobs: int = MAX_LOGPROBS,
-                 long_prefill_chunk: int | None = None) -> None:
+                 long_prefill_chunk: int | None = None, compile_decode: str | None = None,
+                 compile_batch_sizes: tuple[int, ...] = (1, 2, 4, 8)) -> None:
         """max_batch: cache slots (requests running at once); step_tokens: tokens per step, decodes first, the rest
         for prompt chunks of at most prefill_chunk (default: prefill_chunk + max_batch). long_prefill_chunk: the
         chunk per step of a prompt longer than prefill_chunk (default prefill_chunk); smaller keeps the steps short
         while a long prompt prefills, so short requests arriving meanwhile wait less (vLLM calls the same idea
-        long_prefill_token_threshold), at the cost of more steps for the long prompt."""
+        long_prefill_token_threshold), at the cost of more steps for the long prompt. compile_decode: run plain
+        decode steps through the captured static-shape step in that capture mode (runtime/static_decode.py) when
+        the batch fits one of compile_batch_sizes; eager otherwise."""
         if max_batch < 1 or prefill_chunk < 1:
             raise ValueError(f"max_batch and prefill_chunk must be >= 1, got {max_batch} and {prefill_chunk}")
         self.model, self.args, self.tokenizer = model, model.args, tokenizer
@@ -165,7 +168,7 @@ class Engine:
         self.prefill_chunk, self.max_waiting, self.max_logprobs = prefill_chunk, max_waiting, max_logprobs
         self.step_tokens = step_tokens or prefill_chunk + max_batch
         self.long_prefill_chunk = min(long_prefill_chunk or prefill_chunk, prefill_chunk)
-        self.runner = ModelRunner(model, max_batch, self.max_seq_len, mirror)
+        self.runner = ModelRunner(model, max_batch, self.max_seq_len, mirror, compile_decode, compile_batch_sizes)
         self.device = self.runner.device
         self.waiting: deque[Request] = deque()
         self.lock = threading.Lock()  # guards `waiting` (add runs on the HTTP thread, step on the engine's)

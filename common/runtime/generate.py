@@ -18,6 +18,7 @@ from dsv4.common.model.cache import ContextLengthError
 from dsv4.common.runtime.engine import FINISH_LENGTH, FINISH_STOP, Engine, Request, RequestStats, SamplingParams
 from dsv4.common.runtime.engine_sampling import Detokenizer, filtered_probs
 from dsv4.common.runtime.guards import NonFiniteLogitsError
+from dsv4.common.runtime.static_decode import CAPTURE_MODES
 
 GenerationStats = RequestStats  # prompt/new tokens, prefill and decode time, forwards, MTP drafted/accepted
 
@@ -35,10 +36,16 @@ class GenerationConfig:
     speculative: bool = False  # MTP self-speculative decoding (greedy only)
     ignore_eos: bool = False  # benchmarks and tests want a fixed number of tokens
     max_seq_len: int | None = None  # cache size; None = the model's args.max_seq_len
+    # plain decode steps through the captured static-shape step (common/runtime/static_decode.py) when the batch
+    # fits: None = eager only; "eager" | "aot_eager" | "inductor" | "npu-graph" | "cuda-graph" = its capture mode
+    compile_decode: str | None = None
+    compile_batch_sizes: tuple[int, ...] = (1, 2, 4, 8)
 
     def validate(self) -> None:
         if self.prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {self.prefill_chunk}")
+        if self.compile_decode is not None and self.compile_decode not in CAPTURE_MODES:
+            raise ValueError(f"compile_decode must be one of {', '.join(CAPTURE_MODES)}, got {self.compile_decode!r}")
         p = self.params(0)
         try:
             p.validate()
@@ -90,7 +97,8 @@ class GenerationStream:
         # every prompt is checked before any compute or cache allocation: the whole request must fit
         self.engine = Engine(model, max_batch=len(prompts), max_seq_len=cfg.max_seq_len,
                              prefill_chunk=cfg.prefill_chunk, step_tokens=cfg.prefill_chunk,
-                             max_waiting=len(prompts), tokenizer=tokenizer)
+                             max_waiting=len(prompts), tokenizer=tokenizer, compile_decode=cfg.compile_decode,
+                             compile_batch_sizes=cfg.compile_batch_sizes)
         for i, p in enumerate(prompts):
             try:
                 self.engine.check(p, cfg.params(i))
@@ -167,6 +175,20 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sentence token")
     g.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per prefill forward")
     g.add_argument("--speculative", action="store_true", help="MTP self-speculative decoding (greedy only)")
+    add_compile_decode_argument(g)
+
+
+def add_compile_decode_argument(g) -> None:
+    """--compile-decode, shared by generate and serve."""
+    g.add_argument("--compile-decode", default=None, choices=CAPTURE_MODES,
+                   help="run plain decode steps as one captured static-shape graph per (batch, context bucket): "
+                        "inductor / aot_eager (torch.compile on CPU), cuda-graph, npu-graph (TorchAir; also what "
+                        "--npu-graph selects), or eager (the static step uncaptured)")
+
+
+def compile_mode(args: argparse.Namespace) -> str | None:
+    """The decode capture mode the flags ask for: --compile-decode, or TorchAir for --npu-graph."""
+    return getattr(args, "compile_decode", None) or ("npu-graph" if getattr(args, "npu_graph", False) else None)
 
 
 def _stop_id(spec: str, tokenizer) -> int:
@@ -194,7 +216,7 @@ def run_generate(args: argparse.Namespace, model, tokenizer) -> int:
             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
             seed=args.seed, stop_token_ids=tuple(_stop_id(s, tokenizer) for s in args.stop),
             prefill_chunk=args.prefill_chunk, speculative=args.speculative, ignore_eos=args.ignore_eos,
-            max_seq_len=getattr(args, "max_seq_len", None))
+            max_seq_len=getattr(args, "max_seq_len", None), compile_decode=compile_mode(args))
         gen = stream(model, prompts, cfg, tokenizer)
     except (ValueError, ContextLengthError) as e:  # ContextLengthError is a ValueError; named for the reader
         print(f"error: {e}", file=err)

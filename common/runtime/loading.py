@@ -5,6 +5,7 @@ torchrun. generate, bench, parity and serve all start here."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 
@@ -256,10 +257,9 @@ def load_model(ns: argparse.Namespace, ops=None, dtype: torch.dtype | None = Non
     if getattr(ns, "npu_graph", False):
         if not model.ops.name.startswith("ascend"):
             raise ValueError(f"--npu-graph needs the ascend backend, not {model.ops.name!r}")
-        from dsv4.ascend import compile_graph
-
-        try:
-            model = compile_graph(model)
-        except RuntimeError as e:
-            raise ValueError(f"--npu-graph: {e}") from None
+        # what TorchAir captures is the static decode step (common/runtime/static_decode.py, "npu-graph"), which
+        # generation selects for --npu-graph; prefill stays eager. Fail here, before any work, without TorchAir
+        if importlib.util.find_spec("torchair") is None:
+            raise ValueError("--npu-graph: graph mode needs torchair (ships with torch_npu on NPU hosts); "
+                             "it is not importable here")
     return model, tokenizer, source

@@ -12,6 +12,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from dsv4.common.runtime.generate import add_compile_decode_argument, compile_mode
+
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("serving")
@@ -33,6 +35,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--speculative", action="store_true",
                    help="MTP self-speculative decoding for greedy requests without logprobs or stop strings "
                         "(others decode plainly)")
+    add_compile_decode_argument(g)
     g.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds SIGTERM waits for requests in flight before ending them")
 
@@ -54,7 +57,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     engine = Engine(model, max_batch=ns.max_batch, max_seq_len=ns.max_seq_len, prefill_chunk=ns.prefill_chunk,
                     step_tokens=ns.step_tokens, max_waiting=ns.max_waiting, tokenizer=tokenizer,
                     mirror=Mirror() if world > 1 else None, max_logprobs=ns.max_logprobs,
-                    long_prefill_chunk=ns.long_prefill_chunk)
+                    long_prefill_chunk=ns.long_prefill_chunk, compile_decode=compile_mode(ns))
     if rank != 0:
         # rank 0 drains on SIGTERM and then releases this rank; a rank that died on the launcher's SIGTERM at once
         # would leave rank 0's last calls without a peer (the launcher SIGKILLs stragglers after its own timeout)

@@ -1,0 +1,204 @@
+"""A decode step with static shapes: one new token for each of B rows, every shape fixed by (B, context bucket) and
+no host synchronisation, so that the whole step captures as ONE graph (torch.compile fullgraph on CPU, TorchAir on
+Ascend, CUDA graphs on a GPU). Prefill and speculative verification stay on the eager path (transformer.py).
+
+What a capture needs from the graph, and how this module gives it without changing the arithmetic of
+transformer.py (it calls the same modules' `project` / `entries` / `query` / `head_weights` / `output` methods and
+the same ops, in the same order):
+- no Python value read from a tensor (.item(), .tolist(), int(t), unique, nonzero): positions and slots are device
+  tensors, and a row's place in its compressor block (pos % ratio, block complete or not) is a mask, not a branch.
+  Every row computes its block's entry; the write keeps the old row where the block is not complete yet;
+- index tensors of fixed width, -1 padded: the window (W rows), the indexer's top-k over the bucket's capacity of
+  compressed keys (context // 4), every HCA entry up to the bucket's capacity (context // 128);
+- cache writes as index_put at computed rows; each layer's KV cache is viewed flat [Bmax * N, D] and attention
+  gathers rows of any slots by global index, so no slot's cache is copied;
+- MoE without data-dependent shapes: `routed_experts` (the reference's loop over the experts that received tokens
+  uses unique/nonzero); backends whose moe_experts keeps its group sizes on the device use their own.
+Values shared by every layer (rope angles at the position, window rows, HCA rows, block completion) are computed
+once per step in `StepPlan`, not once per layer.
+
+The context bucket is a static int: positions must be < `context`. Rows beyond the batch are the caller's business
+(common/runtime/static_decode.py pads by repeating a real row: duplicates write identical values to identical rows).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from dsv4.common.model.cache import CompressorState, KVCache, LayerCache
+from dsv4.common.model.ops import LinearWeight, Ops, topk_visible
+from dsv4.common.model.quant import dequant_weight
+from dsv4.common.model.rope import RopeTable
+from dsv4.common.model.transformer import Attention, Block, Compressor, Indexer, MoE, Transformer
+
+
+class StepPlan:
+    """Per-step values shared by all layers. slots/pos [B] int64 on the model's device; context: static bucket."""
+
+    def __init__(self, model: Transformer, slots: Tensor, pos: Tensor, context: int) -> None:
+        a = model.args
+        W = a.window_size
+        self.slots, self.pos, self.context, self.W = slots, pos, context, W
+        self.cos_sin = {id(t): t.cos_sin(pos[:, None]) for t in (model.rope_window, model.rope_compressed)}
+        kpos = pos[:, None] - W + 1 + torch.arange(W, device=pos.device)  # [B,W] positions of the window
+        self.window_valid, self.window_ring = kpos >= 0, kpos % W
+        self.ring = pos % W
+        ratios = sorted({r for r in a.compress_ratios if r})
+        self.complete = {r: (pos + 1) % r == 0 for r in ratios}  # this token completes its block
+        self.block = {r: pos // r for r in ratios}  # index of the block the token belongs to
+        self.visible = {r: (pos + 1) // r for r in ratios}  # complete blocks the query sees
+        # compressed entries rotate at their block's first position, with the compressed layers' table
+        self.entry_cos_sin = {r: model.rope_compressed.cos_sin((self.block[r] * r)[:, None]) for r in ratios}
+        self._rows: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
+
+    def rows(self, n_rows: int, ratio: int) -> tuple[Tensor, Tensor]:
+        """(base [B]: each slot's first row in a flat [Bmax * n_rows, D] cache, key rows [B, K] of the window and,
+        for HCA, every entry up to the bucket's capacity; -1 = none). Cached per (n_rows, ratio)."""
+        key = (n_rows, ratio)
+        if key not in self._rows:
+            base = self.slots * n_rows
+            idx = [torch.where(self.window_valid, base[:, None] + self.window_ring, -1)]
+            if ratio and ratio != 4:  # HCA: all complete entries (few: context / 128)
+                cap = min(self.context // ratio, n_rows - self.W)
+                t = torch.arange(cap, device=base.device)
+                idx.append(torch.where(t < self.visible[ratio][:, None], base[:, None] + self.W + t, -1))
+            self._rows[key] = (base, torch.cat(idx, dim=-1))
+        return self._rows[key]
+
+
+# -- attention ---------------------------------------------------------------------------------------------------------
+def compressor_step(comp: Compressor, ops: Ops, x: Tensor, plan: StepPlan, state: CompressorState, flat_out: Tensor,
+                    out_base: Tensor, n_entries: int) -> None:
+    """Feed one token per row (x [B,1,d] at plan.pos) into `state` (rows plan.slots) and, where it completes a block,
+    write the block's entry into flat_out[out_base + block] ([Bmax * rows, c]). Same arithmetic as
+    Compressor.forward with S = 1; needs pos >= 1 (position 0 is always a prefill)."""
+    m, c, slots, pos = comp.ratio, comp.head_dim, plan.slots, plan.pos
+    k, z = comp.project(ops, x, pos[:, None])  # [B,1,w] fp32
+    phase = pos % m
+    state.kv[slots, phase] = k[:, 0]
+    state.score[slots, phase] = z[:, 0]
+    kb, zb = state.kv[slots][:, None], state.score[slots][:, None]  # [B,1,m,w]: the block, complete or not
+    if comp.overlap:
+        prev_k, prev_z = state.prev_kv[slots], state.prev_score[slots]  # [B,m,w]
+        kb_pool = torch.cat([prev_k[:, None, :, :c], kb[..., c:]], dim=2)  # [B,1,2m,c]
+        zb_pool = torch.cat([prev_z[:, None, :, :c], zb[..., c:]], dim=2)
+    else:
+        kb_pool, zb_pool = kb, zb
+    done = plan.complete[m]
+    entry = comp.entries(ops, kb_pool, zb_pool, plan.entry_cos_sin[m], flat_out.dtype)[:, 0]  # [B,c]
+    # the last partial block of a max_seq_len that `ratio` does not divide has no row (it can never complete): its
+    # no-op write goes to the slot's last row, which it leaves unchanged
+    row = out_base + plan.block[m].clamp(max=n_entries - 1)
+    flat_out[row] = torch.where(done[:, None], entry, flat_out[row])  # an incomplete block keeps its row
+    if comp.overlap:  # the completed block becomes the next block's look-back half
+        state.prev_kv[slots] = torch.where(done[:, None, None], kb[:, 0], prev_k)
+        state.prev_score[slots] = torch.where(done[:, None, None], zb[:, 0], prev_z)
+
+
+def indexer_step(idx: Indexer, ops: Ops, x: Tensor, qr: Tensor, cos: Tensor, sin: Tensor, lc: LayerCache,
+                 plan: StepPlan) -> Tensor:
+    """[B,1,min(topk, cap)] selected compressed entries (-1 = none) over the bucket's capacity cap = context // 4."""
+    a = idx.args
+    q = idx.query(ops, qr, cos, sin)
+    n_keys = lc.index_kv.shape[1]
+    compressor_step(idx.compressor, ops, x, plan, lc.index_comp, lc.index_kv.view(-1, lc.index_kv.shape[-1]),
+                    plan.slots * n_keys, n_keys)
+    w = idx.head_weights(ops, x)
+    visible = plan.visible[4][:, None]  # [B,1]
+    keys = lc.index_kv[plan.slots, :min(plan.context // 4, n_keys)]  # [B,cap,D_I]
+    if idx.tp == 1:
+        return ops.indexer_topk(q, keys, w, visible, a.index_topk)
+    score = ops.all_reduce(ops.indexer_scores(q, keys, w), "tp")  # heads split over TP ranks (as Indexer.forward)
+    return topk_visible(score, visible, a.index_topk)
+
+
+def attention_step(attn: Attention, ops: Ops, x: Tensor, lc: LayerCache, rope: RopeTable, plan: StepPlan) -> Tensor:
+    """x [B,1,d] (attn_norm-ed) -> [B,1,d]; writes this token's KV (ring row, compressor state, entries)."""
+    B = x.shape[0]
+    H, D, W = attn.n_local_heads, attn.args.head_dim, plan.W
+    cos, sin = plan.cos_sin[id(rope)]
+    qr, q, kv = attn.project(ops, x, cos, sin)
+    n_rows = lc.kv.shape[1]
+    flat = lc.kv.view(-1, D)  # [Bmax * (W + entries), D]
+    base, idx = plan.rows(n_rows, attn.ratio)
+    if attn.ratio:
+        compressor_step(attn.compressor, ops, x, plan, lc.comp, flat, base + W, n_rows - W)
+    flat[base + plan.ring] = kv[:, 0]
+    if attn.ratio == 4:
+        sel = indexer_step(attn.indexer, ops, x, qr, cos, sin, lc, plan)[:, 0]  # [B,topk]
+        idx = torch.cat([idx, torch.where(sel >= 0, base[:, None] + W + sel, -1)], dim=-1)
+    # every row is one query of a single "batch" over the flat cache: q [1,B,H,D], kv [1, Bmax*N, D], idx [1,B,K]
+    o = ops.sparse_attention(q.reshape(1, B, H, D), flat[None], attn.attn_sink, idx[None], D ** -0.5)
+    return attn.output(ops, o.reshape(B, 1, H, D), cos, sin)
+
+
+# -- MoE ---------------------------------------------------------------------------------------------------------------
+def _gathered_linear(ops: Ops, x: Tensor, w: LinearWeight, e: Tensor) -> Tensor:
+    """x [M,1,in] @ W[e[m]]^T for each row m with the reference linear's numerics (ReferenceOps.linear): dense
+    weights in x.dtype; FP8/FP4 weights dequantised, the activation FP8-simulated in 1x128 blocks, fp32 product."""
+    if w.fmt == "none":
+        return torch.matmul(x, w.weight[e].to(x.dtype).transpose(1, 2))
+    xq = ops.fp8_sim(x.float(), 128)
+    return torch.matmul(xq, dequant_weight(w.weight[e], w.scale[e], w.fmt).transpose(1, 2)).to(x.dtype)
+
+
+def routed_experts(ops: Ops) -> Callable[..., Tensor]:
+    """The reference's moe_experts (same contract, same per-expert arithmetic) without data-dependent shapes: each of
+    the T*k (token, expert) pairs gathers its expert's weights, and the pairs are summed per token in ascending
+    expert order, as the reference's per-expert loop adds them. Ops per layer do not grow with the expert count."""
+
+    def run(x: Tensor, weights: Tensor, ids: Tensor, w1: LinearWeight, w2: LinearWeight, w3: LinearWeight,
+            swiglu_limit: float, expert_offset: int = 0) -> Tensor:
+        T, d = x.shape
+        k = ids.shape[1]
+        n_local = w1.weight.shape[0]
+        ids, order = ids.sort(dim=-1, stable=True)
+        weights = weights.gather(-1, order)
+        local = ids - expert_offset
+        mine = ((local >= 0) & (local < n_local)).reshape(T * k, 1, 1)  # other ranks' experts contribute nothing
+        e = local.clamp(0, n_local - 1).reshape(T * k)
+        xt = x[:, None].expand(T, k, d).reshape(T * k, 1, d)
+        h = ops.swiglu(_gathered_linear(ops, xt, w1, e), _gathered_linear(ops, xt, w3, e), swiglu_limit)
+        h = h * weights.reshape(T * k, 1, 1).float()
+        y = torch.where(mine, _gathered_linear(ops, h.to(x.dtype), w2, e).float(), 0.0).view(T, k, d)
+        out = y[:, 0]
+        for j in range(1, k):
+            out = out + y[:, j]
+        return out
+
+    return run
+
+
+# -- the step ----------------------------------------------------------------------------------------------------------
+def block_step(layer: Block, ops: Ops, X: Tensor, token_ids: Tensor, lc: LayerCache, rope: RopeTable, plan: StepPlan,
+               routed: Callable[..., Tensor] | None) -> Tensor:
+    """Block.forward's wiring (hyper-connection around attention, then around the MoE) for one token per row."""
+    a = layer.args
+    x, post, comb = ops.hc_pre(X, layer.hc_attn_fn, layer.hc_attn_scale, layer.hc_attn_base, a.hc_sinkhorn_iters,
+                               a.hc_eps, a.norm_eps)
+    x = attention_step(layer.attn, ops, ops.rms_norm(x, layer.attn_norm.weight, a.norm_eps), lc, rope, plan)
+    X = ops.hc_post(x, X, post, comb)
+    x, post, comb = ops.hc_pre(X, layer.hc_ffn_fn, layer.hc_ffn_scale, layer.hc_ffn_base, a.hc_sinkhorn_iters,
+                               a.hc_eps, a.norm_eps)
+    ffn: MoE = layer.ffn
+    x = ffn(ops, ops.rms_norm(x, layer.ffn_norm.weight, a.norm_eps), token_ids, routed)
+    return ops.hc_post(x, X, post, comb)
+
+
+@torch.no_grad()
+def decode_step(model: Transformer, cache: KVCache, tokens: Tensor, slots: Tensor, pos: Tensor, context: int,
+                routed: Callable[..., Tensor] | None = None) -> Tensor:
+    """Logits [B,V] fp32 of one token per row: tokens/slots/pos [B] int64 on the model's device, every pos in
+    [1, context) and < cache.max_seq_len; rows' slots must differ unless the rows are identical (padding).
+    Writes the tokens' KV into the cache; does NOT advance cache.lengths (the caller owns host bookkeeping).
+    `routed`: replaces ops.moe_experts (e.g. routed_experts(ops) where the backend's has data-dependent shapes)."""
+    ops, a = model.ops, model.args
+    plan = StepPlan(model, slots, pos, context)
+    h = model.embedding(tokens[:, None])  # [B,1,d]
+    X = h.unsqueeze(2).repeat(1, 1, a.hc_mult, 1)  # [B,1,n,d]
+    for i, layer in enumerate(model.layers):
+        X = block_step(layer, ops, X, tokens[:, None], cache.layers[i], model.rope_for(i), plan, routed)
+    return model._head(X, model.hc_head_fn, model.hc_head_scale, model.hc_head_base, model.norm)[:, 0]
