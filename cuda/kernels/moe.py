@@ -74,6 +74,7 @@ def moe_experts(x: Tensor, weights: Tensor, ids: Tensor, w1: tuple, w2: tuple, w
     else:
         a2, a2_s = quant_act(h)
     y = grouped_gemm(a2, a2_s, None, w2[0], w2[1], w2[2], tiles, P, x.dtype, block_m=bm)
-    bt, bd = (64, pow2(min(d, 512))) if not x.is_cuda else (16, 256)
+    cc = cfg("combine")
+    bt, bd = cc["BLOCK_T"], min(cc["BLOCK_D"], pow2(d))
     _combine_kernel[(triton.cdiv(T, bt), triton.cdiv(d, bd))](y, inv, out, T, d, k, BLOCK_T=bt, BLOCK_D=bd)
     return out
