@@ -27,6 +27,7 @@ import contextlib
 import importlib
 import io
 import json
+import math
 import os
 import re
 import subprocess
@@ -150,6 +151,37 @@ class LaunchRecorder:
             InterpretedFunction.run = original
 
 
+@contextlib.contextmanager
+def _shape_only_fallbacks(ops):
+    """The torch fallbacks between kernels (quant-dequant simulations, the Hadamard product, the activation FP8
+    quantisation) replaced by fresh tensors of the same shape, dtype and layout: with the kernels skipped their
+    values are garbage anyway, and at V4-Flash shapes they were most of the recording time."""
+    import torch
+
+    from .kernels import gemm, moe
+
+    def fresh(x, *_args, **_kw):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    def quant_act(x2d):
+        M, K = x2d.shape
+        if K % gemm.ACT_BLOCK:
+            raise ValueError(f"FP8 activation quantisation needs K % {gemm.ACT_BLOCK} == 0, got K={K}")
+        return (torch.empty((M, K), dtype=torch.float8_e4m3fn, device=x2d.device),
+                torch.empty((M, K // gemm.ACT_BLOCK), dtype=torch.float32, device=x2d.device))
+
+    saved = (gemm.quant_act, moe.quant_act)
+    for name in ("fp8_sim", "fp4_sim", "hadamard"):
+        setattr(ops, name, fresh)
+    gemm.quant_act = moe.quant_act = quant_act
+    try:
+        yield
+    finally:
+        gemm.quant_act, moe.quant_act = saved
+        for name in ("fp8_sim", "fp4_sim", "hadamard"):
+            delattr(ops, name)
+
+
 def record(scenarios: list[Scenario]) -> list[dict]:
     """The distinct launches of the model graph on CudaOps for each scenario (needs TRITON_INTERPRET=1)."""
     import torch
@@ -165,7 +197,7 @@ def record(scenarios: list[Scenario]) -> list[dict]:
         raise RuntimeError("record needs TRITON_INTERPRET=1 in the environment before the kernels are imported")
     ops = create_ops("cpu", interpret=True)
     rec = LaunchRecorder()
-    with rec.active(), gpu_plan(), torch.no_grad():
+    with rec.active(), gpu_plan(), _shape_only_fallbacks(ops), torch.no_grad():
         for sc in scenarios:
             args = load_named_config(sc.config).replace(**dict(sc.changes))
             par = ParallelConfig(ep_size=sc.ep_size)
@@ -287,18 +319,34 @@ def _specialized(launch: dict) -> int:
     return n
 
 
+def _tile(launch: dict) -> int:
+    return math.prod(v for k, v in launch["constexprs"].items() if k.startswith("BLOCK") and isinstance(v, int))
+
+
+def _family(launch: dict) -> tuple:
+    """row_key without the BLOCK_* constexprs: the launches of one family differ only in tile sizes."""
+    kernel, dtypes, consts, options = row_key(launch)
+    return kernel, dtypes, tuple(c for c in consts if not c[0].startswith("BLOCK")), options
+
+
+DISTINCT = ("exact", "class", "largest")
+
+
 def select(launches: list[dict], distinct: str) -> list[dict]:
     """"exact": every specialization Triton would build. "class": one launch per table row, the one with the most
     divisibility attributes: alignment is what lets Triton vectorise loads and stage them through shared memory
-    (cp.async / TMA pipelining), so it is the variant with the largest shared-memory footprint."""
+    (cp.async pipelining), so it is the variant with the largest shared-memory footprint. "largest": of each
+    family (a row without its BLOCK_* sizes), only the launch with the largest tile (shared memory and registers
+    grow with the tile), most aligned first: the quick subset of the default test run."""
     if distinct == "exact":
         return launches
-    if distinct != "class":
-        raise ValueError(f"distinct must be 'exact' or 'class', got {distinct!r}")
+    if distinct not in DISTINCT:
+        raise ValueError(f"distinct must be one of {DISTINCT}, got {distinct!r}")
+    key, rank = (row_key, _specialized) if distinct == "class" else (_family, lambda x: (_tile(x), _specialized(x)))
     best: dict[tuple, dict] = {}
     for launch in launches:
-        k = row_key(launch)
-        if k not in best or _specialized(launch) > _specialized(best[k]):
+        k = key(launch)
+        if k not in best or rank(launch) > rank(best[k]):
             best[k] = launch
     return list(best.values())
 
@@ -379,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--launches", required=True)
     c.add_argument("--out", required=True)
     c.add_argument("--targets", default=",".join(TARGETS))
-    c.add_argument("--distinct", choices=("exact", "class"), default="exact")
+    c.add_argument("--distinct", choices=DISTINCT, default="exact")
     a = ap.parse_args(argv)
     if a.step == "record":
         launches = record([SCENARIOS[n] for n in _names(a.scenarios, SCENARIOS, "scenarios")])

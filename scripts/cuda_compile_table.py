@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from dsv4.cuda.compile_check import SCENARIOS, TARGETS, check, group_rows, problems
+from dsv4.cuda.compile_check import DISTINCT, SCENARIOS, TARGETS, check, group_rows, problems
 
 
 def _kib(n: int | None) -> str:
@@ -28,8 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scenarios", default=",".join(SCENARIOS))
     ap.add_argument("--targets", default=",".join(TARGETS))
-    ap.add_argument("--distinct", choices=("exact", "class"), default="exact",
-                    help="exact: every specialization Triton would build; class: one per table row (faster)")
+    ap.add_argument("--distinct", choices=DISTINCT, default="exact",
+                    help="exact: every specialization Triton would build; class: one per table row; largest: the "
+                         "largest tile of each family (see dsv4.cuda.compile_check.select)")
     ap.add_argument("--json", help="also write the raw per-launch results here")
     a = ap.parse_args(argv)
     targets = [t for t in a.targets.split(",") if t]

@@ -14,10 +14,14 @@ import triton
 GPU_CFG: dict[str, dict[str, int]] = {
     "rows": {"BLOCK_M": 4},  # row-wise kernels (norms, rope): few rows per program, the full row in registers
     "attn": {"BLOCK_H": 16, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2},
+    "attn:fp32": {"BLOCK_N": 16},
     "index": {"BLOCK_T": 64, "num_warps": 4},
+    "index:fp32": {"BLOCK_T": 16, "num_warps": 8},
     "gemm": {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 8, "num_stages": 3},
-    "hc": {"BLOCK_M": 32, "BLOCK_K": 128, "BLOCK_D": 256},
-    "pool": {"BLOCK_C": 128},
+    "gemm:fp32": {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32},
+    "gemm:swiglu": {"BLOCK_N": 64},
+    "hc": {"BLOCK_M": 32, "BLOCK_K": 64, "BLOCK_D": 256},
+    "pool": {"BLOCK_C": 128, "TILE": 4096},
     "combine": {"BLOCK_T": 16, "BLOCK_D": 256},  # MoE gather-combine: [16, 256] fp32 accumulator
 }
 # Under the interpreter each program is a Python loop iteration: big blocks mean few programs; the K block of the
@@ -28,7 +32,7 @@ INTERP_CFG: dict[str, dict[str, int]] = {
     "index": {"BLOCK_T": 128},
     "gemm": {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128},
     "hc": {"BLOCK_M": 64, "BLOCK_K": 256, "BLOCK_D": 512},
-    "pool": {"BLOCK_C": 512},
+    "pool": {"BLOCK_C": 512, "TILE": 65536},
     "combine": {"BLOCK_T": 64, "BLOCK_D": 512},
 }
 
@@ -38,29 +42,35 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-# Set by `gpu_plan` only: the launch recorder (cuda/compile_check.py) runs the wrappers under the interpreter but
-# needs the launches a GPU run would make.
-_FORCE_GPU_PLAN = False
+# Set by `gpu_plan` only: "gpu" (block sizes and dot dtypes of a GPU run) or "blocks" (block sizes only).
+_FORCED_PLAN: str | None = None
 
 
 @contextmanager
-def gpu_plan() -> Iterator[None]:
-    """Inside: the wrappers choose block sizes and dot dtypes as on a GPU (GPU_CFG, no fp32 upcast) even under the
-    interpreter. For recording launches that are not executed (bf16 dots give garbage in the interpreter)."""
-    global _FORCE_GPU_PLAN
-    before, _FORCE_GPU_PLAN = _FORCE_GPU_PLAN, True
+def gpu_plan(dots: bool = True) -> Iterator[None]:
+    """Inside, under the interpreter, the wrappers choose GPU_CFG block sizes, and with dots=True also the GPU's
+    dot operand dtypes (no fp32 upcast). dots=True is for recording launches that are not executed (bf16 dots give
+    garbage in the interpreter: cuda/compile_check.py); dots=False runs the GPU tiles correctly in fp32."""
+    global _FORCED_PLAN
+    before, _FORCED_PLAN = _FORCED_PLAN, "gpu" if dots else "blocks"
     try:
         yield
     finally:
-        _FORCE_GPU_PLAN = before
+        _FORCED_PLAN = before
 
 
-def _interp_plan() -> bool:
-    return interpreting() and not _FORCE_GPU_PLAN
+def _interp_blocks() -> bool:
+    return interpreting() and _FORCED_PLAN is None
 
 
-def cfg(kind: str) -> dict[str, int]:
-    return dict((INTERP_CFG if _interp_plan() else GPU_CFG)[kind])
+def cfg(kind: str, variant: str | None = None) -> dict[str, int]:
+    """The block sizes of `kind`; `variant` ("fp32", "swiglu") merges GPU_CFG["kind:variant"] over them on a GPU
+    (the interpreter has no variants: its blocks are for speed only)."""
+    table = INTERP_CFG if _interp_blocks() else GPU_CFG
+    c = dict(table[kind])
+    if variant is not None:
+        c.update(table.get(f"{kind}:{variant}", {}))
+    return c
 
 
 def launch_opts(c: dict[str, int]) -> dict[str, int]:
@@ -79,7 +89,7 @@ def pow2(n: int, lo: int = 1) -> int:
 def upcast_dots() -> bool:
     """Whether kernels must convert low-precision operands to fp32 before tl.dot: the interpreter computes bf16
     arithmetic wrongly, while a GPU runs bf16/fp8 dots natively on tensor cores."""
-    return _interp_plan()
+    return interpreting() and _FORCED_PLAN != "gpu"
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -9,7 +9,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import cfg, pow2
-from .gemm import grouped_gemm, make_tiles, quant_act
+from .gemm import gemm_cfg, grouped_gemm, make_tiles, quant_act
 
 
 @triton.jit
@@ -59,7 +59,8 @@ def moe_experts(x: Tensor, weights: Tensor, ids: Tensor, w1: tuple, w2: tuple, w
     route_w = weights.float().flatten()[order].contiguous()
     P = T * k
     # tiles no taller than an average expert's rows (decode: a few tokens per expert), but >= 16 for tl.dot
-    bm = min(cfg("gemm")["BLOCK_M"], pow2(max(1, P // max(E, 1)), 16))
+    a_dtype = x.dtype if w1[2] == "none" else torch.float8_e4m3fn  # what both expert GEMMs read
+    bm = min(gemm_cfg(a_dtype)["BLOCK_M"], pow2(max(1, P // max(E, 1)), 16))
     tiles = make_tiles(counts, bm, P)
     if w1[2] == "none":
         a, a_s = x.contiguous(), None
