@@ -384,23 +384,36 @@ def group_rows(launches: list[dict]) -> list[dict]:
 
 
 # -- orchestration ----------------------------------------------------------------------------------------------------
-def check(scenarios: list[str], targets: list[str], distinct: str = "exact", workdir: str | Path | None = None,
-          timeout: float = 1800) -> list[dict]:
-    """Record in one subprocess, compile in another (fresh TRITON_CACHE_DIR: nothing is reused between runs).
-    Returns the compiled launches (see `select` for `distinct`) with their per-target results."""
+def record_subprocess(scenarios: list[str], timeout: float = 1800) -> list[dict]:
+    """Step 1 in a fresh interpreter process (TRITON_INTERPRET must be set before the kernels are decorated)."""
+    with tempfile.TemporaryDirectory(prefix="dsv4-cuda-record-") as tmp:
+        out = Path(tmp) / "launches.json"
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        _run(_CMD + ["record", "--out", str(out), "--scenarios", ",".join(scenarios)], env, timeout)
+        return json.loads(out.read_text())
+
+
+def compile_subprocess(launches: list[dict], targets: list[str], distinct: str = "exact",
+                       timeout: float = 1800) -> list[dict]:
+    """Step 2 in a fresh process without TRITON_INTERPRET and with an empty TRITON_CACHE_DIR (nothing is reused
+    between runs). Returns the selected launches (see `select`) with their per-target results."""
     with tempfile.TemporaryDirectory(prefix="dsv4-cuda-compile-") as tmp:
-        work = Path(workdir or tmp)
-        rec_path, res_path = work / "launches.json", work / "compiled.json"
-        env = dict(os.environ)
-        env["TRITON_INTERPRET"] = "1"
-        cmd = [sys.executable, "-m", "dsv4.cuda.compile_check"]
-        _run(cmd + ["record", "--out", str(rec_path), "--scenarios", ",".join(scenarios)], env, timeout)
-        env.pop("TRITON_INTERPRET")
+        src, out = Path(tmp) / "launches.json", Path(tmp) / "compiled.json"
+        src.write_text(json.dumps(launches))
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         env["TRITON_CACHE_DIR"] = str(Path(tmp) / "triton-cache")
         env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9's default, set to silence its warning
-        _run(cmd + ["compile", "--launches", str(rec_path), "--out", str(res_path), "--targets", ",".join(targets),
-                    "--distinct", distinct], env, timeout)
-        return json.loads(res_path.read_text())
+        _run(_CMD + ["compile", "--launches", str(src), "--out", str(out), "--targets", ",".join(targets),
+                     "--distinct", distinct], env, timeout)
+        return json.loads(out.read_text())
+
+
+def check(scenarios: list[str], targets: list[str], distinct: str = "exact", timeout: float = 1800) -> list[dict]:
+    """Record the launches of `scenarios`, compile them for `targets`; the failures are `problems` of each."""
+    return compile_subprocess(record_subprocess(scenarios, timeout), targets, distinct, timeout)
+
+
+_CMD = [sys.executable, "-m", "dsv4.cuda.compile_check"]
 
 
 def _run(cmd: list[str], env: dict[str, str], timeout: float) -> None:

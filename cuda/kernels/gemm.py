@@ -178,6 +178,8 @@ def grouped_gemm(a: Tensor, a_scale: Tensor | None, rowmap: Tensor | None, w: Te
     p = block_params(c)
     if block_m is not None:  # the tile height make_tiles used (<= gemm_cfg's BLOCK_M)
         p["BLOCK_M"] = block_m
+    if code and p["BLOCK_K"] != ACT_BLOCK:  # the kernel applies one activation / weight scale per K block
+        raise ValueError(f"{fmt} weights need BLOCK_K == {ACT_BLOCK}, got {p['BLOCK_K']}")
     n_tiles = tiles[0].numel()
     if n_rows_out == 0 or n_tiles == 0 or N == 0:
         return out
