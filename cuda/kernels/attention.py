@@ -75,11 +75,11 @@ def sparse_attention(q: Tensor, kv: Tensor, sink: Tensor, indices: Tensor, softm
     out = torch.empty((B, S, H, D), dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out
-    c = cfg("attn")
+    upcast = upcast_dots() or q.dtype == torch.float32 or kv.dtype != q.dtype
+    c = cfg("attn", "fp32" if upcast else None)
     bh = max(16, min(c["BLOCK_H"], pow2(H)))  # tl.dot needs every dim >= 16: few heads are padded (masked)
     bn = c["BLOCK_N"] if K > 16 else 16
     grid = (B * S, triton.cdiv(H, bh))
-    upcast = upcast_dots() or q.dtype == torch.float32 or kv.dtype != q.dtype
     p = block_params(c)
     p.update(BLOCK_H=bh, BLOCK_N=bn)
     _sparse_attn_kernel[grid](q, kv, sink, idx, out, S, H, D, K, N, float(softmax_scale),
@@ -115,6 +115,8 @@ def compress_pool(kv: Tensor, score: Tensor) -> Tensor:
     out = torch.empty((B, N, C), dtype=torch.float32, device=kv.device)
     if out.numel() == 0:
         return out
-    bc = min(cfg("pool")["BLOCK_C"], pow2(C))
-    _compress_pool_kernel[(B * N, triton.cdiv(C, bc))](kvc, sc, out, L, C, BLOCK_L=pow2(L), BLOCK_C=bc)
+    c = cfg("pool")
+    bl = pow2(L)
+    bc = max(16, min(c["BLOCK_C"], pow2(C), c["TILE"] // bl))  # long pools (L = 128) get narrower channel blocks
+    _compress_pool_kernel[(B * N, triton.cdiv(C, bc))](kvc, sc, out, L, C, BLOCK_L=bl, BLOCK_C=bc)
     return out

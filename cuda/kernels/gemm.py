@@ -152,6 +152,12 @@ def _grouped_gemm_kernel(a_ptr, as_ptr, rowmap_ptr, w_ptr, ws_ptr, w3_ptr, w3s_p
              mask=rmask[:, None] & nmask[None, :])
 
 
+def gemm_cfg(a_dtype: torch.dtype, swiglu: bool = False) -> dict[str, int]:
+    """Tile sizes of one grouped-GEMM launch, by the dtype of the A operand the kernel reads (e4m3 for fp8/fp4
+    weights). One function, because the tile table (make_tiles) and the kernel must agree on BLOCK_M."""
+    return cfg("gemm", "fp32" if a_dtype == torch.float32 else "swiglu" if swiglu else None)
+
+
 def grouped_gemm(a: Tensor, a_scale: Tensor | None, rowmap: Tensor | None, w: Tensor, w_scale: Tensor | None,
                  fmt: str, tiles: tuple[Tensor, Tensor, Tensor], n_rows_out: int, out_dtype: torch.dtype,
                  w3: Tensor | None = None, w3_scale: Tensor | None = None, limit: float = 0.0,
@@ -167,10 +173,13 @@ def grouped_gemm(a: Tensor, a_scale: Tensor | None, rowmap: Tensor | None, w: Te
     code = FMT_CODES[fmt]
     if code and a_scale is None:
         raise ValueError(f"{fmt} weights need a quantised activation and its scales")
-    c = cfg("gemm")
+    upcast = upcast_dots() or a.dtype == torch.float32
+    c = gemm_cfg(a.dtype, w3 is not None)
     p = block_params(c)
-    if block_m is not None:
+    if block_m is not None:  # the tile height make_tiles used (<= gemm_cfg's BLOCK_M)
         p["BLOCK_M"] = block_m
+    if code and p["BLOCK_K"] != ACT_BLOCK:  # the kernel applies one activation / weight scale per K block
+        raise ValueError(f"{fmt} weights need BLOCK_K == {ACT_BLOCK}, got {p['BLOCK_K']}")
     n_tiles = tiles[0].numel()
     if n_rows_out == 0 or n_tiles == 0 or N == 0:
         return out
@@ -180,8 +189,7 @@ def grouped_gemm(a: Tensor, a_scale: Tensor | None, rowmap: Tensor | None, w: Te
     w3s = w3_scale.float().contiguous() if w3_scale is not None else ws
     asc = a_scale if a_scale is not None else a
     # fp32 operands (and everything under the interpreter) run as exact fp32 dots; on a GPU bf16 activations, fp8
-    # codes and unpacked fp4 (as bf16) feed the tensor cores directly
-    upcast = upcast_dots() or a.dtype == torch.float32
+    # codes and unpacked fp4 (as bf16) feed the tensor cores directly (`upcast` above)
     grid = (n_tiles, triton.cdiv(N, p["BLOCK_N"]))
     _grouped_gemm_kernel[grid](
         a, asc, rowmap if rowmap is not None else tiles[0], w, ws, w3c, w3s, out,
@@ -225,7 +233,8 @@ def linear(x: Tensor, weight: Tensor, scale: Tensor | None, fmt: str) -> Tensor:
         a, a_s = x2.contiguous(), None
     else:
         a, a_s = quant_act(x2)
-    bm = cfg("gemm")["BLOCK_M"]
+    bm = gemm_cfg(a.dtype)["BLOCK_M"]
     tiles = make_tiles(torch.tensor([M], device=x.device), bm, M)
-    y = grouped_gemm(a, a_s, None, weight[None], None if scale is None else scale[None], fmt, tiles, M, x.dtype)
+    y = grouped_gemm(a, a_s, None, weight[None], None if scale is None else scale[None], fmt, tiles, M, x.dtype,
+                     block_m=bm)
     return y.view(*x.shape[:-1], N)

@@ -53,11 +53,12 @@ def indexer_scores(q: Tensor, k: Tensor, weights: Tensor, visible: Tensor) -> Te
     out = torch.empty((B, S, T), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out
-    c = cfg("index")
+    upcast = upcast_dots() or q.dtype == torch.float32 or k.dtype != q.dtype
+    c = cfg("index", "fp32" if upcast else None)
     bt = max(16, min(c["BLOCK_T"], pow2(T)))
     _indexer_score_kernel[(B * S, triton.cdiv(T, bt))](
         q, k, w, vis, out, S, H, Di, T, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
-        w.stride(0), w.stride(1), UPCAST=upcast_dots() or q.dtype == torch.float32 or k.dtype != q.dtype,
+        w.stride(0), w.stride(1), UPCAST=upcast,
         PREC=dot_precision(q.dtype), BLOCK_H=pow2(H, 16), BLOCK_D=pow2(Di, 16), BLOCK_T=bt, **launch_opts(c))
     return out
 

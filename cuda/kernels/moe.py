@@ -9,7 +9,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import cfg, pow2
-from .gemm import grouped_gemm, make_tiles, quant_act
+from .gemm import gemm_cfg, grouped_gemm, make_tiles, quant_act
 
 
 @triton.jit
@@ -59,7 +59,8 @@ def moe_experts(x: Tensor, weights: Tensor, ids: Tensor, w1: tuple, w2: tuple, w
     route_w = weights.float().flatten()[order].contiguous()
     P = T * k
     # tiles no taller than an average expert's rows (decode: a few tokens per expert), but >= 16 for tl.dot
-    bm = min(cfg("gemm")["BLOCK_M"], pow2(max(1, P // max(E, 1)), 16))
+    a_dtype = x.dtype if w1[2] == "none" else torch.float8_e4m3fn  # what both expert GEMMs read
+    bm = min(gemm_cfg(a_dtype)["BLOCK_M"], pow2(max(1, P // max(E, 1)), 16))
     tiles = make_tiles(counts, bm, P)
     if w1[2] == "none":
         a, a_s = x.contiguous(), None
@@ -74,6 +75,7 @@ def moe_experts(x: Tensor, weights: Tensor, ids: Tensor, w1: tuple, w2: tuple, w
     else:
         a2, a2_s = quant_act(h)
     y = grouped_gemm(a2, a2_s, None, w2[0], w2[1], w2[2], tiles, P, x.dtype, block_m=bm)
-    bt, bd = (64, pow2(min(d, 512))) if not x.is_cuda else (16, 256)
+    cc = cfg("combine")
+    bt, bd = cc["BLOCK_T"], min(cc["BLOCK_D"], pow2(d))
     _combine_kernel[(triton.cdiv(T, bt), triton.cdiv(d, bd))](y, inv, out, T, d, k, BLOCK_T=bt, BLOCK_D=bd)
     return out
