@@ -104,6 +104,10 @@ def cmd_run(ns: argparse.Namespace, model_source: ModelSource | None = None) -> 
     from dsv4.common.parity.report import comparison_table, write_report
 
     tol = Tolerances.load(ns.tolerances)
+    # the default suite unless a model (checkpoint, --config, --kv-fp8-sim), backends or dtypes are chosen
+    if all(getattr(ns, a, None) is None for a in ("model", "config", "kv_fp8_sim", "backends", "dtype")):
+        return cmd_run_suite(ns, tol)
+    ns.dtype = ns.dtype or ["fp32"]
     source = _resolve_source(ns, model_source)
     choices = available_backends(ns.device, ns.include_interpreted)
     usable = [c for c in choices if c.available]
@@ -128,6 +132,32 @@ def cmd_run(ns: argparse.Namespace, model_source: ModelSource | None = None) -> 
     if ns.report:
         print(f"report: {write_report(ns.report, comps, title=f'dsv4 parity run: {source.label}')}")
     return 0 if all(c.ok for c in comps) else 1
+
+
+def cmd_run_suite(ns: argparse.Namespace, tol: Tolerances) -> int:
+    """The default `dsv4 parity run` (no --config / --backends / --dtype): common/parity/suite.py's plan, which
+    reaches every fused Ascend path on each emulated chip (a real NPU, when present, is not part of it: name it
+    with --backends)."""
+    from dsv4.common.parity.report import comparison_table, write_report
+    from dsv4.common.parity.suite import default_plan, reached_lines, requantized_plan, run_case
+
+    t0 = time.perf_counter()
+    plan = default_plan(tol) + ([] if ns.skip_cost else requantized_plan(tol))
+    results = [run_case(c, tol, ns.allow_fallback, ns.prompt_seed) for c in plan]
+    comps = [c for r in results for c in r.comparisons]
+    print(comparison_table(comps))
+    for line in reached_lines(results):
+        print(line)
+    bad = 0
+    for r in results:
+        for c in r.comparisons:
+            for v in c.violations:
+                print(f"VIOLATION [{r.case.name}] {c.ref} vs {c.got} ({c.pair}, {c.profile}) {v}")
+            bad += not c.ok
+    if ns.report:
+        print(f"report: {write_report(ns.report, comps, title='dsv4 parity run: default suite')}")
+    print(f"parity run: {len(comps) - bad}/{len(comps)} pairs within bounds in {time.perf_counter() - t0:.0f}s")
+    return 0 if bad == 0 else 1
 
 
 def cmd_record(ns: argparse.Namespace, model_source: ModelSource | None = None) -> int:
@@ -209,14 +239,16 @@ def add_parity_arguments(subparsers: Any,
     def common(sp: argparse.ArgumentParser, dtypes_multi: bool) -> None:
         sp.add_argument("--tolerances", default=None, help="tolerance YAML (default configs/parity.yaml)")
         sp.add_argument("--device", default=None, help="device for the real backends (default: the backend's)")
-        sp.add_argument("--config", default="tiny", help="embedded random model config (default tiny)")
+        sp.add_argument("--config", default=None, help="embedded random model config (default tiny; `run` without "
+                        "--config/--backends/--dtype runs the default suite)")
         sp.add_argument("--seed", type=int, default=0, help="embedded random model seed")
         sp.add_argument("--weight-init", choices=("plain", "structured"), default="plain",
                         help="embedded random model: structured weights vary per quantisation block and have "
                              "outlier channels, so number-format bugs change the output")
         sp.add_argument("--kv-fp8-sim", choices=("e4m3", "clamp"), default=None,
                         help="override the config's KV FP8 simulation (clamp: continuous model, tight bounds)")
-        sp.add_argument("--dtype", nargs="+" if dtypes_multi else 1, default=["fp32"], choices=("fp32", "bf16"))
+        sp.add_argument("--dtype", nargs="+" if dtypes_multi else 1, default=None if dtypes_multi else ["fp32"],
+                        choices=("fp32", "bf16"), help="default fp32")
         sp.add_argument("--batch", type=int, default=None, help="prompts (default: parity.yaml suite.batch)")
         sp.add_argument("--seq-len", type=int, default=None, help="prompt length (default: suite.seq_len)")
         sp.add_argument("--prompt-seed", type=int, default=0)
@@ -231,6 +263,11 @@ def add_parity_arguments(subparsers: Any,
                    help="only these backends (labels as printed, e.g. reference 'ascend(emulated)' cuda)")
     r.add_argument("--include-interpreted", action="store_true",
                    help="also run the CUDA backend in the Triton interpreter on CPU (slow)")
+    r.add_argument("--allow-fallback", action="store_true",
+                   help="default suite: do not fail a pair whose Ascend side fell back to torch for a fused op its "
+                        "chip supports")
+    r.add_argument("--skip-cost", action="store_true",
+                   help="default suite: skip the reported FP8-vs-W8A8 cost pair of 910B / 910C")
     rec = sub.add_parser("record", help="write a golden file from one backend")
     common(rec, False)
     rec.add_argument("--backend", required=True, help="reference | ascend | cuda | ascend(emulated) | ...")
