@@ -7,16 +7,20 @@ the op the bug is in. The unpatched controls must pass the same checks (test_con
 from __future__ import annotations
 
 import functools
+import os
 
 import pytest
 import torch
 
-from dsv4.ascend.backend import AscendOps
-from dsv4.common.model.ops import LinearWeight
-from dsv4.common.parity.bisect import bisect
-from dsv4.common.parity.compare import Tolerances, default_prompts
-from dsv4.common.parity.sources import default_model_source, make_backend
-from dsv4.common.parity.suite import RELEASE, Case, run_case
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel module is imported (the CUDA cases)
+
+from dsv4.ascend.backend import AscendOps  # noqa: E402
+from dsv4.common.model.ops import LinearWeight  # noqa: E402
+from dsv4.common.parity.bisect import bisect  # noqa: E402
+from dsv4.common.parity.compare import Tolerances, default_prompts  # noqa: E402
+from dsv4.common.parity.sources import default_model_source, make_backend  # noqa: E402
+from dsv4.common.parity.suite import RELEASE, Case, run_case  # noqa: E402
 
 TOL = Tolerances.load()
 # 40 tokens: inside the 128-key window, 10 CSA entries (the indexer keeps all); every planted bug below sits in
@@ -113,6 +117,18 @@ def test_controls_pass():
     assert ok and first is None, summary
 
 
+def test_fallback_for_a_supported_fused_op_fails_the_pair(monkeypatch):
+    """950DT supports npu_sparse_flash_attention: a run that silently takes the torch attention instead fails its
+    pair (naming the op), however close its numbers are; --allow-fallback accepts it."""
+    monkeypatch.setattr(AscendOps, "_sfa_fits", lambda self, q, kv: "planted fallback")
+    case = _case("950dt", "dequantized")
+    res = run_case(case, TOL, log=lambda _: None)
+    label = case.candidates[0][0]
+    assert "npu_sparse_flash_attention" not in res.reached[label]
+    assert [v.metric for v in res.comparisons[0].violations] == ["fell back for npu_sparse_flash_attention"]
+    assert run_case(case, TOL, allow_fallback=True, log=lambda _: None).comparisons[0].ok
+
+
 @pytest.mark.parametrize("bug", list(MUTATIONS))
 def test_planted_ascend_bug_fails_parity_and_bisect_names_op(bug, monkeypatch):
     chip, weights, method, change, op = MUTATIONS[bug]
@@ -135,3 +151,32 @@ def test_per_tensor_activation_scale_fails_w8a8_parity():
     ok, first, summary = _check(_case("910b", "quantized", "reference(w8a8,910b)", "reference-ascend_w8a8"), make)
     assert not ok, "per-tensor activation scale passed the W8A8 parity pair"
     assert first is not None and ("/linear#" in first or "/moe_experts#" in first), summary
+
+
+# -- CUDA (Triton interpreter): few and tiny, the interpreter is ~100x slower than torch --------------------------
+CUDA_MUTATIONS = {
+    # name: (CudaOps method, wrapper, op bisect must name)
+    "cuda window one key short": ("sparse_attention", window_short, "/sparse_attention#"),
+}
+
+
+# ~45 s on 2 cores (three interpreted forwards): slow; the Ascend cases run the same suite and bisect code, and
+# `-m slow` runs this one. Measured: a 19-iteration Sinkhorn in the CUDA hc_pre ESCAPES this tiny fp32 case (its
+# free-run logits stay within the fp32-clamp bounds), so it is not listed
+@pytest.mark.slow
+@pytest.mark.parametrize("bug", list(CUDA_MUTATIONS))
+def test_planted_cuda_bug_fails_parity_and_bisect_names_op(bug, monkeypatch):
+    pytest.importorskip("triton")
+    from dsv4.cuda.backend import CudaOps
+
+    method, change, op = CUDA_MUTATIONS[bug]
+    monkeypatch.setattr(CudaOps, *_wrap(CudaOps, method, change))
+    # the tiny config in fp32 with continuous KV (tight fp32-clamp bounds of reference-cuda), 1x8 prompt, prefill
+    case = Case("mutation cuda", "tiny", "dequantized", False, torch.float32, "reference",
+                [("cuda(interpreted)", "reference-cuda")], kv_fp8_sim="clamp", seq_len=8, decode_steps=0)
+    res = run_case(case, TOL, log=lambda _: None)
+    assert not res.comparisons[0].ok, f"{bug}: the parity comparison passed"
+    src = default_model_source("tiny", 0, "clamp")
+    b = bisect(src.factory, make_backend("reference"), make_backend("cuda(interpreted)"),
+               default_prompts(src.vocab_size, 1, 8), torch.float32, TOL, pair="reference-cuda")
+    assert b.first_op is not None and op in b.first_op, f"{bug}: bisect named {b.first_op!r}\n{b.summary()}"
