@@ -214,7 +214,7 @@ def cmd_bisect(ns: argparse.Namespace, model_source: ModelSource | None = None) 
     ops_a, ops_b = make_backend(a, ns.device), make_backend(b, ns.device)
     dtype = parse_dtype(ns.dtype[0])
     prompts = _prompts_for(ns, _vocab_size(source, ops_a), tol)
-    res = bisect(source.factory, ops_a, ops_b, prompts, dtype, tol, label_a=a, label_b=b,
+    res = bisect(source.factory, ops_a, ops_b, prompts, dtype, tol, pair=ns.pair, label_a=a, label_b=b,
                  decode_steps=_decode_steps(ns, tol))
     print(bisect_table(res, only_failures=not ns.verbose))
     print(res.summary())
@@ -281,6 +281,8 @@ def add_parity_arguments(subparsers: Any,
     common(bis, False)
     bis.add_argument("--backends", nargs=2, required=True, metavar=("A", "B"))
     bis.add_argument("--verbose", action="store_true", help="print every op, not only the failing ones")
+    bis.add_argument("--pair", default=None, help="configs/parity.yaml pair key to judge by (default: from the "
+                     "labels; e.g. reference-ascend_emulated, reference-ascend_w8a8 for the default suite's bounds)")
     return p
 
 
