@@ -139,10 +139,11 @@ def cmd_run_suite(ns: argparse.Namespace, tol: Tolerances) -> int:
     reaches every fused Ascend path on each emulated chip (a real NPU, when present, is not part of it: name it
     with --backends)."""
     from dsv4.common.parity.report import comparison_table, write_report
-    from dsv4.common.parity.suite import default_plan, reached_lines, requantized_plan, run_case
+    from dsv4.common.parity.suite import default_plan, interpreted_plan, reached_lines, requantized_plan, run_case
 
     t0 = time.perf_counter()
     plan = default_plan(tol) + ([] if ns.skip_cost else requantized_plan(tol))
+    plan += interpreted_plan(tol) if ns.include_interpreted else []
     results = [run_case(c, tol, ns.allow_fallback, ns.prompt_seed) for c in plan]
     comps = [c for r in results for c in r.comparisons]
     print(comparison_table(comps))

@@ -124,6 +124,15 @@ def default_plan(tol: Tolerances) -> list[Case]:
     ]
 
 
+def interpreted_plan(tol: Tolerances) -> list[Case]:
+    """With --include-interpreted: the CUDA kernels in the Triton interpreter (~100x slower than torch), tiny model,
+    fp32 with continuous KV (the tight fp32-clamp bounds), the interpreter pair's short prompt."""
+    return [Case("tiny fp32 clamp, Triton interpreter", "tiny", "dequantized", False, torch.float32, "reference",
+                 [("cuda(interpreted)", "reference-cuda")], kv_fp8_sim="clamp",
+                 seq_len=int(tol.setting("seq_len", "reference-cuda", 12)),
+                 decode_steps=int(tol.setting("decode_steps", "reference-cuda", 1)))]
+
+
 def requantized_plan(tol: Tolerances) -> list[Case]:
     """The FP8-vs-W8A8 accuracy cost of 910B / 910C (a chip property, not a bug): reported, loose bounds."""
     seq = int(tol.setting("seq_len", "release", 80))
