@@ -146,7 +146,9 @@ def cmd_run_suite(ns: argparse.Namespace, tol: Tolerances) -> int:
     plan += interpreted_plan(tol) if ns.include_interpreted else []
     results = [run_case(c, tol, ns.allow_fallback, ns.prompt_seed) for c in plan]
     comps = [c for r in results for c in r.comparisons]
-    print(comparison_table(comps))
+    for r in results:
+        print(f"\n{r.case.name}{' (reported cost, loose bounds)' if r.case.reported_only else ''}:")
+        print(comparison_table(r.comparisons))
     for line in reached_lines(results):
         print(line)
     bad = 0
