@@ -144,7 +144,8 @@ def cmd_run_suite(ns: argparse.Namespace, tol: Tolerances) -> int:
     t0 = time.perf_counter()
     plan = default_plan(tol) + ([] if ns.skip_cost else requantized_plan(tol))
     plan += interpreted_plan(tol) if ns.include_interpreted else []
-    results = [run_case(c, tol, ns.allow_fallback, ns.prompt_seed) for c in plan]
+    anchors: dict = {}  # the FP8-weights anchor serves the 950 case and the cost case
+    results = [run_case(c, tol, ns.allow_fallback, ns.prompt_seed, anchor_runs=anchors) for c in plan]
     comps = [c for r in results for c in r.comparisons]
     for r in results:
         print(f"\n{r.case.name}{' (reported cost, loose bounds)' if r.case.reported_only else ''}:")

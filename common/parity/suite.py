@@ -7,6 +7,7 @@ supports (capability table, through AscendOps.has), unless fallbacks are allowed
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -142,20 +143,32 @@ def requantized_plan(tol: Tolerances) -> list[Case]:
                  seq_len=seq, decode_steps=steps, reported_only=True)]
 
 
+@functools.lru_cache(maxsize=8)
+def _source(config: str, kv_fp8_sim: str | None, weights: str, structured: bool) -> ModelSource:
+    # one source per model: its factory keeps the built CPU model per dtype, so cases sharing a model build it once
+    return default_model_source(config, 0, kv_fp8_sim, weights, structured)
+
+
 def run_case(case: Case, tol: Tolerances, allow_fallback: bool = False, prompt_seed: int = 0,
              make: Callable[[str], Ops] = make_backend, log: Callable[[str], None] = print,
-             source: ModelSource | None = None) -> CaseResult:
+             source: ModelSource | None = None, anchor_runs: dict | None = None) -> CaseResult:
     """Run the anchor, then each candidate teacher-forced on the anchor's greedy tokens; compare with the case's
-    pair keys; for Ascend candidates of a require_fused case, add a violation per expected fused op not reached."""
-    source = source or default_model_source(case.config, 0, case.kv_fp8_sim, case.weights, case.structured)
+    pair keys; for Ascend candidates of a require_fused case, add a violation per expected fused op not reached.
+    `anchor_runs` (a dict kept by the caller across cases) reuses an anchor run of the same model and prompts."""
+    source = source or _source(case.config, case.kv_fp8_sim, case.weights, case.structured)
     vocab = source.vocab_size or 512
     seq = case.seq_len or int(tol.setting("seq_len", None, 24))
     steps = case.decode_steps if case.decode_steps is not None else int(tol.setting("decode_steps", None, 4))
     prompts = default_prompts(vocab, int(tol.setting("batch", None, 2)), seq, prompt_seed)
     t0 = time.perf_counter()
-    anchor_ops = make(case.anchor)
-    ref = run_backend(source.factory(anchor_ops, case.dtype), prompts, steps, label=case.anchor)
-    log(f"  [{case.name}] ran {case.anchor} in {time.perf_counter() - t0:.1f}s")
+    key = (case.config, case.kv_fp8_sim, case.weights, case.structured, case.dtype, case.anchor, seq, steps,
+           prompt_seed)
+    ref = anchor_runs.get(key) if anchor_runs is not None else None
+    if ref is None:
+        ref = run_backend(source.factory(make(case.anchor), case.dtype), prompts, steps, label=case.anchor)
+        log(f"  [{case.name}] ran {case.anchor} in {time.perf_counter() - t0:.1f}s")
+        if anchor_runs is not None:
+            anchor_runs[key] = ref
     res = CaseResult(case, [])
     for label, pair in case.candidates:
         t0 = time.perf_counter()
