@@ -18,12 +18,18 @@ import torch
 from torch import Tensor
 
 from dsv4.common.model.ops import LinearWeight
-from dsv4.common.model.quant import dequant_weight, quantize_fp8
+from dsv4.common.model.quant import (
+    INT4_MAX,
+    INT8_MAX,
+    dequant_weight,
+    quantize_fp8,
+    quantize_int4_groups,
+    quantize_int8_rows,
+)
 
 from .formats import pack_int4, unpack_int4
 
-INT8_MAX = 127.0
-INT4_MAX = 7.0  # symmetric: -8 is never produced, so negation stays exact
+__all__ = ["INT4_MAX", "INT8_MAX", "convert_for_chip", "dequant_any", "fp4_to_fp8", "to_w4a8", "to_w8a8"]
 
 
 def dequant_any(w: LinearWeight) -> Tensor:
@@ -40,35 +46,16 @@ def dequant_any(w: LinearWeight) -> Tensor:
 
 def to_w8a8(w: LinearWeight) -> LinearWeight:
     """Any float/FP8/FP4 weight -> int8 with one fp32 scale per output channel (amax / 127)."""
-    wf = dequant_any(w)
-    scale = wf.abs().amax(-1) / INT8_MAX
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row stays exactly zero
-    q = torch.round(wf / scale.unsqueeze(-1)).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+    # the math is hardware-neutral (common/model/quant.py): the reference's W8A8 mode runs the same conversion
+    q, scale = quantize_int8_rows(dequant_any(w))
+    q = q.to(torch.int8)
     return LinearWeight(q, scale, "w8a8")
 
 
 def to_w4a8(w: LinearWeight, group_size: int = 32) -> LinearWeight:
     """Any float/FP8/FP4 weight -> int4 with per-(group of `group_size` inputs, output) scales, packed op-ready.
     group_size 32 keeps the FP4 checkpoint's own 1x32 scale granularity; group_size = in gives per-channel."""
-    wf = dequant_any(w).transpose(-1, -2)  # [..., in, out]
-    K, N = wf.shape[-2:]
-    if K % group_size or N % 8:
-        raise ValueError(f"w4a8 needs in % {group_size} == 0 and out % 8 == 0, got in={K} out={N}")
-    g = wf.unflatten(-2, (K // group_size, group_size))  # [..., K/G, G, N]
-    amax = g.abs().amax(-2)  # [..., K/G, N]
-    amax = torch.where(amax > 0, amax, torch.ones_like(amax))
-    # 16 uniform levels fit a group's values poorly when they sit on the FP4 grid (0.5, 1.5 ... 6 times a scale);
-    # pick per group the scale amax/c (c in 5..7) with the smallest squared error
-    best_err, scale = None, None
-    for c in (INT4_MAX, 6.5, 6.0, 5.5, 5.0):
-        s = amax / c
-        err = (torch.round(g / s.unsqueeze(-2)).clamp(-INT4_MAX, INT4_MAX) * s.unsqueeze(-2) - g).square().sum(-2)
-        if best_err is None:
-            best_err, scale = err, s
-        else:
-            better = err < best_err
-            best_err, scale = torch.where(better, err, best_err), torch.where(better, s, scale)
-    q = torch.round(g / scale.unsqueeze(-2)).clamp(-INT4_MAX, INT4_MAX).flatten(-3, -2)
+    q, scale = quantize_int4_groups(dequant_any(w).transpose(-1, -2), group_size)  # [..., in, out]
     return LinearWeight(pack_int4(q), scale, "w4a8")
 
 

@@ -71,7 +71,7 @@ def cmd_parity(ns: argparse.Namespace) -> int:
         names = [ns.dtype] if isinstance(ns.dtype, str) else (ns.dtype or ["fp32"])  # endpoint: one or none
         dtype = torch.float32 if "fp32" in names else torch.bfloat16
         where = argparse.Namespace(device=torch.device(ns.device or "cpu"))
-        check_fits_memory(load_named_config(ns.config), where, dtype, ns.weights, embedded=True)
+        check_fits_memory(load_named_config(ns.config or "tiny"), where, dtype, ns.weights, embedded=True)
     source = model_source_from_loader(ns, lambda ns_, ops, dtype: load_model(ns_, ops, dtype)[0], ns.model)
     return run_parity(ns, source)
 

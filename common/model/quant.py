@@ -143,3 +143,52 @@ def dequant_weight(weight: Tensor, scale: Tensor | None, fmt: str) -> Tensor:
     if fmt == "fp4":
         return dequant_fp4(weight, scale)
     raise ValueError(f"unknown weight format {fmt!r}")
+
+
+# -- integer formats of chips without FP8 GEMMs (Ascend 910B / 910C) ---------------------------------------------------
+# The hardware-neutral math of ascend/convert.py, here so that the reference ops can run the SAME converted integer
+# weights (common/model/reference_w8a8.py) without importing a backend. Values are returned as integral fp32.
+INT8_MAX = 127.0
+INT4_MAX = 7.0  # symmetric: -8 is never produced, so negation stays exact
+
+
+def quantize_int8_rows(wf: Tensor) -> tuple[Tensor, Tensor]:
+    """fp32 [..., out, in] -> (integral fp32 q in [-127, 127], fp32 scale [..., out]): symmetric per output channel,
+    scale = amax / 127 (an all-zero row keeps scale 1, so it stays exactly zero)."""
+    scale = wf.abs().amax(-1) / INT8_MAX
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(wf / scale.unsqueeze(-1)).clamp(-INT8_MAX, INT8_MAX)
+    return q, scale
+
+
+def quantize_int4_groups(wt: Tensor, group_size: int = 32) -> tuple[Tensor, Tensor]:
+    """fp32 [..., in, out] (input-major, the grouped GEMM's [K, N]) -> (integral fp32 q [..., in, out] in [-7, 7],
+    fp32 scale [..., in/G, out]) per (group of G inputs, output channel). 16 uniform levels fit values on the FP4
+    grid (0.5, 1.5 ... 6 times a scale) poorly, so per group the scale amax/c (c in 7..5) with the smallest squared
+    error wins."""
+    K, N = wt.shape[-2:]
+    if K % group_size or N % 8:
+        raise ValueError(f"int4 groups need in % {group_size} == 0 and out % 8 == 0, got in={K} out={N}")
+    g = wt.unflatten(-2, (K // group_size, group_size))  # [..., K/G, G, N]
+    amax = g.abs().amax(-2)  # [..., K/G, N]
+    amax = torch.where(amax > 0, amax, torch.ones_like(amax))
+    best_err, scale = None, None
+    for c in (INT4_MAX, 6.5, 6.0, 5.5, 5.0):
+        s = amax / c
+        err = (torch.round(g / s.unsqueeze(-2)).clamp(-INT4_MAX, INT4_MAX) * s.unsqueeze(-2) - g).square().sum(-2)
+        if best_err is None:
+            best_err, scale = err, s
+        else:
+            better = err < best_err
+            best_err, scale = torch.where(better, err, best_err), torch.where(better, s, scale)
+    q = torch.round(g / scale.unsqueeze(-2)).clamp(-INT4_MAX, INT4_MAX).flatten(-3, -2)
+    return q, scale
+
+
+def quantize_int8_per_token(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-token (per row) int8 activation quantisation, npu_dynamic_quant's documented formula: scale =
+    rowMax(|x|) / 127, q = round(x / scale). Returns (integral fp32 q, fp32 scale [...]); a zero row gives 0s."""
+    xf = x.float()
+    scale = xf.abs().amax(-1) / INT8_MAX
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.round(xf / safe.unsqueeze(-1)).clamp(-INT8_MAX, INT8_MAX), scale

@@ -112,6 +112,10 @@ def cmd_run(ns: argparse.Namespace, model_source: ModelSource | None = None) -> 
     from dsv4.common.parity.report import comparison_table
 
     tol = Tolerances.load(ns.tolerances)
+    # the default suite unless a model (checkpoint, --config, --kv-fp8-sim), backends or dtypes are chosen
+    if all(getattr(ns, a, None) is None for a in ("model", "config", "kv_fp8_sim", "backends", "dtype")):
+        return cmd_run_suite(ns, tol)
+    ns.dtype = ns.dtype or ["fp32"]
     source = _resolve_source(ns, model_source)
     if ns.include_interpreted:
         _arrange_triton_interpreter()
@@ -161,6 +165,38 @@ def _report(path: str, comps: list, **kw: Any) -> None:
     note = next((line for line in md.read_text().splitlines() if line.startswith("plot skipped")), None)
     if note:
         print(f"parity: {note}", file=sys.stderr)
+
+
+def cmd_run_suite(ns: argparse.Namespace, tol: Tolerances) -> int:
+    """The default `dsv4 parity run` (no --config / --backends / --dtype): common/parity/suite.py's plan, which
+    reaches every fused Ascend path on each emulated chip (a real NPU, when present, is not part of it: name it
+    with --backends)."""
+    from dsv4.common.parity.report import comparison_table
+    from dsv4.common.parity.suite import default_plan, interpreted_plan, reached_lines, requantized_plan, run_case
+
+    if ns.include_interpreted:
+        _arrange_triton_interpreter()
+    t0 = time.perf_counter()
+    plan = default_plan(tol) + ([] if ns.skip_cost else requantized_plan(tol))
+    plan += interpreted_plan(tol) if ns.include_interpreted else []
+    anchors: dict = {}  # the FP8-weights anchor serves the 950 case and the cost case
+    results = [run_case(c, tol, ns.allow_fallback, ns.prompt_seed, anchor_runs=anchors) for c in plan]
+    comps = [c for r in results for c in r.comparisons]
+    for r in results:
+        print(f"\n{r.case.name}{' (reported cost, loose bounds)' if r.case.reported_only else ''}:")
+        print(comparison_table(r.comparisons))
+    for line in reached_lines(results):
+        print(line)
+    bad = 0
+    for r in results:
+        for c in r.comparisons:
+            for v in c.violations:
+                print(f"VIOLATION [{r.case.name}] {c.ref} vs {c.got} ({c.pair}, {c.profile}) {v}")
+            bad += not c.ok
+    if ns.report:
+        _report(ns.report, comps, title="dsv4 parity run: default suite")
+    print(f"parity run: {len(comps) - bad}/{len(comps)} pairs within bounds in {time.perf_counter() - t0:.0f}s")
+    return 0 if bad == 0 else 1
 
 
 def cmd_record(ns: argparse.Namespace, model_source: ModelSource | None = None) -> int:
@@ -217,7 +253,7 @@ def cmd_bisect(ns: argparse.Namespace, model_source: ModelSource | None = None) 
     ops_a, ops_b = make_backend(a, ns.device), make_backend(b, ns.device)
     dtype = parse_dtype(ns.dtype[0])
     prompts = _prompts_for(ns, _vocab_size(source, ops_a), tol)
-    res = bisect(source.factory, ops_a, ops_b, prompts, dtype, tol, label_a=a, label_b=b,
+    res = bisect(source.factory, ops_a, ops_b, prompts, dtype, tol, pair=ns.pair, label_a=a, label_b=b,
                  decode_steps=_decode_steps(ns, tol))
     print(bisect_table(res, only_failures=not ns.verbose))
     print(res.summary())
@@ -249,14 +285,16 @@ def add_parity_arguments(subparsers: Any,
     def common(sp: argparse.ArgumentParser, dtypes_multi: bool) -> None:
         sp.add_argument("--tolerances", default=None, help="tolerance YAML (default configs/parity.yaml)")
         sp.add_argument("--device", default=None, help="device for the real backends (default: the backend's)")
-        sp.add_argument("--config", default="tiny", help="embedded random model config (default tiny)")
+        sp.add_argument("--config", default=None, help="embedded random model config (default tiny; `run` without "
+                        "--config/--backends/--dtype runs the default suite)")
         sp.add_argument("--seed", type=int, default=0, help="embedded random model seed")
         sp.add_argument("--weight-init", choices=("plain", "structured"), default="plain",
                         help="embedded random model: structured weights vary per quantisation block and have "
                              "outlier channels, so number-format bugs change the output")
         sp.add_argument("--kv-fp8-sim", choices=("e4m3", "clamp"), default=None,
                         help="override the config's KV FP8 simulation (clamp: continuous model, tight bounds)")
-        sp.add_argument("--dtype", nargs="+" if dtypes_multi else 1, default=["fp32"], choices=("fp32", "bf16"))
+        sp.add_argument("--dtype", nargs="+" if dtypes_multi else 1, default=None if dtypes_multi else ["fp32"],
+                        choices=("fp32", "bf16"), help="default fp32")
         sp.add_argument("--batch", type=int, default=None, help="prompts (default: parity.yaml suite.batch)")
         sp.add_argument("--seq-len", type=int, default=None, help="prompt length (default: suite.seq_len)")
         sp.add_argument("--prompt-seed", type=int, default=0)
@@ -272,6 +310,11 @@ def add_parity_arguments(subparsers: Any,
                    help="only these backends (labels as printed, e.g. reference 'ascend(emulated)' cuda)")
     r.add_argument("--include-interpreted", action="store_true",
                    help="also run the CUDA backend in the Triton interpreter on CPU (slow)")
+    r.add_argument("--allow-fallback", action="store_true",
+                   help="default suite: do not fail a pair whose Ascend side fell back to torch for a fused op its "
+                        "chip supports")
+    r.add_argument("--skip-cost", action="store_true",
+                   help="default suite: skip the reported FP8-vs-W8A8 cost pair of 910B / 910C")
     rec = sub.add_parser("record", help="write a golden file from one backend")
     common(rec, False)
     rec.add_argument("--backend", required=True, help="reference | ascend | cuda | ascend(emulated) | ...")
@@ -288,6 +331,10 @@ def add_parity_arguments(subparsers: Any,
     from dsv4.common.parity.endpoint import add_endpoint_arguments
 
     add_endpoint_arguments(sub, extra)
+
+
+    bis.add_argument("--pair", default=None, help="configs/parity.yaml pair key to judge by (default: from the "
+                     "labels; e.g. reference-ascend_emulated, reference-ascend_w8a8 for the default suite's bounds)")
     return p
 
 

@@ -274,7 +274,8 @@ class Tolerances:
     pair: "reference-ascend", "reference-cuda", "ascend-cuda", "golden" (any order of the two names is accepted;
     a golden file or the same backend twice maps to "golden");
     profile: "fp32-clamp", "fp32-e4m3", "bf16-e4m3", "bf16-clamp"; scope: "prefill", "decode" (logits),
-    "hidden" (per-layer streams of free runs), "op" (one op on identical inputs, bisect)."""
+    "hidden" (per-layer streams of free runs), "op" (one op on identical inputs, bisect; "op.<name>" overrides
+    metrics of one op)."""
 
     SCOPES = ("prefill", "decode", "hidden", "op")
 
@@ -287,7 +288,7 @@ class Tolerances:
         for pair, profiles in self.table.items():
             for profile, scopes in profiles.items():
                 for scope, metrics in scopes.items():
-                    if scope not in self.SCOPES:
+                    if scope not in self.SCOPES and not scope.startswith("op."):
                         raise ValueError(f"{source}: {pair}.{profile}: unknown scope {scope!r}")
                     for metric, spec in metrics.items():
                         if not isinstance(spec, dict) or not ({"min", "max"} & set(spec)) or not spec.get("why"):
@@ -322,6 +323,14 @@ class Tolerances:
         if scope not in scopes:
             raise KeyError(f"{self.source}: no tolerances for {pair} {profile} scope {scope!r}; have {sorted(scopes)}")
         return {m: Bound(m, s.get("min"), s.get("max"), s["why"]) for m, s in scopes[scope].items()}
+
+    def op_bounds(self, pair: str, profile: str, op: str) -> dict[str, Bound]:
+        """The 'op' bounds of one op: the pair's "op" scope, with the metrics its "op.<op>" scope (if any) names
+        replaced (where one fused op's summation order differs measurably and the others are bitwise equal)."""
+        out = self.bounds(pair, profile, "op")
+        special = self.table[pair][profile].get(f"op.{op}", {})
+        out.update({m: Bound(m, s.get("min"), s.get("max"), s["why"]) for m, s in special.items()})
+        return out
 
     def setting(self, name: str, pair: str | None = None, default: Any = None) -> Any:
         """A suite setting; a dict value may hold per-pair overrides next to 'default'."""

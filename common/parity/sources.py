@@ -153,13 +153,33 @@ def emulation_available(name: str) -> tuple[bool, str]:
     return True, "CPU emulation of the torch_npu operators"
 
 
+def parse_label(label: str) -> tuple[str, list[str]]:
+    """'ascend(emulated,910b)' -> ('ascend', ['emulated', '910b']); 'ascend-emulated' -> ('ascend', ['emulated'])."""
+    if "(" in label:
+        base, _, rest = label.partition("(")
+        return base.strip(), [o.strip() for o in rest.rstrip(")").split(",") if o.strip()]
+    base, _, rest = label.partition("-")
+    return base, [rest] if rest else []
+
+
 def make_backend(label: str, device: str | None = None) -> Ops:
-    """Ops for a CLI backend label: "reference", "ascend", "cuda", or the CPU stand-ins "ascend(emulated)" /
-    "cuda(interpreted)" (also accepted: "ascend-emulated", "cuda-interpreted")."""
-    base = label.replace("-", "(").split("(")[0]
+    """Ops for a CLI backend label: "reference", "ascend", "cuda", the CPU stand-ins "ascend(emulated)" /
+    "cuda(interpreted)" (also accepted: "ascend-emulated", "cuda-interpreted"), one emulated Ascend chip
+    "ascend(emulated,910b)" (910b | 910c | 950pr | 950dt), or the reference in W8A8 mode of a chip without FP8
+    GEMMs, "reference(w8a8,910b)" / "reference(w8a8,910c)" (the oracle of those chips' integer weights)."""
+    base, opts = parse_label(label)
     if base not in BACKENDS:
         raise ValueError(f"unknown backend {label!r}; choose from {', '.join(BACKENDS)} "
-                         "(or ascend(emulated), cuda(interpreted))")
-    if label != base:
-        return select_backend(base, "cpu", emulate=True)
+                         "(or ascend(emulated[,chip]), cuda(interpreted), reference(w8a8,910b|910c))")
+    if base == "reference" and opts:
+        if opts[0] != "w8a8" or len(opts) != 2:
+            raise ValueError(f"backend {label!r}: the reference takes (w8a8,910b) or (w8a8,910c)")
+        from dsv4.common.model.reference_w8a8 import ReferenceW8A8Ops
+
+        return ReferenceW8A8Ops(device or "cpu", opts[1])
+    if opts:
+        if opts[0] not in ("emulated", "interpreted"):
+            raise ValueError(f"backend {label!r}: expected {base}(emulated[,chip]) or {base}(interpreted)")
+        chip = {"chip": opts[1]} if len(opts) > 1 else {}
+        return select_backend(base, "cpu", emulate=True, **chip)
     return select_backend(base, device)
