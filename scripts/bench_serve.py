@@ -60,6 +60,8 @@ def start_server(a: argparse.Namespace) -> tuple[subprocess.Popen, str]:
         argv += ["--step-tokens", str(a.step_tokens)]
     if a.long_prefill_chunk:
         argv += ["--long-prefill-chunk", str(a.long_prefill_chunk)]
+    if a.compile_decode:
+        argv += ["--compile-decode", a.compile_decode]
     env = {**os.environ, **({"OMP_NUM_THREADS": str(a.threads)} if a.threads else {})}
     proc = subprocess.Popen(argv, env=env)
     url = f"http://127.0.0.1:{port}"
@@ -214,6 +216,8 @@ def main() -> int:
     p.add_argument("--max-batch", type=int, default=64)
     p.add_argument("--prefill-chunk", type=int, default=256, help="the server default")
     p.add_argument("--long-prefill-chunk", type=int, default=16)
+    p.add_argument("--compile-decode", default=None,
+                   help="the server's --compile-decode (eager: the static-shape step uncaptured, all rows at once)")
     p.add_argument("--step-tokens", type=int, default=None)
     p.add_argument("--concurrency", default="1,4,16,64")
     p.add_argument("--requests-per-level", type=int, default=2, help="requests = this x concurrency ...")

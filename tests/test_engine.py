@@ -96,6 +96,23 @@ def test_late_arrivals_and_scattered_slots_keep_each_output(model, greedy_alone,
     assert any(used_index), "no decode forward ran on an index tensor of slots"
 
 
+def test_captured_decode_step_keeps_each_output(model, greedy_alone):
+    """The same late arrivals and scattered slots with decode steps through the static-shape step (compile_decode,
+    uncaptured "eager" mode: the arithmetic a capture records): every request's greedy tokens are unchanged, and the
+    plain decode steps really ran static (padded 3 -> 4 rows), none eager."""
+    eng = Engine(model, max_batch=4, max_seq_len=MAX_SEQ, prefill_chunk=32, compile_decode="eager",
+                 compile_batch_sizes=(1, 2, 4))
+    reqs = [eng.add(Request(P[0], greedy(8))), eng.add(Request(P[1], greedy(2))), eng.add(Request(P[3], greedy(8)))]
+    for _ in range(4):
+        eng.step()
+    reqs.append(eng.add(Request(P[2], greedy(8))))
+    list(eng.run_until_idle())
+    for r, want in zip(reqs, [greedy_alone[0], greedy_alone[1][:2], greedy_alone[3], greedy_alone[2]], strict=True):
+        assert r.output == want
+    steps = eng.runner.static.steps
+    assert steps["static"] > 0 and steps["eager"] == 0, steps
+
+
 def test_long_prompt_does_not_stall_decodes(model, greedy_alone):
     """A 300-token prompt with a 32-token budget per step prefills over many steps; the decoding request gets one
     token in every one of those steps."""

@@ -40,6 +40,16 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds SIGTERM waits for requests in flight before ending them")
 
 
+def capture_batch_sizes(max_batch: int) -> tuple[int, ...]:
+    """The batch sizes a server captures its decode step at: powers of two up to max_batch, and max_batch (a
+    batch is padded up to the next one, so every running batch has a captured shape)."""
+    sizes, b = [], 1
+    while b < max_batch:
+        sizes.append(b)
+        b *= 2
+    return (*sizes, max_batch)
+
+
 def cmd_serve(ns: argparse.Namespace) -> int:
     try:
         import fastapi  # noqa: F401
@@ -57,7 +67,8 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     engine = Engine(model, max_batch=ns.max_batch, max_seq_len=ns.max_seq_len, prefill_chunk=ns.prefill_chunk,
                     step_tokens=ns.step_tokens, max_waiting=ns.max_waiting, tokenizer=tokenizer,
                     mirror=Mirror() if world > 1 else None, max_logprobs=ns.max_logprobs,
-                    long_prefill_chunk=ns.long_prefill_chunk, compile_decode=compile_mode(ns))
+                    long_prefill_chunk=ns.long_prefill_chunk, compile_decode=compile_mode(ns),
+                    compile_batch_sizes=capture_batch_sizes(ns.max_batch))
     if rank != 0:
         # rank 0 drains on SIGTERM and then releases this rank; a rank that died on the launcher's SIGTERM at once
         # would leave rank 0's last calls without a peer (the launcher SIGKILLs stragglers after its own timeout)
