@@ -164,6 +164,7 @@ def _stop_on_sigterm() -> None:
         return
 
     def stop(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the error this raises is on its way out
         raise RankFailure(f"rank {dist.get_rank() if dist.is_initialized() else '?'}: stopped by the launcher "
                           f"(SIGTERM): {lost_peers()}")
 
@@ -187,3 +188,14 @@ def process_group_cleanup():
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+            _ignore_sigterm()
+
+
+def _ignore_sigterm() -> None:
+    """After the process group is gone the rank only reports and exits: a launcher's SIGTERM arriving now must not
+    interrupt the error line being printed (_stop_on_sigterm would raise a second error in the middle of it)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
