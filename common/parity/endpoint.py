@@ -24,6 +24,7 @@ import argparse
 import json
 import math
 import sys
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -339,6 +340,17 @@ def _token_lookup(tokenizer):
 
 
 # -- inputs -----------------------------------------------------------------------------------------------------------
+def _jsonl_records(p: Path, flag: str) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed record) of every non-blank line of a .jsonl file; a bad line is an error naming it."""
+    for n, line in enumerate(p.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield n, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{flag} {p}:{n}: not JSON ({e.msg})") from None
+
+
 def load_prompts(path: str | None, tokenizer) -> tuple[list[str | None], list[list[int]], list[list[int]] | None]:
     """(texts, token ids, continuations or None). FILE: .jsonl lines {"prompt": text} or {"token_ids": [...]}, each
     optionally with "continuation": [ids] or "continuation_text"; any other file: one text prompt per line."""
@@ -350,13 +362,7 @@ def load_prompts(path: str | None, tokenizer) -> tuple[list[str | None], list[li
         raise ValueError(f"--prompts {p}: file not found")
     texts, ids, conts = [], [], []
     if p.suffix == ".jsonl":
-        for n, line in enumerate(p.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"--prompts {p}:{n}: not JSON ({e.msg})") from None
+        for n, rec in _jsonl_records(p, "--prompts"):
             if isinstance(rec.get("token_ids"), list):
                 texts.append(None)
                 ids.append([int(t) for t in rec["token_ids"]])
@@ -388,13 +394,7 @@ def load_continuations(spec: str, n_prompts: int, tokenizer) -> list[list[int]] 
     if not p.exists():
         raise ValueError(f"--continuation {spec}: neither 'greedy' nor an existing file")
     out = []
-    for n, line in enumerate(p.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--continuation {p}:{n}: not JSON ({e.msg})") from None
+    for n, rec in _jsonl_records(p, "--continuation"):
         if isinstance(rec.get("token_ids"), list):
             out.append([int(t) for t in rec["token_ids"]])
         elif isinstance(rec.get("text"), str):
