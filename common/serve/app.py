@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -251,6 +251,27 @@ def sse(obj: dict[str, Any] | str) -> str:
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n"
 
 
+def stream_response(server: Server, reqs: list[Request], queue: asyncio.Queue, body: Any, head: dict[str, Any],
+                    choice_of: Callable[[int, Event], dict[str, Any]], first: Sequence[dict[str, Any]] = ()
+                    ) -> StreamingResponse:
+    """The SSE stream of a completion or chat request: the `first` choices, then one chunk per event (its choice
+    from choice_of; a failed request's error body instead), usage when stream_options asks, then [DONE]."""
+    async def gen() -> AsyncIterator[str]:
+        for choice in first:
+            yield sse({**head, "choices": [choice]})
+        async for tag, ev in events(server, reqs, queue):
+            err = failure(ev.request) if ev.finished else None
+            if err is not None:
+                yield sse(err.body())
+                continue
+            yield sse({**head, "choices": [choice_of(tag, ev)]})
+        if body.stream_options and body.stream_options.include_usage:
+            yield sse({**head, "choices": [], "usage": usage(reqs, body.n)})
+        yield sse("[DONE]")
+
+    return StreamingResponse(gen(), media_type="text/event-stream")
+
+
 def create_app(server: Server, max_body_bytes: int = 1 << 20) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -331,31 +352,24 @@ def create_app(server: Server, max_body_bytes: int = 1 << 20) -> FastAPI:
             return server.tokenizer.decode(prompts[tag // body.n]) if body.echo else ""
 
         if body.stream:
-            async def gen():
-                started = set()
-                offsets = {tag: len(echo_text(tag)) for tag in range(len(reqs))}
-                async for tag, ev in events(server, reqs, queue):
-                    err = failure(ev.request) if ev.finished else None
-                    if err is not None:
-                        yield sse(err.body())
-                        continue
-                    text = ev.text
-                    if tag not in started:
-                        started.add(tag)
-                        text = echo_text(tag) + text
-                    choice = {"index": tag, "text": text, "logprobs": None,
-                              "finish_reason": ev.request.finish_reason if ev.finished else None}
-                    if ev.finished:
-                        choice["stop_reason"] = ev.request.stop_reason
-                    if ev.logprobs is not None:
-                        choice["logprobs"] = server.completion_logprobs([ev.logprobs], as_ids, offsets[tag])
-                        offsets[tag] += len(text)
-                    yield sse({**head, "choices": [choice]})
-                if body.stream_options and body.stream_options.include_usage:
-                    yield sse({**head, "choices": [], "usage": usage(reqs, body.n)})
-                yield sse("[DONE]")
+            started = set()
+            offsets = {tag: len(echo_text(tag)) for tag in range(len(reqs))}
 
-            return StreamingResponse(gen(), media_type="text/event-stream")
+            def choice_of(tag: int, ev: Event) -> dict[str, Any]:
+                text = ev.text
+                if tag not in started:
+                    started.add(tag)
+                    text = echo_text(tag) + text
+                choice = {"index": tag, "text": text, "logprobs": None,
+                          "finish_reason": ev.request.finish_reason if ev.finished else None}
+                if ev.finished:
+                    choice["stop_reason"] = ev.request.stop_reason
+                if ev.logprobs is not None:
+                    choice["logprobs"] = server.completion_logprobs([ev.logprobs], as_ids, offsets[tag])
+                    offsets[tag] += len(text)
+                return choice
+
+            return stream_response(server, reqs, queue, body, head, choice_of)
 
         texts = await collect(server, raw, reqs, queue)
         choices = []
@@ -397,25 +411,17 @@ def create_app(server: Server, max_body_bytes: int = 1 << 20) -> FastAPI:
         if body.stream:
             head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": server.model_name}
 
-            async def gen():
-                for tag in range(len(reqs)):  # the role comes first, as OpenAI streams it
-                    yield sse({**head, "choices": [{"index": tag, "delta": {"role": "assistant", "content": ""},
-                                                    "logprobs": None, "finish_reason": None}]})
-                async for tag, ev in events(server, reqs, queue):
-                    err = failure(ev.request) if ev.finished else None
-                    if err is not None:
-                        yield sse(err.body())
-                        continue
-                    choice = {"index": tag, "delta": {"content": ev.text} if ev.text or not ev.finished else {},
-                              "logprobs": None, "finish_reason": ev.request.finish_reason if ev.finished else None}
-                    if ev.logprobs is not None:
-                        choice["logprobs"] = server.chat_logprobs([ev.logprobs], as_ids)
-                    yield sse({**head, "choices": [choice]})
-                if body.stream_options and body.stream_options.include_usage:
-                    yield sse({**head, "choices": [], "usage": usage(reqs, body.n)})
-                yield sse("[DONE]")
+            def choice_of(tag: int, ev: Event) -> dict[str, Any]:
+                choice = {"index": tag, "delta": {"content": ev.text} if ev.text or not ev.finished else {},
+                          "logprobs": None, "finish_reason": ev.request.finish_reason if ev.finished else None}
+                if ev.logprobs is not None:
+                    choice["logprobs"] = server.chat_logprobs([ev.logprobs], as_ids)
+                return choice
 
-            return StreamingResponse(gen(), media_type="text/event-stream")
+            # the role comes first, as OpenAI streams it
+            roles = [{"index": tag, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                      "finish_reason": None} for tag in range(len(reqs))]
+            return stream_response(server, reqs, queue, body, head, choice_of, roles)
 
         texts = await collect(server, raw, reqs, queue)
         choices = []
