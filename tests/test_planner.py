@@ -6,6 +6,7 @@ import argparse
 import math
 
 import pytest
+import torch
 import yaml
 
 from dsv4.common.model.config import load_named_config
@@ -221,3 +222,50 @@ def test_run_plan_cli(capsys):
     rc = plan_cli.run_plan(parser.parse_args("--model flash --hardware h200 --tp 3".split()))
     assert rc == 2 and "tp" in capsys.readouterr().err
     assert math.isfinite(pl.claims(load_named_config("tiny"), 4096).kv_vs_mla)
+
+
+# -- KV block pool and prefix-cache rows (common/planner/pool.py) ---------------------------------------------------
+def test_pool_block_and_fixed_bytes_match_the_runtime_cache(tiny):
+    """The planner's per-block and per-sequence figures equal what the runtime's cache tensors occupy (bf16)."""
+    from dsv4.common.model.cache import KVCache, kv_bytes_per_token
+    from dsv4.common.planner import pool
+
+    layers = tiny.compress_ratios[:tiny.n_layers + tiny.n_mtp_layers]
+    assert pool.block_bytes(tiny, 128, "bf16", layers) == kv_bytes_per_token(tiny, 2, include_mtp=True) * 128
+    ring_and_states = KVCache(tiny, 1, 0, torch.bfloat16).nbytes()  # no compressed rows: what stays per sequence
+    assert pool.fixed_bytes_per_sequence(tiny, "bf16", layers) == ring_and_states
+
+
+def test_pool_holds_more_of_a_mixed_workload_than_slots(flash):
+    p = pl.plan("flash", "ascend-950dt", tp=8, ep=16, context=131072, batch=32,
+                workload=[(4096, 0.9), (131072, 0.1)])
+    pp = p.pool
+    # one max-length slot per sequence is exactly the plan's own capacity at the longest length
+    assert pp.slot_seqs == p.max_batch
+    per_seq = {n: pp.fixed_bytes + math.ceil(n / 128) * pp.block_bytes for n in (4096, 131072)}
+    group = pp.pool_seqs // p.dp
+    free = (p.free_gib_per_card + p.kv_gib_per_card) * pl.GIB
+    assert 0.9 * group * per_seq[4096] + 0.1 * group * per_seq[131072] <= free * (1 + 1e-9)
+    assert pp.pool_seqs > 5 * pp.slot_seqs  # 90 % short sequences: the pool holds several times more
+    assert "seqs by the pool" in pl.format_plan(p)
+
+
+def test_prefix_hit_rate_for_ttft_is_the_smallest_block_prefix(flash):
+    from dsv4.common.planner import pool
+
+    peak = 16 * 1000e12
+    h = pool.needed_hit_rate(flash, 131072, 100.0, 128, peak)
+    assert h.cached_tokens is not None and h.cached_tokens % 128 == 0 and h.cold_ms > 100.0
+    assert pool.prefill_seconds(flash, h.cached_tokens, 131072, peak) * 1e3 <= 100.0
+    assert pool.prefill_seconds(flash, h.cached_tokens - 128, 131072, peak) * 1e3 > 100.0
+    assert pool.needed_hit_rate(flash, 131072, 1e6, 128, peak).cached_tokens == 0  # cold already meets it
+    assert pool.needed_hit_rate(flash, 131072, 1e-3, 128, peak).cached_tokens is None  # the last block alone is slower
+
+
+@pytest.mark.parametrize("argv,field", [("--block-tokens 100", "block_tokens"), ("--workload 12x", "workload"),
+                                        ("--workload 0:1", "workload"), ("--ttft-ms -1", "ttft_ms")])
+def test_pool_arguments_rejected(argv, field, capsys):
+    parser = argparse.ArgumentParser()
+    plan_cli.add_plan_arguments(parser)
+    assert plan_cli.run_plan(parser.parse_args(argv.split())) == 2
+    assert capsys.readouterr().err.startswith(f"dsv4 plan: error: {field}")

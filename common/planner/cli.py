@@ -8,6 +8,7 @@ import sys
 from dsv4.common.planner.claims import claims, format_claims
 from dsv4.common.planner.hardware import hardware_names, load_hardware
 from dsv4.common.planner.plan import ACTIVATION_RESERVE_GIB, USABLE_FRACTION, format_plan, plan
+from dsv4.common.planner.pool import DEFAULT_BLOCK_TOKENS, parse_workload
 from dsv4.common.planner.sizes import (
     KV_DTYPES,
     REPLICATED,
@@ -34,6 +35,13 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shared-expert", default=TP_OUT, choices=(TP_OUT, REPLICATED))
     parser.add_argument("--usable-fraction", type=float, default=USABLE_FRACTION)
     parser.add_argument("--reserve-gib", type=float, default=ACTIVATION_RESERVE_GIB)
+    parser.add_argument("--block-tokens", type=int, default=DEFAULT_BLOCK_TOKENS,
+                        help="tokens per KV block of the pool (a multiple of 128) for the 'seqs by the pool' rows")
+    parser.add_argument("--workload", default=None, metavar="TOKENS[:SHARE],...",
+                        help="sequence-length mix for the pool rows, e.g. 1024:0.9,131072:0.1 (default: all "
+                             "sequences of --context tokens)")
+    parser.add_argument("--ttft-ms", type=float, default=None,
+                        help="also print the prefix-cache hit rate a --context-token prompt needs for this TTFT")
     parser.add_argument("--claims", action="store_true",
                         help="also print KV and attention FLOPs against MLA / DSA baselines at --context")
 
@@ -49,7 +57,8 @@ def run_plan(args: argparse.Namespace) -> int:
         p = plan(args.model, args.hardware, tp=args.tp, ep=args.ep, context=args.context, batch=args.batch,
                  weights=args.weights, kv_dtype=args.kv_dtype, mtp=not args.no_mtp,
                  shared_expert=args.shared_expert, usable_fraction=args.usable_fraction,
-                 reserve_gib=args.reserve_gib)
+                 reserve_gib=args.reserve_gib, block_tokens=args.block_tokens,
+                 workload=parse_workload(args.workload) if args.workload else None, ttft_ms=args.ttft_ms)
         print(format_plan(p))
         if args.claims:
             print(format_claims(p.model, claims(load_model(args.model)[1], args.context, args.kv_dtype)))

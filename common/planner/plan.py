@@ -34,6 +34,7 @@ from dsv4.common.planner.claims import (
     mla_kv_bytes_per_token,
 )
 from dsv4.common.planner.hardware import HARDWARE_FILE, Hardware, hardware_names, load_hardware
+from dsv4.common.planner.pool import DEFAULT_BLOCK_TOKENS, PoolPlan, format_pool_plan, pool_plan
 from dsv4.common.planner.sizes import (
     BF16,
     EP,
@@ -124,6 +125,7 @@ class Plan:
     prefill_peak_label: str
     prefill_tok_s_per_card: float
     prefill_s_per_prompt: float  # one prompt of `context` tokens over the whole deployment, compute bound
+    pool: PoolPlan  # the same KV memory as a block pool (pool.py), and the prefix hit rate a TTFT target needs
     notes: list[str] = field(default_factory=list)
 
 
@@ -137,12 +139,16 @@ def _expected_touched(experts: int, picks_per_token: int, tokens: float) -> floa
 def plan(model: str | Path | ModelArgs, hardware: str | Hardware, tp: int = 8, ep: int = 8,
          context: int = 131072, batch: int = 1, weights: str = "fp8", kv_dtype: str = "bf16",
          mtp: bool = True, shared_expert: str = TP_OUT, usable_fraction: float = USABLE_FRACTION,
-         reserve_gib: float = ACTIVATION_RESERVE_GIB) -> Plan:
+         reserve_gib: float = ACTIVATION_RESERVE_GIB, block_tokens: int = DEFAULT_BLOCK_TOKENS,
+         workload: list[tuple[int, float]] | None = None, ttft_ms: float | None = None) -> Plan:
     """Capacity and roofline for one deployment.
 
     Layout: cards = max(tp, ep). Attention and the other dense parts are split over `tp` cards and replicated over
     dp = cards / tp data-parallel groups, each group serving its own sequences. Routed experts are split over `ep` cards
     (whole experts); the shared expert is TP-split by default. `batch` counts sequences over the whole deployment.
+    The KV memory is also counted as a block pool of `block_tokens`-token blocks for `workload` ((tokens, share)
+    pairs; default: all sequences of `context` tokens), and with `ttft_ms` the prefix-cache hit rate that a
+    `context`-token prompt needs to reach that TTFT.
 
     Raises PlanError naming the field: model, hardware, tp, ep, weights, kv_dtype, context, batch; DoesNotFitError
     (field "memory") when the weights alone do not fit.
@@ -209,6 +215,12 @@ def plan(model: str | Path | ModelArgs, hardware: str | Hardware, tp: int = 8, e
     prefill_flops_tok = matmul_flops_per_token(args) + avg_attn
     prefill_tok_s = peak * 1e12 / prefill_flops_tok
     notes.append("roofline: no communication, no kernel inefficiency; MTP/speculative tokens not counted")
+    for n, _ in workload or []:
+        if n > args.max_position_embeddings:
+            raise PlanError("workload", f"length {n} exceeds max_position_embeddings={args.max_position_embeddings}")
+    layers = args.compress_ratios[:args.n_layers + (args.n_mtp_layers if mtp else 0)]
+    pool = pool_plan(args, free_for_kv, dp, kv_dtype, layers, workload or [(context, 1.0)], block_tokens,
+                     ttft_ms, context, cards * peak * 1e12)
 
     return Plan(
         model=name, hardware=hw.name, weights=weights, kv_dtype=kv_dtype, tp=tp, ep=ep, cards=cards, dp=dp,
@@ -224,7 +236,7 @@ def plan(model: str | Path | ModelArgs, hardware: str | Hardware, tp: int = 8, e
         decode_tok_s_per_card=batch / cards / step_s, decode_tok_s_per_seq=1.0 / step_s,
         prefill_peak_tflops=peak, prefill_peak_label=label, prefill_tok_s_per_card=prefill_tok_s,
         prefill_s_per_prompt=context * prefill_flops_tok / (cards * peak * 1e12),
-        notes=notes,
+        pool=pool, notes=notes,
     )
 
 
@@ -277,6 +289,7 @@ def format_plan(p: Plan) -> str:
         ("prefill (compute)", f"{p.prefill_tok_s_per_card:,.0f} tokens/s per card at {p.prefill_peak_tflops:,.0f} "
                               f"TFLOPS {p.prefill_peak_label}; {p.prefill_s_per_prompt:.2f} s per {p.context:,}-token "
                               "prompt on all cards"),
+        *format_pool_plan(p.pool),
     ]
     out = [head, _table(rows)]
     out += [f"  note: {n}" for n in p.notes]
