@@ -27,6 +27,7 @@ from dsv4.common.model.cache import ContextLengthError
 from dsv4.common.runtime.engine_runner import Mirror, ModelRunner
 from dsv4.common.runtime.engine_sampling import Detokenizer, filtered_probs
 from dsv4.common.runtime.guards import check_logits
+from dsv4.common.runtime.prefix_cache import PrefixCacheOptions
 
 FINISH_STOP, FINISH_LENGTH, FINISH_ABORT, FINISH_ERROR = "stop", "length", "abort", "error"
 WAITING, PREFILL, RUNNING, FINISHED = "waiting", "prefill", "running", "finished"
@@ -94,6 +95,7 @@ class Logprobs:
 @dataclass
 class RequestStats:
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens taken from the prefix cache instead of prefilled
     new_tokens: int = 0
     prefill_s: float = 0.0
     decode_s: float = 0.0  # first token to the end
@@ -129,6 +131,7 @@ class Request:
         self.status = WAITING
         self.slot: int | None = None
         self.n_fed = 0  # prompt tokens in the cache
+        self.snapshot_at: list[int] = []  # prefix cache: prompt positions where its state is registered
         self.cur = 0  # the last emitted token, not yet fed
         self.output: list[int] = []
         self.output_logprobs: list[Logprobs] = []
@@ -153,14 +156,16 @@ class Engine:
                  step_tokens: int | None = None, max_waiting: int = 64, tokenizer=None,
                  mirror: Mirror | None = None, max_logprobs: int = MAX_LOGPROBS,
                  long_prefill_chunk: int | None = None, compile_decode: str | None = None,
-                 compile_batch_sizes: tuple[int, ...] = (1, 2, 4, 8)) -> None:
+                 compile_batch_sizes: tuple[int, ...] = (1, 2, 4, 8),
+                 prefix_cache: PrefixCacheOptions | None = None) -> None:
         """max_batch: cache slots (requests running at once); step_tokens: tokens per step, decodes first, the rest
         for prompt chunks of at most prefill_chunk (default: prefill_chunk + max_batch). long_prefill_chunk: the
         chunk per step of a prompt longer than prefill_chunk (default prefill_chunk); smaller keeps the steps short
         while a long prompt prefills, so short requests arriving meanwhile wait less (vLLM calls the same idea
         long_prefill_token_threshold), at the cost of more steps for the long prompt. compile_decode: run plain
         decode steps through the captured static-shape step in that capture mode (runtime/static_decode.py) when
-        the batch fits one of compile_batch_sizes; eager otherwise."""
+        the batch fits one of compile_batch_sizes; eager otherwise. prefix_cache: reuse the cached blocks of
+        earlier prompts (runtime/prefix_cache.py); a prompt's chunks then end at its snapshot boundaries."""
         if max_batch < 1 or prefill_chunk < 1:
             raise ValueError(f"max_batch and prefill_chunk must be >= 1, got {max_batch} and {prefill_chunk}")
         self.model, self.args, self.tokenizer = model, model.args, tokenizer
@@ -168,7 +173,9 @@ class Engine:
         self.prefill_chunk, self.max_waiting, self.max_logprobs = prefill_chunk, max_waiting, max_logprobs
         self.step_tokens = step_tokens or prefill_chunk + max_batch
         self.long_prefill_chunk = min(long_prefill_chunk or prefill_chunk, prefill_chunk)
-        self.runner = ModelRunner(model, max_batch, self.max_seq_len, mirror, compile_decode, compile_batch_sizes)
+        self.runner = ModelRunner(model, max_batch, self.max_seq_len, mirror, compile_decode, compile_batch_sizes,
+                                  prefix_cache)
+        self.prefix_cache = prefix_cache
         self.device = self.runner.device
         self.waiting: deque[Request] = deque()
         self.lock = threading.Lock()  # guards `waiting` (add runs on the HTTP thread, step on the engine's)
@@ -250,6 +257,9 @@ class Engine:
                 break
             chunk = self.long_prefill_chunk if len(r.prompt) > self.prefill_chunk else self.prefill_chunk
             n = min(budget, chunk, len(r.prompt) - r.n_fed)
+            ahead = [b for b in r.snapshot_at if b > r.n_fed]
+            if ahead:  # a chunk ends at the next snapshot boundary, where the state is registered
+                n = min(n, ahead[0] - r.n_fed)
             chunks.setdefault((n, r.params.speculative), []).append(r)
             budget -= n
         for (n, spec), reqs in chunks.items():  # chunks of one length share a forward (speculative ones: their own)
@@ -258,6 +268,7 @@ class Engine:
         return self._events
 
     def _admit(self) -> None:
+        admitted = []
         with self.lock:
             gone = [r for r in self.waiting if r.cancelled]  # cancelled before they had a slot
             if gone:
@@ -269,9 +280,21 @@ class Engine:
                 r.status = PREFILL
                 self.active.append(r)
                 self.runner.reset(r.slot)
+                admitted.append(r)
         for r in gone:
             r.status, r.finish_reason = FINISHED, FINISH_ABORT
             self._event(r, None, "", None)
+        if self.prefix_cache is not None:
+            for r in admitted:
+                self._guarded([r], self._use_prefix)
+
+    def _use_prefix(self, reqs: list[Request]) -> None:
+        """Resume the prompt at its longest cached prefix; plan where its state is registered. A request that
+        asks for prompt logprobs is prefilled whole (the cached positions have no logits to report)."""
+        r = reqs[0]
+        if r.params.prompt_logprobs is None:
+            r.n_fed = r.stats.cached_tokens = self.runner.use_prefix(r.slot, r.prompt, r.params.speculative)
+        r.snapshot_at = [b for b in self.runner.prefix.boundaries(len(r.prompt)) if b > r.n_fed]
 
     def _guarded(self, reqs: list[Request], fn: Callable[[list[Request]], None]) -> None:
         """A failure fails the requests of that forward only; the engine carries on with the others."""
@@ -305,6 +328,8 @@ class Engine:
             targets = r.prompt[c0 + 1:c0 + n + 1]  # row j predicts prompt token c0 + j + 1
             r.prompt_logprobs += self._logprobs(logits[:len(targets)], targets, r.params.prompt_logprobs)
         r.n_fed += n
+        if r.n_fed in r.snapshot_at:
+            self.runner.register_prefix(r.slot, r.prompt[:r.n_fed], r.params.speculative)
         if r.n_fed < len(r.prompt):
             return
         r.status = RUNNING
@@ -435,6 +460,20 @@ class Engine:
         """Offline use: step until every request has finished, yielding events as they come."""
         while self.has_work():
             yield from self.step()
+
+    @property
+    def prefix_stats(self):
+        """The prefix cache's hit/miss counters (PrefixStats), None when it is off."""
+        return None if self.runner.prefix is None else self.runner.prefix.stats
+
+    def load_prefix_cache(self) -> int:
+        """Read the persisted prefix cache (options.path) when the file exists; returns the entries loaded. Raises
+        PrefixCacheFileError for a file of another model or a modified one."""
+        return self.runner.load_prefix()
+
+    def save_prefix_cache(self) -> int:
+        """Write the prefix cache to options.path (rank 0); returns the entries written (0 when off)."""
+        return self.runner.save_prefix()
 
     def close(self) -> None:
         """Release the other ranks from `follow()` (multi-rank serving)."""

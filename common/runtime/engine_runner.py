@@ -13,6 +13,7 @@ rank computes them from the same all-gathered logits, so they agree without a me
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 
 import torch
@@ -20,6 +21,7 @@ from torch import Tensor
 
 from dsv4.common.model.cache import KVCache
 from dsv4.common.runtime.guards import check_logits
+from dsv4.common.runtime.prefix_cache import PrefixCache, PrefixCacheOptions
 from dsv4.common.runtime.static_decode import CAPTURE_MODES, StaticDecoder
 
 STOP_FOLLOWING = "__stop__"
@@ -64,8 +66,11 @@ def slot_index(slots: list[int]) -> slice | Tensor:
 
 class ModelRunner:
     def __init__(self, model, max_batch: int, max_seq_len: int, mirror: Mirror | None = None,
-                 compile_decode: str | None = None, compile_batch_sizes: tuple[int, ...] = (1, 2, 4, 8)) -> None:
+                 compile_decode: str | None = None, compile_batch_sizes: tuple[int, ...] = (1, 2, 4, 8),
+                 prefix_cache: PrefixCacheOptions | None = None) -> None:
         self.model, self.max_batch, self.max_seq_len, self.mirror = model, max_batch, max_seq_len, mirror
+        self.prefix_options = prefix_cache
+        self._prefix: PrefixCache | None = None
         if compile_decode is not None and compile_decode not in CAPTURE_MODES:
             raise ValueError(f"compile_decode must be one of {', '.join(CAPTURE_MODES)}, got {compile_decode!r}")
         self.compile_decode, self.compile_batch_sizes = compile_decode, compile_batch_sizes
@@ -84,6 +89,13 @@ class ModelRunner:
         if self._cache is None:
             self._cache = self.model.new_cache(self.max_batch, self.max_seq_len)
         return self._cache
+
+    @property
+    def prefix(self) -> PrefixCache | None:
+        """The prefix cache (common/runtime/prefix_cache.py) over this runner's KV cache, None when off."""
+        if self._prefix is None and self.prefix_options is not None:
+            self._prefix = self.prefix_options.build(self.cache)
+        return self._prefix
 
     def _tokens(self, rows: list[list[int]]) -> Tensor:
         return torch.tensor(rows, dtype=torch.long, device=self.device)
@@ -109,6 +121,46 @@ class ModelRunner:
                 self.static = StaticDecoder(self.model, self.cache, self.compile_batch_sizes, self.compile_decode)
             return self.static.step(self._tokens(rows)[:, 0], slots)[:, None]
         return self.model(self._tokens(rows), self.cache, slots=slot_index(slots))
+
+    # -- prefix cache: every rank runs the same calls, so every rank's prefix cache (and LRU order) stays the same ---
+    @mirrored
+    def use_prefix(self, slot: int, prompt: list[int], speculative: bool) -> int:
+        """Resume `slot` (just reset) at the longest cached prefix of `prompt` that has a snapshot; returns the
+        prompt tokens now in the cache (0 on a miss). Every rank finds the same hit in its identical cache."""
+        pc = self.prefix
+        n, keys = pc.lookup(prompt, need_mtp=speculative)
+        if not n:
+            pc.stats.misses += 1
+            return 0
+        pending = pc.install(slot, keys)
+        if speculative:  # the MTP layer is one position behind: it is fed position n-1 with the next chunk
+            self.pending[slot] = pending
+        return n
+
+    @mirrored
+    def register_prefix(self, slot: int, tokens: list[int], speculative: bool) -> None:
+        """`slot` holds exactly `tokens`, a snapshot boundary: cache its blocks and the state at its end."""
+        self.prefix.register(slot, tokens, self.pending.get(slot) if speculative else None)
+
+    @mirrored
+    def clear_prefix(self) -> None:
+        if self.prefix is not None:
+            self.prefix.clear()
+
+    @mirrored
+    def load_prefix(self) -> int:
+        opts = self.prefix_options
+        if opts is None or not opts.path or not os.path.exists(opts.path):
+            return 0
+        return self.prefix.load(opts.path)
+
+    def save_prefix(self) -> int:
+        """Rank 0 writes the file (every rank's cache is the same)."""
+        opts = self.prefix_options
+        if opts is None or not opts.path or self.following or self._prefix is None:
+            return 0
+        self._prefix.save(opts.path)
+        return len(self._prefix.entries)
 
     # -- speculative (MTP) ---------------------------------------------------------------------------------------------
     @mirrored
