@@ -259,3 +259,49 @@ def test_persisted_cache_round_trip_and_refusals(model, tmp_path):
     with pytest.raises(PrefixCacheFileError, match="not a readable"):
         engine(model, prefix_cache=options(fingerprint=fp, path=str(tmp_path / "junk.safetensors"))
                ).load_prefix_cache()
+
+
+def test_cli_persists_and_refuses_in_one_line(tmp_path, capsys):
+    """dsv4 generate --prefix-cache-dir: the second run resumes from the file the first wrote; a file of another
+    model or with a changed byte ends with one line naming the file and what did not match, exit 2."""
+    from dsv4.common.cli import main
+
+    n = torch.get_num_threads()
+    prompt = "The quick brown fox jumps over the lazy dog. " * 4  # 181 byte tokens: one cached block
+    argv = ["generate", "--prompt", prompt, "--max-new-tokens", "2", "--prefix-cache-dir", str(tmp_path)]
+    try:
+        assert main(argv) == 0
+        assert "0 prompt tok from the prefix cache" in capsys.readouterr().err
+        assert main(argv) == 0
+        assert f"{B} prompt tok from the prefix cache" in capsys.readouterr().err
+        assert main(argv + ["--config", "tiny-release-attn"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("error: ") and "prefix-cache.safetensors: written for model fingerprint" in err[-1]
+        assert "Traceback" not in "\n".join(err)
+        f = tmp_path / "prefix-cache.safetensors"
+        data = bytearray(f.read_bytes())
+        data[-1] ^= 0x10
+        f.write_bytes(bytes(data))
+        assert main(argv) == 2
+        assert "content hash does not match" in capsys.readouterr().err.strip().splitlines()[-1]
+        assert main(["generate", "--prompt", "x", "--prefix-cache-bytes", "12Q"]) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            "dsv4: error: --prefix-cache-bytes '12Q': expected a size like 1073741824, 512M or 2G")
+    finally:
+        torch.set_num_threads(n)
+
+
+def test_metrics_count_hits_misses_and_hit_tokens(model):
+    pytest.importorskip("prometheus_client")
+    from dsv4.common.serve.metrics import Metrics
+
+    eng = engine(model)
+    metrics = Metrics(eng)
+    doc = rand_prompt(B + 20, 70)
+    run(eng, [doc, rand_prompt(30, 71)])  # both admitted at once: two misses
+    run(eng, [doc])  # a hit of one block
+    text = metrics.render().decode()
+    for line in ("dsv4_prefix_cache_hits_total 1.0", "dsv4_prefix_cache_misses_total 2.0",
+                 f"dsv4_prefix_cache_hit_tokens_total {float(B)}"):
+        assert line in text, text
+    assert f"dsv4_prefix_cache_bytes {float(eng.prefix_cache_bytes)}" in text and eng.prefix_cache_bytes > 0

@@ -463,8 +463,15 @@ class Engine:
 
     @property
     def prefix_stats(self):
-        """The prefix cache's hit/miss counters (PrefixStats), None when it is off."""
-        return None if self.runner.prefix is None else self.runner.prefix.stats
+        """The prefix cache's hit/miss counters (PrefixStats), None when it is off or not built yet (read from other
+        threads too: this never builds the cache)."""
+        pc = self.runner.built_prefix
+        return None if pc is None else pc.stats
+
+    @property
+    def prefix_cache_bytes(self) -> int:
+        pc = self.runner.built_prefix
+        return 0 if pc is None else pc.nbytes
 
     def load_prefix_cache(self) -> int:
         """Read the persisted prefix cache (options.path) when the file exists; returns the entries loaded. Raises

@@ -97,6 +97,11 @@ class ModelRunner:
             self._prefix = self.prefix_options.build(self.cache)
         return self._prefix
 
+    @property
+    def built_prefix(self) -> PrefixCache | None:
+        """The prefix cache if it exists already (never allocates: safe to read from another thread)."""
+        return self._prefix
+
     def _tokens(self, rows: list[list[int]]) -> Tensor:
         return torch.tensor(rows, dtype=torch.long, device=self.device)
 

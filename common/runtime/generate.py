@@ -18,6 +18,7 @@ from dsv4.common.model.cache import ContextLengthError
 from dsv4.common.runtime.engine import FINISH_LENGTH, FINISH_STOP, Engine, Request, RequestStats, SamplingParams
 from dsv4.common.runtime.engine_sampling import Detokenizer, filtered_probs
 from dsv4.common.runtime.guards import NonFiniteLogitsError
+from dsv4.common.runtime.prefix_cache import PrefixCacheOptions, add_prefix_cache_arguments, prefix_cache_options
 from dsv4.common.runtime.static_decode import CAPTURE_MODES
 
 GenerationStats = RequestStats  # prompt/new tokens, prefill and decode time, forwards, MTP drafted/accepted
@@ -40,6 +41,8 @@ class GenerationConfig:
     # fits: None = eager only; "eager" | "aot_eager" | "inductor" | "npu-graph" | "cuda-graph" = its capture mode
     compile_decode: str | None = None
     compile_batch_sizes: tuple[int, ...] = (1, 2, 4, 8)
+    # reuse cached prompt prefixes (runtime/prefix_cache.py); with a path, loaded at start and written at the end
+    prefix_cache: PrefixCacheOptions | None = None
 
     def validate(self) -> None:
         if self.prefill_chunk < 1:
@@ -98,7 +101,7 @@ class GenerationStream:
         self.engine = Engine(model, max_batch=len(prompts), max_seq_len=cfg.max_seq_len,
                              prefill_chunk=cfg.prefill_chunk, step_tokens=cfg.prefill_chunk,
                              max_waiting=len(prompts), tokenizer=tokenizer, compile_decode=cfg.compile_decode,
-                             compile_batch_sizes=cfg.compile_batch_sizes)
+                             compile_batch_sizes=cfg.compile_batch_sizes, prefix_cache=cfg.prefix_cache)
         for i, p in enumerate(prompts):
             try:
                 self.engine.check(p, cfg.params(i))
@@ -112,6 +115,8 @@ class GenerationStream:
         self.results = [GenerationResult(r.output, FINISH_LENGTH, r.stats) for r in self.requests]
         self._skip = cfg.max_new_tokens == 0  # nothing to generate: no prefill, no cache
         self._started = False
+        if cfg.prefix_cache is not None and not self._skip:
+            self.engine.load_prefix_cache()  # a refused file stops here, before any compute
 
     @property
     def finished(self) -> list[bool]:
@@ -142,6 +147,7 @@ class GenerationStream:
                 res.stop_token = r.stop_reason if isinstance(r.stop_reason, int) else None
             if ev.token_id is not None:
                 yield TokenEvent(i, ev.token_id, ev.text)
+        self.engine.save_prefix_cache()
 
 
 def stream(model, prompts: list[list[int]], cfg: GenerationConfig, tokenizer=None) -> GenerationStream:
@@ -176,6 +182,7 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per prefill forward")
     g.add_argument("--speculative", action="store_true", help="MTP self-speculative decoding (greedy only)")
     add_compile_decode_argument(g)
+    add_prefix_cache_arguments(parser.add_argument_group("prefix cache"))
 
 
 def add_compile_decode_argument(g) -> None:
@@ -216,7 +223,8 @@ def run_generate(args: argparse.Namespace, model, tokenizer) -> int:
             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
             seed=args.seed, stop_token_ids=tuple(_stop_id(s, tokenizer) for s in args.stop),
             prefill_chunk=args.prefill_chunk, speculative=args.speculative, ignore_eos=args.ignore_eos,
-            max_seq_len=getattr(args, "max_seq_len", None), compile_decode=compile_mode(args))
+            max_seq_len=getattr(args, "max_seq_len", None), compile_decode=compile_mode(args),
+            prefix_cache=prefix_cache_options(args, model))
         gen = stream(model, prompts, cfg, tokenizer)
     except (ValueError, ContextLengthError) as e:  # ContextLengthError is a ValueError; named for the reader
         print(f"error: {e}", file=err)
@@ -247,6 +255,8 @@ def run_generate(args: argparse.Namespace, model, tokenizer) -> int:
         s = r.stats
         line = (f"[{i}] prompt {s.prompt_tokens} tok, generated {s.new_tokens} tok ({r.finish_reason}), "
                 f"prefill {s.prefill_s:.2f} s, decode {s.decode_tokens_per_s:.2f} tok/s")
+        if cfg.prefix_cache is not None:
+            line += f", {s.cached_tokens} prompt tok from the prefix cache"
         if s.acceptance_rate is not None:
             line += f", MTP acceptance {s.acceptance_rate:.2f} ({s.accepted}/{s.drafted})"
         print(line, file=err)

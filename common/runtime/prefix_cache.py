@@ -349,3 +349,70 @@ def model_fingerprint(weights_id: str, model) -> str:
     parts = [weights_id, model.args.arch_hash(), str(model.dtype), getattr(model, "weights_mode", ""),
              f"tp{getattr(par, 'tp_size', 1)}"]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+# -- command line (dsv4 generate / dsv4 serve) -------------------------------------------------------------------------
+PREFIX_CACHE_FILE = "prefix-cache.safetensors"
+
+
+def parse_bytes(text: str) -> int:
+    """'1073741824', '512M', '2G' (binary units) -> bytes."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    scale = units.get(t[-1:], 1)
+    try:
+        n = float(t[:-1] if t[-1:] in units else t) * scale
+    except ValueError:
+        raise ValueError(f"--prefix-cache-bytes {text!r}: expected a size like 1073741824, 512M or 2G") from None
+    if n < 1:
+        raise ValueError(f"--prefix-cache-bytes {text!r} must be at least 1 byte")
+    return int(n)
+
+
+def add_prefix_cache_arguments(g) -> None:
+    g.add_argument("--prefix-cache", action="store_true",
+                   help="reuse the KV cache of earlier prompts' shared prefixes (full blocks of 128 tokens plus a "
+                        "snapshot of the window and compressor state): a prompt that starts like an earlier one "
+                        "prefills only the rest; same logits as without it")
+    g.add_argument("--prefix-cache-bytes", default=None, metavar="SIZE",
+                   help="memory the prefix cache may hold (blocks + snapshots), least recently used evicted first, "
+                        "e.g. 512M, 4G (default 1G; implies --prefix-cache)")
+    g.add_argument("--prefix-cache-dir", default=None, metavar="DIR",
+                   help=f"persist the prefix cache as DIR/{PREFIX_CACHE_FILE}: loaded at start when present (a "
+                        f"file from another model, or modified, is refused), written at exit (implies "
+                        f"--prefix-cache)")
+    g.add_argument("--prefix-snapshot-interval", type=int, default=2048, metavar="TOKENS",
+                   help="also snapshot the state every TOKENS prompt tokens (a multiple of 128; default 2048), so a "
+                        "prompt that shares only part of a cached one recomputes fewer than TOKENS of it")
+
+
+def prefix_cache_wanted(ns) -> bool:
+    return bool(getattr(ns, "prefix_cache", False) or getattr(ns, "prefix_cache_bytes", None)
+                or getattr(ns, "prefix_cache_dir", None))
+
+
+def check_prefix_cache_arguments(ns) -> None:
+    """The prefix-cache flags' checks, before the model loads (one line naming the flag)."""
+    if not prefix_cache_wanted(ns):
+        return
+    if ns.prefix_cache_bytes:
+        parse_bytes(ns.prefix_cache_bytes)
+    interval = ns.prefix_snapshot_interval
+    if interval < 128 or interval % 128:
+        raise ValueError(f"--prefix-snapshot-interval {interval} must be a positive multiple of 128")
+    d = ns.prefix_cache_dir
+    if d and Path(d).exists() and not Path(d).is_dir():
+        raise ValueError(f"--prefix-cache-dir {d}: not a directory")
+
+
+def prefix_cache_options(ns, model) -> PrefixCacheOptions | None:
+    """The options the flags ask for (None: off), with the model fingerprint persisted caches are checked by."""
+    if not prefix_cache_wanted(ns):
+        return None
+    from dsv4.common.runtime.loading import weights_fingerprint
+
+    check_prefix_cache_arguments(ns)
+    budget = parse_bytes(ns.prefix_cache_bytes) if ns.prefix_cache_bytes else PrefixCacheOptions.budget_bytes
+    path = str(Path(ns.prefix_cache_dir) / PREFIX_CACHE_FILE) if ns.prefix_cache_dir else None
+    return PrefixCacheOptions(budget_bytes=budget, snapshot_interval=ns.prefix_snapshot_interval,
+                              fingerprint=model_fingerprint(weights_fingerprint(ns), model), path=path)

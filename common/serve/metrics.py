@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from dsv4.common.runtime.engine import Engine, Request
 
@@ -26,6 +27,8 @@ class Metrics:
                               buckets=TTFT_BUCKETS, registry=r)
         self.itl = Histogram("dsv4_inter_token_latency_seconds", "Time between consecutive generated tokens",
                              buckets=ITL_BUCKETS, registry=r)
+        if engine.prefix_cache is not None:
+            r.register(PrefixCacheCollector(engine))
 
     def finished(self, req: Request) -> None:
         st = req.stats
@@ -45,3 +48,24 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class PrefixCacheCollector:
+    """The engine's own prefix-cache counters, read at scrape time (the engine thread counts them)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def collect(self):
+        st = self.engine.prefix_stats
+        hits, misses, tokens, evicted = (0, 0, 0, 0) if st is None else (st.hits, st.misses, st.hit_tokens,
+                                                                         st.evicted_blocks)
+        yield CounterMetricFamily("dsv4_prefix_cache_hits", "Requests resumed from a cached prompt prefix",
+                                  value=hits)
+        yield CounterMetricFamily("dsv4_prefix_cache_misses", "Requests that found no cached prefix", value=misses)
+        yield CounterMetricFamily("dsv4_prefix_cache_hit_tokens", "Prompt tokens taken from the prefix cache "
+                                  "instead of prefilled", value=tokens)
+        yield CounterMetricFamily("dsv4_prefix_cache_evicted_blocks", "Cached blocks evicted (LRU, byte budget)",
+                                  value=evicted)
+        yield GaugeMetricFamily("dsv4_prefix_cache_bytes", "Bytes the prefix cache holds (blocks + snapshots)",
+                                value=self.engine.prefix_cache_bytes)
