@@ -198,7 +198,7 @@ class ModelRunner:
         """Copies of slot b's compressor states and its ring row `ring_row` in every main layer (all small)."""
         views: list[Tensor] = []
         for lc in self.cache.layers[:self.model.args.n_layers]:
-            views.append(lc.kv[b, ring_row])
+            views.append(lc.ring[b, ring_row])
             for st in (lc.comp, lc.index_comp):
                 if st is not None:
                     views += [t[b] for t in (st.kv, st.score, st.prev_kv, st.prev_score) if t is not None]
