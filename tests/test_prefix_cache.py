@@ -50,21 +50,22 @@ def run(eng: Engine, prompts: list[list[int]], n: int = 1, speculative: bool = F
 
 
 def slot_state(runner: ModelRunner, slot: int, length: int, with_mtp: bool) -> dict[str, torch.Tensor]:
-    """Everything of `slot` that positions >= length can read: every layer's ring (the MTP layer's when it was
-    fed), the compressed rows and indexer keys of complete blocks, the compressor states' live rows."""
+    """Everything of `slot` that positions >= length can read, gathered through its block table: every layer's
+    ring (the MTP layer's when it was fed), the compressed rows and indexer keys of complete blocks, the
+    compressor states' live rows."""
     a, out = runner.model.args, {}
     n = len(runner.cache.layers) if with_mtp else a.n_layers
-    for i, lc in enumerate(runner.cache.layers[:n]):
-        out[f"{i}.ring"] = lc.kv[slot, :a.window_size]
+    for i in range(n):
+        lc = runner.cache.layer_for(i, slice(slot, slot + 1), length)
+        out[f"{i}.kv"] = lc.kv[0]  # [W + length // ratio, D]: ring, then the compressed entries
         if lc.ratio:
-            out[f"{i}.kv"] = lc.kv[slot, a.window_size:a.window_size + length // lc.ratio]
-            out[f"{i}.comp.kv"] = lc.comp.kv[slot, :length % lc.ratio]
+            out[f"{i}.comp.kv"] = lc.comp.kv[0, :length % lc.ratio]
         if lc.index_kv is not None:
-            out[f"{i}.index_kv"] = lc.index_kv[slot, :length // 4]
+            out[f"{i}.index_kv"] = lc.index_kv[0]
         for part, st in (("comp", lc.comp), ("index_comp", lc.index_comp)):
             if st is not None and st.prev_kv is not None and length >= 4:
-                out[f"{i}.{part}.prev_kv"] = st.prev_kv[slot]
-                out[f"{i}.{part}.prev_score"] = st.prev_score[slot]
+                out[f"{i}.{part}.prev_kv"] = st.prev_kv[0]
+                out[f"{i}.{part}.prev_score"] = st.prev_score[0]
     return out
 
 
@@ -94,7 +95,7 @@ def hit_vs_cold(model, first: list[int], second: list[int], want_hit: int, specu
         cold.first_draft(0, tok, len(second))
         assert int(runner.draft[slot]) == int(cold.draft[0])
         mtp = model.args.n_layers
-        torch.testing.assert_close(runner.cache.layers[mtp].kv[slot], cold.cache.layers[mtp].kv[0], atol=ATOL,
+        torch.testing.assert_close(runner.cache.layers[mtp].ring[slot], cold.cache.layers[mtp].ring[0], atol=ATOL,
                                    rtol=1e-5)
     for _ in range(decode_steps):  # later blocks (ratio-4 overlap, the HCA block in progress) read the snapshot
         g = runner.forward([[tok]], [slot])[0, -1]
@@ -176,7 +177,13 @@ def test_concurrent_requests_share_a_prefix(model):
     specs = [False, True, False]
     reqs = [eng.add(Request(p, SamplingParams(max_tokens=5, ignore_eos=True, speculative=s)))
             for p, s in zip(prompts, specs, strict=True)]
+    eng.step()  # all three admitted from the cache
+    cache = eng.runner.cache
+    shared = [e.block for e in eng.runner.prefix.entries.values()][::-1]  # root first
+    assert all(cache.blocks_of(r.slot)[:2] == shared for r in reqs)  # the same pool blocks, not copies
+    assert [cache.pool.refcount[b] for b in shared] == [4, 4]  # three requests + the prefix cache
     list(eng.run_until_idle())
+    assert [cache.pool.refcount[b] for b in shared] == [1, 1]
     for r, p, s in zip(reqs, prompts, specs, strict=True):
         assert r.stats.cached_tokens == 2 * B
         assert r.output == run(engine(model, prefix_cache=None, max_batch=1), [p], n=5, speculative=s)[0].output
@@ -201,31 +208,59 @@ def test_eviction_is_lru_under_the_budget(model):
     assert list(pc.entries) == [keys[0], keys[2]]  # LRU order kept
 
 
-def test_eviction_never_breaks_a_running_request(model):
-    """A budget of less than one block evicts everything at once, while a request that resumed from it is still
-    decoding: its tokens are still the cold ones (rows are copied into its slot on a hit)."""
+def test_eviction_never_takes_a_running_requests_block(model):
+    """A budget of one byte evicts every cached block except the one a running request resumed from (it shares
+    the pool block); once the request ended, that block goes too. The request's tokens are the cold ones."""
     doc = rand_prompt(B + 30, 40)
     eng = engine(model)
     run(eng, [doc])
+    pc, pool = eng.runner.prefix, eng.runner.cache.pool
+    run(eng, [rand_prompt(B + 7, 42)])  # a second cached block nobody uses
+    assert len(pc.entries) == 2
     p = doc[:B] + rand_prompt(20, 41)
     r = eng.add(Request(p, SamplingParams(max_tokens=8, ignore_eos=True)))
     eng.step()  # admitted (hit) and prefilled
     assert r.stats.cached_tokens == B
-    eng.runner.prefix.budget_bytes = 1
-    eng.runner.prefix.evict()
-    assert not eng.runner.prefix.entries and eng.runner.prefix.nbytes == 0
+    shared = eng.runner.cache.blocks_of(r.slot)[0]
+    assert pool.refcount[shared] == 2 and pc.evictable() == 1
+    pc.budget_bytes = 1
+    pc.evict()
+    assert [e.block for e in pc.entries.values()] == [shared]  # only the block in use survived
+    assert pc.reclaim(5) == 0  # the allocator cannot take it either
     list(eng.run_until_idle())
     assert r.output == run(engine(model, prefix_cache=None), [p], n=8)[0].output
+    assert pool.refcount[shared] == 1 and pc.evictable() == 1
+    pc.evict()
+    assert not pc.entries and pc.nbytes == 0 and pool.num_used == 0
+
+
+def test_allocation_evicts_cached_blocks_when_the_pool_runs_short(model):
+    """A pool of 4 blocks, 3 of them cached after the first prompt: a new 2-block request takes them back from
+    the cache, least recently used first, instead of failing."""
+    eng = engine(model, max_batch=1)
+    eng.runner._cache = model.new_cache(1, MAX_SEQ, B, 4)  # a pool smaller than max_seq_len
+    first = rand_prompt(3 * B + 10, 43)
+    run(eng, [first])
+    pc, pool = eng.runner.prefix, eng.runner.cache.pool
+    keys = block_keys(first, B)
+    assert list(pc.entries) == keys[::-1] and pool.num_free == 1  # registered leaf first: the tail is oldest
+    other = rand_prompt(2 * B - 10, 44)
+    got = run(eng, [other], n=4)[0]
+    assert got.output == run(engine(model, prefix_cache=None), [other], n=4)[0].output
+    # block 2 (the tail, least recently used) was taken back; the new prompt's first block is cached beside
+    assert list(pc.entries) == [keys[1], keys[0], block_keys(other, B)[0]]
+    assert pool.num_used == 3
 
 
 def test_accounting_back_to_zero_after_clear(model):
     eng = engine(model)
     run(eng, [rand_prompt(3 * B + 5, 50), rand_prompt(B + 1, 51)])
     pc = eng.runner.prefix
-    assert pc.nbytes == sum(e.size() for e in pc.entries.values()) > 0
+    assert pc.nbytes == sum(e.nbytes for e in pc.entries.values()) > 0
+    assert eng.runner.cache.pool.num_used == len(pc.entries)  # the requests ended: only the cache holds blocks
     eng.runner.clear_prefix()
     assert pc.nbytes == 0 and not pc.entries
-    assert sorted(eng.free) == [0, 1] and not eng.active
+    assert sorted(eng.free) == [0, 1] and not eng.active and eng.runner.cache.pool.num_used == 0
 
 
 def test_persisted_cache_round_trip_and_refusals(model, tmp_path):

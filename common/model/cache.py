@@ -43,6 +43,7 @@ the blocks the new positions need, `layer_for` gathers each layer's rows up to t
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -175,6 +176,9 @@ class KVCache:
         n = args.n_layers + (args.n_mtp_layers if with_mtp else 0)
         self.layers = [self._layer(args.compress_ratios[i]) for i in range(n)]
         self.lengths = torch.zeros(max_batch, dtype=torch.long)
+        # when the free list runs short: reclaim(n) frees up to n blocks held by no sequence (a prefix cache's,
+        # runtime/prefix_cache.py); None: nothing to reclaim
+        self.reclaim: Callable[[int], int] | None = None
 
     def _layer(self, ratio: int) -> LayerStore:
         a, B, dev, T = self.args, self.max_batch, self.device, self.block_tokens
@@ -207,6 +211,8 @@ class KVCache:
             if e > self.max_seq_len:
                 raise ContextLengthError(f"slot {s} needs {e} positions but the cache holds max_seq_len="
                                          f"{self.max_seq_len}")
+        if sum(need) > self.pool.num_free and self.reclaim is not None:
+            self.reclaim(sum(need) - self.pool.num_free)  # a prefix cache frees blocks only it holds
         if sum(need) > self.pool.num_free:
             raise PoolExhausted(sum(need), self.pool.num_free, self.n_blocks)
         new = [self.pool.alloc(k) for k in need]
@@ -319,7 +325,7 @@ class KVCache:
             _write_span(st.flat_index_kv, part.index_rows, part.index_kv, start // 4, stop // 4)
             st.index_comp.scatter_(idx, part.index_comp)
 
-    def check_room(self, slots: slice | Tensor, start_pos: Tensor, n_new: int) -> None:
+    def check_room(self, slots: slice | Tensor, start_pos: Tensor, n_new: int, writes_blocks: bool = True) -> None:
         """Before a forward feeding positions [start_pos[b], start_pos[b] + n_new): max_seq_len, slot range, and the
         blocks of those positions (allocated here, all or nothing; each must be the slot's alone)."""
         end = int(start_pos.max()) + n_new
@@ -335,7 +341,8 @@ class KVCache:
         idx = _slot_tensor(slots).tolist()
         starts = start_pos.to("cpu").tolist()
         self._ensure(idx, [s + n_new for s in starts])
-        self.check_writable(idx, starts, n_new)
+        if writes_blocks:  # False: a forward of window-only layers (it writes rings, no block rows)
+            self.check_writable(idx, starts, n_new)
 
     def check_writable(self, slots: list[int], starts: list[int], n_new: int) -> None:
         T = self.block_tokens

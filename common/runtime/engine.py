@@ -446,6 +446,7 @@ class Engine:
             st.decode_s = time.perf_counter() - st.first_token_at
         if r in self.active:
             self.active.remove(r)
+            self.runner.release(r.slot)  # its blocks back to the pool (every rank's: a mirrored call)
             self.free.append(r.slot)
         self._event(r, tok, text, lp)
 

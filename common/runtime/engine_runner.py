@@ -112,9 +112,22 @@ class ModelRunner:
 
     @mirrored
     def reset(self, slot: int) -> None:
-        """A new sequence in `slot`: position 0 (the compressor states re-initialise there)."""
-        self.cache.lengths[slot] = 0
+        """A new sequence in `slot`: position 0 (the compressor states re-initialise there), no blocks."""
+        self._release(slot)
+
+    @mirrored
+    def release(self, slot: int) -> None:
+        """The slot's sequence ended (finished, cancelled or failed): its KV blocks go back to the pool. Mirrored, so
+        every rank's pool hands out the same block ids next (tables stay identical on all ranks)."""
+        self._release(slot)
+
+    def _release(self, slot: int) -> None:
+        if self._cache is not None:
+            self._cache.release(slot)
         self.pending.pop(slot, None)
+
+    def blocks_used(self) -> int:
+        return 0 if self._cache is None else self._cache.pool.num_used
 
     @mirrored
     def forward(self, rows: list[list[int]], slots: list[int]) -> Tensor:

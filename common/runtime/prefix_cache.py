@@ -2,8 +2,10 @@
 
 What a V4 sequence needs to continue at position P (a multiple of `block_tokens`, itself a multiple of every
 compression ratio, so no compressor has a block in progress at P):
-  - per block before P, its rows of the block-organised cache: `block_tokens / ratio` compressed entries of each
-    compressed layer and `block_tokens / 4` indexer keys of each CSA layer (`Entry.rows`);
+  - the KV pool blocks before P (common/model/cache.py): block k holds the `block_tokens / ratio` compressed
+    entries of each compressed layer and the `block_tokens / 4` indexer keys of each CSA layer for tokens
+    [k * block_tokens, (k + 1) * block_tokens). An entry keeps its block alive with a pool reference, and a hit
+    installs the very same block ids in the new slot's table (`KVCache.set_blocks`): shared, never copied;
   - a snapshot of the per-sequence state at P (`Entry.snapshot`, kept only at chosen boundaries), every layer's
     (the MTP layer's included):
       the window ring, all W rows (position p sits in row p % W; continuation reads positions P-W+1 .. P-1),
@@ -29,12 +31,11 @@ at every multiple of `snapshot_interval` tokens inside a prompt and at the last 
 boundary and a prompt that shares only a prefix recomputes fewer than `snapshot_interval` tokens of it. Blocks are
 kept only up to a snapshot (blocks past the last snapshot could not be resumed from).
 
-Storage: this module keeps its own copy of each cached block's rows (copied out of the slot at registration and
-into the new slot on a hit), so running requests never share a row and eviction can never touch one in use.
-
-Eviction: LRU under a byte budget (rows + snapshots). A hit refreshes its path leaf first, so on one path a child is
-always older than its parent and the tail of a prefix goes before its head (vLLM frees a request's blocks in
-reverse order for the same reason).
+Eviction: LRU under a byte budget (the blocks' bytes + snapshots), and on demand when the pool's free list runs
+short (`KVCache.reclaim`, called by the allocator): cached blocks nobody else holds count as free. An entry whose
+block a running request also holds (refcount > 1) is never evicted. A hit refreshes its path leaf first, so on one
+path a child is always older than its parent and the tail of a prefix goes before its head (vLLM frees a request's
+blocks in reverse order for the same reason).
 
 Persistence (`save` / `load`): one safetensors file with every entry's keys, rows and snapshots, the model
 fingerprint and a SHA-256 of the tensors (names, dtypes, shapes, bytes); a file from another model or with changed
@@ -79,13 +80,10 @@ class Entry:
     key: bytes
     parent: bytes
     index: int  # block index: tokens [index * block_tokens, (index + 1) * block_tokens)
-    rows: dict[str, Tensor]  # "layers.{i}.kv" [block_tokens/ratio, D], "layers.{i}.index_kv" [block_tokens/4, D_I]
+    block: int  # the KV pool block id (this entry holds one reference to it)
     snapshot: dict[str, Tensor] | None = None  # the state at the block's end (see the module docstring)
     has_mtp: bool = False  # the snapshot holds the MTP layer's ring and the pending streams
-    nbytes: int = field(default=0)
-
-    def size(self) -> int:
-        return sum(_nbytes(t) for t in self.rows.values()) + sum(_nbytes(t) for t in (self.snapshot or {}).values())
+    nbytes: int = field(default=0)  # the block's bytes + the snapshot's
 
 
 def _nbytes(t: Tensor) -> int:
@@ -132,11 +130,15 @@ class PrefixCache:
         if self.with_mtp and any(lc.ratio for lc in cache.layers[a.n_layers:]):
             # the MTP layer lags by one position: its compressed block at P would be incomplete at a boundary
             raise NotImplementedError("prefix caching supports window-only MTP layers (as in the release) only")
+        if cache.block_tokens != block_tokens:
+            raise ValueError(f"prefix cache blocks of {block_tokens} tokens over a KV pool of {cache.block_tokens}")
         self.cache, self.args, self.block_tokens = cache, a, block_tokens
+        self.block_bytes = sum(t.shape[-1] * t.element_size() * n for t, n in self._row_spans(0))
         self.budget_bytes, self.snapshot_interval, self.fingerprint = budget_bytes, snapshot_interval, fingerprint
         self.entries: OrderedDict[bytes, Entry] = OrderedDict()  # least recently used first
         self.nbytes = 0
         self.stats = PrefixStats()
+        cache.reclaim = self.reclaim  # the allocator asks for blocks back when its free list runs short
 
     # -- what is cached where --------------------------------------------------------------------------------------
     def boundaries(self, prompt_len: int) -> list[int]:
@@ -166,8 +168,7 @@ class PrefixCache:
         """Put the cached prefix `keys` (from lookup) into `slot`: its blocks' rows, the snapshot at its end and
         the length. Returns the pending MTP streams [1, 1, n, d] when the snapshot has them."""
         entries = [self.entries[k] for k in keys]
-        for e in entries:
-            self._write_rows(slot, e.index, e.rows)
+        self.cache.set_blocks(slot, [e.block for e in entries])
         last = entries[-1]
         self._restore(slot, last.snapshot)
         self.cache.lengths[slot] = len(keys) * self.block_tokens
@@ -188,62 +189,84 @@ class PrefixCache:
             raise ValueError(f"register: slot {slot} holds {int(self.cache.lengths[slot])} tokens, not the boundary "
                              f"{P}")
         keys = block_keys(tokens, self.block_tokens)
+        ids = self.cache.blocks_of(slot)
         parent = ROOT_KEY
         for i, k in enumerate(keys):
-            if k not in self.entries:
-                self._add(Entry(k, parent, i, self._read_rows(slot, i)))
+            if k not in self.entries:  # else: an equal block is cached already (the slot's own copy goes with it)
+                self.cache.pool.incref([ids[i]])
+                self._add(Entry(k, parent, i, ids[i]))
             parent = k
         leaf = self.entries[keys[-1]]
         has_mtp = mtp_pending is not None and self.with_mtp
         if leaf.snapshot is None or (has_mtp and not leaf.has_mtp):
             self.nbytes -= leaf.nbytes
             leaf.snapshot, leaf.has_mtp = self._capture(slot, mtp_pending if has_mtp else None), has_mtp
-            leaf.nbytes = leaf.size()
+            leaf.nbytes = self._size(leaf)
             self.nbytes += leaf.nbytes
         for k in reversed(keys):
             self.entries.move_to_end(k)
         self.evict(keep=set(keys))
 
+    def _size(self, e: Entry) -> int:
+        return self.block_bytes + sum(_nbytes(t) for t in (e.snapshot or {}).values())
+
     def _add(self, e: Entry) -> None:
-        e.nbytes = e.size()
+        e.nbytes = self._size(e)
         self.entries[e.key] = e
         self.nbytes += e.nbytes
 
+    def evictable(self) -> int:
+        """Cached blocks nobody else holds: free for the allocator's purposes."""
+        rc = self.cache.pool.refcount
+        return sum(1 for e in self.entries.values() if rc[e.block] == 1)
+
+    def _drop(self, k: bytes) -> int:
+        e = self.entries.pop(k)
+        self.nbytes -= e.nbytes
+        self.stats.evicted_blocks += 1
+        return len(self.cache.pool.decref([e.block]))
+
     def evict(self, keep: set[bytes] = frozenset(), target: int | None = None) -> None:
-        """Drop least recently used entries until the cache holds at most `target` bytes (default: the budget);
-        `keep` (the path just registered) goes last: if even it does not fit, its oldest blocks go too."""
+        """Drop least recently used entries until the cache holds at most `target` bytes (default: the budget),
+        never one whose block a running request holds too; `keep` (the path just registered) goes last."""
         target = self.budget_bytes if target is None else target
+        rc = self.cache.pool.refcount
         for protect in (True, False):
             for k in [k for k in self.entries if not (protect and k in keep)]:
                 if self.nbytes <= target:
                     return
-                self.nbytes -= self.entries.pop(k).nbytes
-                self.stats.evicted_blocks += 1
+                if rc[self.entries[k].block] == 1:
+                    self._drop(k)
+
+    def reclaim(self, n_blocks: int) -> int:
+        """Free at least n_blocks pool blocks if the cache can (LRU first, shared blocks kept); returns how many."""
+        rc, freed = self.cache.pool.refcount, 0
+        for k in list(self.entries):
+            if freed >= n_blocks:
+                break
+            if rc[self.entries[k].block] == 1:
+                freed += self._drop(k)
+        return freed
 
     def clear(self) -> None:
+        """Drop every entry no running request shares."""
         self.evict(target=0)
 
     # -- the cache's layout ----------------------------------------------------------------------------------------
-    def _layer_rows(self, i: int, b: int) -> dict[str, tuple[Tensor, slice]]:
-        """Layer i's row ranges of block b: name -> (tensor [Bmax, rows, D], rows of block b)."""
-        lc, B, W = self.cache.layers[i], self.block_tokens, self.args.window_size
-        out = {}
-        if lc.ratio:
-            n = B // lc.ratio
-            out[f"layers.{i}.kv"] = lc.kv, slice(W + b * n, W + (b + 1) * n)
-        if lc.index_kv is not None:
-            n = B // 4
-            out[f"layers.{i}.index_kv"] = lc.index_kv, slice(b * n, (b + 1) * n)
+    def _row_spans(self, block: int) -> list[tuple[Tensor, int]]:
+        """Pool block `block`'s rows in every layer: [(rows [n, D] view of the flat store, n)]."""
+        out = []
+        for st in self.cache.layers:
+            if st.per_block:
+                lo = st.pool_offset + block * st.per_block
+                out.append((st.flat_kv[lo:lo + st.per_block], st.per_block))
+            if st.flat_index_kv is not None:
+                n = self.block_tokens // 4
+                out.append((st.flat_index_kv[block * n:(block + 1) * n], n))
         return out
 
-    def _read_rows(self, slot: int, b: int) -> dict[str, Tensor]:
-        return {name: t[slot, rows].clone() for i in range(len(self.cache.layers))
-                for name, (t, rows) in self._layer_rows(i, b).items()}
-
-    def _write_rows(self, slot: int, b: int, saved: dict[str, Tensor]) -> None:
-        for i in range(len(self.cache.layers)):
-            for name, (t, rows) in self._layer_rows(i, b).items():
-                t[slot, rows] = saved[name]
+    def _block_rows(self, block: int) -> dict[str, Tensor]:
+        return {f"rows.{j}": t for j, (t, _) in enumerate(self._row_spans(block))}
 
     def _state_views(self, slot: int, with_mtp: bool) -> dict[str, Tensor]:
         """Views of slot's per-sequence state that continuation at a boundary reads (see the module docstring)."""
@@ -251,7 +274,7 @@ class PrefixCache:
         n = len(self.cache.layers) if with_mtp else self.args.n_layers
         views = {}
         for i, lc in enumerate(self.cache.layers[:n]):
-            views[f"layers.{i}.ring"] = lc.kv[slot, :W]
+            views[f"layers.{i}.ring"] = lc.ring[slot, :W]
             for part, st in (("comp", lc.comp), ("index_comp", lc.index_comp)):
                 if st is not None and st.prev_kv is not None:
                     views[f"layers.{i}.{part}.prev_kv"] = st.prev_kv[slot]
@@ -276,7 +299,7 @@ class PrefixCache:
         tensors: dict[str, Tensor] = {}
         meta = []
         for j, e in enumerate(self.entries.values()):
-            for name, t in e.rows.items():
+            for name, t in self._block_rows(e.block).items():
                 tensors[f"e{j}.{name}"] = t.contiguous().cpu()
             for name, t in (e.snapshot or {}).items():
                 tensors[f"e{j}.snap.{name}"] = t.contiguous().cpu()
@@ -319,11 +342,20 @@ class PrefixCache:
             k = bytes.fromhex(key)
             if k in self.entries:
                 continue
-            pre, snap_pre = f"e{j}.", f"e{j}.snap."
-            rows = {name[len(pre):]: t.to(dev, dtype) for name, t in tensors.items()
-                    if name.startswith(pre) and not name.startswith(snap_pre)}
+            if self.cache.pool.num_free < 1 and not self.reclaim(1):
+                break  # the pool is full of blocks in use: the rest stays on disk
+            block = self.cache.pool.alloc(1)[0]
+            for name, view in self._block_rows(block).items():
+                saved = tensors.get(f"e{j}.{name}")
+                if saved is None or saved.shape != view.shape:
+                    self.cache.pool.decref([block])
+                    raise PrefixCacheFileError(f"{path}: entry {j} {name} has shape "
+                                               f"{None if saved is None else list(saved.shape)}, this KV cache "
+                                               f"expects {list(view.shape)}")
+                view.copy_(saved.to(dev, dtype))
+            snap_pre = f"e{j}.snap."
             snap = {name[len(snap_pre):]: t.to(dev) for name, t in tensors.items() if name.startswith(snap_pre)}
-            self._add(Entry(k, bytes.fromhex(parent), index, rows, snap if has_snap else None, has_mtp))
+            self._add(Entry(k, bytes.fromhex(parent), index, block, snap if has_snap else None, has_mtp))
             n += 1
         self.evict()
         return n
