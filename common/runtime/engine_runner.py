@@ -4,7 +4,9 @@ The scheduler (common/runtime/engine.py) decides what runs; this runner runs it.
 Python values (token ids, slot numbers, positions), so a call can be replayed on other ranks: under torchrun, rank 0
 broadcasts every call (`Mirror`) before running it, and the other ranks sit in `follow()` running the same calls in
 the same order. Every rank thus feeds the same batch through the same collectives, and the caches stay identical.
-Sampling needs no broadcast: rank 0 samples and the chosen ids travel with the next call.
+Sampling needs no broadcast: rank 0 samples and the chosen ids travel with the next call. KV blocks are allocated
+inside the mirrored calls (the forward's check_room) and freed by the mirrored `release`: the allocator is
+deterministic, so every rank's block tables stay identical without a broadcast.
 
 Speculative decoding (MTP, greedy only) lives here too, because its accept/reject decisions change the cache: every
 rank computes them from the same all-gathered logits, so they agree without a message.
@@ -18,7 +20,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from dsv4.common.model.cache import KVCache
+from dsv4.common.model.cache import BLOCK_QUANTUM, KVCache, check_pool_args
 from dsv4.common.runtime.guards import check_logits
 from dsv4.common.runtime.static_decode import CAPTURE_MODES, StaticDecoder
 
@@ -64,8 +66,14 @@ def slot_index(slots: list[int]) -> slice | Tensor:
 
 class ModelRunner:
     def __init__(self, model, max_batch: int, max_seq_len: int, mirror: Mirror | None = None,
-                 compile_decode: str | None = None, compile_batch_sizes: tuple[int, ...] = (1, 2, 4, 8)) -> None:
+                 compile_decode: str | None = None, compile_batch_sizes: tuple[int, ...] = (1, 2, 4, 8),
+                 block_tokens: int = BLOCK_QUANTUM, kv_blocks: int | None = None) -> None:
+        """block_tokens / kv_blocks: the KV block pool (common/model/cache.py); kv_blocks None = max_seq_len tokens
+        for every slot (the bytes of the per-slot layout)."""
         self.model, self.max_batch, self.max_seq_len, self.mirror = model, max_batch, max_seq_len, mirror
+        check_pool_args(model.args, block_tokens, kv_blocks)
+        self.block_tokens = block_tokens
+        self.n_blocks = kv_blocks or max_batch * -(-max_seq_len // block_tokens)
         if compile_decode is not None and compile_decode not in CAPTURE_MODES:
             raise ValueError(f"compile_decode must be one of {', '.join(CAPTURE_MODES)}, got {compile_decode!r}")
         self.compile_decode, self.compile_batch_sizes = compile_decode, compile_batch_sizes
@@ -82,7 +90,7 @@ class ModelRunner:
     @property
     def cache(self) -> KVCache:
         if self._cache is None:
-            self._cache = self.model.new_cache(self.max_batch, self.max_seq_len)
+            self._cache = self.model.new_cache(self.max_batch, self.max_seq_len, self.block_tokens, self.n_blocks)
         return self._cache
 
     def _tokens(self, rows: list[list[int]]) -> Tensor:
@@ -95,9 +103,22 @@ class ModelRunner:
 
     @mirrored
     def reset(self, slot: int) -> None:
-        """A new sequence in `slot`: position 0 (the compressor states re-initialise there)."""
-        self.cache.lengths[slot] = 0
+        """A new sequence in `slot`: position 0 (the compressor states re-initialise there), no blocks."""
+        self._release(slot)
+
+    @mirrored
+    def release(self, slot: int) -> None:
+        """The slot's sequence ended (finished, cancelled or failed): its KV blocks go back to the pool. Mirrored, so
+        every rank's pool hands out the same block ids next (tables stay identical on all ranks)."""
+        self._release(slot)
+
+    def _release(self, slot: int) -> None:
+        if self._cache is not None:
+            self._cache.release(slot)
         self.pending.pop(slot, None)
+
+    def blocks_used(self) -> int:
+        return 0 if self._cache is None else self._cache.pool.num_used
 
     @mirrored
     def forward(self, rows: list[list[int]], slots: list[int]) -> Tensor:

@@ -20,6 +20,12 @@ class Metrics:
         running = Gauge("dsv4_requests_running", "Requests holding a cache slot (prefilling or decoding)", registry=r)
         waiting.set_function(lambda: engine.num_waiting)
         running.set_function(lambda: engine.num_running)
+        for key, what in (("blocks_used", "KV blocks allocated to sequences"),
+                          ("blocks_free", "KV blocks on the pool's free list"),
+                          ("blocks_reserved", "KV blocks promised to running requests (their prompt + max_tokens)"),
+                          ("blocks_total", "KV blocks in the pool (--kv-blocks)")):
+            g = Gauge(f"dsv4_kv_{key}", what, registry=r)
+            g.set_function(lambda key=key: engine.pool_stats()[key])
         self.prompt_tokens = Counter("dsv4_prompt_tokens", "Prompt tokens of finished requests", registry=r)
         self.generation_tokens = Counter("dsv4_generation_tokens", "Generated tokens", registry=r)
         self.ttft = Histogram("dsv4_time_to_first_token_seconds", "Arrival to first generated token",
