@@ -16,10 +16,11 @@ import torch
 
 from dsv4.common.checkpoint.load import build_random_model
 from dsv4.common.model.block_pool import BlockPool, PoolExhausted
-from dsv4.common.model.cache import KVCache, SharedBlockWrite
+from dsv4.common.model.cache import ContextLengthError, KVCache, SharedBlockWrite
 from dsv4.common.model.cache_dense import SlotKVCache
 from dsv4.common.model.config import load_named_config
 from dsv4.common.model.reference import ReferenceOps
+from dsv4.common.runtime.engine import Engine, Request, SamplingParams
 from dsv4.common.runtime.static_decode import StaticDecoder
 
 MAX_SEQ = 512
@@ -71,7 +72,7 @@ def test_alloc_free_refcount():
 
 def test_block_tokens_must_be_a_multiple_of_128(model):
     for bad in (0, 64, 100, 200):
-        with pytest.raises(ValueError, match=f"block_tokens must be a positive multiple of 128.*got {bad}"):
+        with pytest.raises(ValueError, match=f"--block-tokens\\) must be a positive multiple of 128.*got {bad}"):
             model.new_cache(1, MAX_SEQ, block_tokens=bad)
     with pytest.raises(ValueError, match="n_blocks"):
         model.new_cache(1, MAX_SEQ, n_blocks=0)
@@ -210,3 +211,71 @@ def test_an_exhausted_pool_takes_nothing(model):
         model(s[1:, :260], cache, slots=slice(1, 2))  # 3 blocks needed, 1 free
     assert all(torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
                for x, y in zip(before, (cache.block_table, cache.lengths, cache.pool.refcount), strict=True))
+
+
+# -- the engine admits by blocks ----------------------------------------------------------------------------------
+def greedy(n: int, **kw) -> SamplingParams:
+    return SamplingParams(max_tokens=n, ignore_eos=True, **kw)
+
+
+def prompt(n: int, seed: int) -> list[int]:
+    return seqs(1, n, seed)[0].tolist()
+
+
+def alone(model, p: list[int], params: SamplingParams) -> list[int]:
+    eng = Engine(model, max_batch=1, max_seq_len=MAX_SEQ, prefill_chunk=64)
+    r = eng.add(Request(p, params))
+    list(eng.run_until_idle())
+    return r.output
+
+
+def test_an_exhausted_pool_makes_requests_wait(model):
+    """3 blocks of 128 tokens; each request may fill 2 (100 prompt + 40 new tokens): one runs at a time, the others
+    wait (slots are free: it is the pool that holds them back), every output equals its run alone, and the pool is
+    empty at the end."""
+    prompts = [prompt(100, s) for s in (1, 2, 3)]
+    eng = Engine(model, max_batch=4, max_seq_len=MAX_SEQ, prefill_chunk=64, kv_blocks=3)
+    reqs = [eng.add(Request(p, greedy(40))) for p in prompts]
+    seen = []
+    while eng.has_work():
+        eng.step()
+        st = eng.pool_stats()
+        seen.append((eng.num_running, eng.num_waiting, st["blocks_used"], st["blocks_reserved"]))
+        assert st["blocks_used"] <= st["blocks_reserved"] <= 3
+    assert max(s[0] for s in seen) == 1 and (1, 2, 1, 2) in seen and (1, 2, 2, 2) in seen
+    for r, p in zip(reqs, prompts, strict=True):
+        assert r.finish_reason == "length" and r.output == alone(model, p, greedy(40))
+    assert eng.pool_stats()["blocks_used"] == 0 and eng.reserved_blocks == 0 and eng.reserved == {}
+
+
+def test_a_request_larger_than_the_pool_is_refused_at_once(model):
+    eng = Engine(model, max_batch=2, max_seq_len=MAX_SEQ, kv_blocks=2)
+    with pytest.raises(ContextLengthError, match="need 3 KV blocks of 128 tokens, the pool has 2"):
+        eng.add(Request(prompt(200, 1), greedy(100)))
+
+
+def test_finished_cancelled_and_failed_requests_free_their_blocks(model, monkeypatch):
+    eng = Engine(model, max_batch=3, max_seq_len=MAX_SEQ, prefill_chunk=64, kv_blocks=9)
+    ok = eng.add(Request(prompt(150, 1), greedy(6)))
+    gone = eng.add(Request(prompt(140, 2), greedy(50)))
+    bad = eng.add(Request(prompt(130, 3), greedy(50, seed=666)))
+    spec = eng.add(Request(prompt(20, 4), greedy(30, speculative=True)))  # waits for a slot, then MTP-verifies
+    real = eng._sample
+
+    def sample(r, row, best):
+        if r.params.seed == 666 and len(r.output) == 3:
+            raise RuntimeError("injected sampling failure")
+        return real(r, row, best)
+
+    monkeypatch.setattr(eng, "_sample", sample)
+    for _ in range(8):
+        eng.step()
+    assert eng.pool_stats()["blocks_used"] >= 5  # 150/140/130 tokens and more: two blocks each
+    eng.cancel(gone)
+    list(eng.run_until_idle())
+    assert (ok.finish_reason, gone.finish_reason, bad.finish_reason, spec.finish_reason) == \
+        ("length", "abort", "error", "length")
+    assert spec.stats.drafted > 0 and spec.output == alone(model, spec.prompt, greedy(30))
+    assert eng.pool_stats() == {"blocks_total": 9, "blocks_used": 0, "blocks_free": 9, "blocks_reserved": 0,
+                                "block_tokens": 128}
+    assert (eng.runner.cache.block_table == -1).all()

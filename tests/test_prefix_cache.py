@@ -33,7 +33,7 @@ def rand_prompt(n: int, seed: int) -> list[int]:
 
 
 def options(budget: int = 1 << 30, interval: int = B, **kw) -> PrefixCacheOptions:
-    return PrefixCacheOptions(budget_bytes=budget, block_tokens=B, snapshot_interval=interval, **kw)
+    return PrefixCacheOptions(budget_bytes=budget, snapshot_interval=interval, **kw)
 
 
 def engine(model, **kw) -> Engine:
@@ -237,8 +237,7 @@ def test_eviction_never_takes_a_running_requests_block(model):
 def test_allocation_evicts_cached_blocks_when_the_pool_runs_short(model):
     """A pool of 4 blocks, 3 of them cached after the first prompt: a new 2-block request takes them back from
     the cache, least recently used first, instead of failing."""
-    eng = engine(model, max_batch=1)
-    eng.runner._cache = model.new_cache(1, MAX_SEQ, B, 4)  # a pool smaller than max_seq_len
+    eng = engine(model, max_batch=1, kv_blocks=4)  # a pool smaller than max_seq_len
     first = rand_prompt(3 * B + 10, 43)
     run(eng, [first])
     pc, pool = eng.runner.prefix, eng.runner.cache.pool
@@ -258,6 +257,7 @@ def test_accounting_back_to_zero_after_clear(model):
     pc = eng.runner.prefix
     assert pc.nbytes == sum(e.nbytes for e in pc.entries.values()) > 0
     assert eng.runner.cache.pool.num_used == len(pc.entries)  # the requests ended: only the cache holds blocks
+    assert eng.pool_stats()["blocks_free"] == eng.n_blocks  # idle cached blocks count as free
     eng.runner.clear_prefix()
     assert pc.nbytes == 0 and not pc.entries
     assert sorted(eng.free) == [0, 1] and not eng.active and eng.runner.cache.pool.num_used == 0

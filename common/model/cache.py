@@ -55,7 +55,7 @@ from dsv4.common.model.config import ModelArgs
 BLOCK_QUANTUM = 128  # lcm of V4's compression ratios (4: CSA and the indexer, 128: HCA)
 
 __all__ = ["BLOCK_QUANTUM", "BlockPool", "CompressorState", "ContextLengthError", "KVCache", "LayerCache",
-           "LayerStore", "PoolExhausted", "SharedBlockWrite", "kv_bytes_per_token"]
+           "LayerStore", "PoolExhausted", "SharedBlockWrite", "check_pool_args", "kv_bytes_per_token"]
 
 
 class ContextLengthError(ValueError):
@@ -145,6 +145,17 @@ class LayerStore:
         return [s for s in (self.comp, self.index_comp) if s is not None]
 
 
+def check_pool_args(args: ModelArgs, block_tokens: int, n_blocks: int | None) -> None:
+    """One clear error for a block size or pool size that cannot work (named as the CLI flags name them)."""
+    quantum = math.lcm(BLOCK_QUANTUM, *[r for r in args.compress_ratios if r])
+    if not isinstance(block_tokens, int) or block_tokens < 1 or block_tokens % quantum:
+        raise ValueError(f"block_tokens (--block-tokens) must be a positive multiple of {quantum} (the lcm of the "
+                         f"compression ratios: a compressor block may not straddle two KV blocks), "
+                         f"got {block_tokens!r}")
+    if n_blocks is not None and (not isinstance(n_blocks, int) or n_blocks < 1):
+        raise ValueError(f"n_blocks (--kv-blocks) must be a positive integer, got {n_blocks!r}")
+
+
 def _slot_tensor(slots: slice | Tensor | int) -> Tensor:
     if isinstance(slots, int):
         return torch.tensor([slots], dtype=torch.long)
@@ -159,12 +170,7 @@ class KVCache:
     def __init__(self, args: ModelArgs, max_batch: int, max_seq_len: int, dtype: torch.dtype,
                  device: torch.device | str = "cpu", with_mtp: bool = True, block_tokens: int = BLOCK_QUANTUM,
                  n_blocks: int | None = None) -> None:
-        quantum = math.lcm(BLOCK_QUANTUM, *[r for r in args.compress_ratios if r])
-        if not isinstance(block_tokens, int) or block_tokens < 1 or block_tokens % quantum:
-            raise ValueError(f"block_tokens must be a positive multiple of {quantum} (the lcm of the compression "
-                             f"ratios: a compressor block may not straddle two KV blocks), got {block_tokens!r}")
-        if n_blocks is not None and (not isinstance(n_blocks, int) or n_blocks < 1):
-            raise ValueError(f"n_blocks (--kv-blocks) must be a positive integer, got {n_blocks!r}")
+        check_pool_args(args, block_tokens, n_blocks)
         self.args, self.max_batch, self.max_seq_len, self.dtype = args, max_batch, max_seq_len, dtype
         self.device = torch.device(device)
         self.block_tokens = block_tokens

@@ -2,7 +2,10 @@
 
 Requests arrive at any time (`add`, thread-safe) and wait in a bounded queue. Each `step`:
   1. drops cancelled requests (their slots are free at once),
-  2. admits waiting requests into free cache slots (first come, first served),
+  2. admits waiting requests into free cache slots (first come, first served) while the KV block pool can promise
+     each its worst case (prompt + max_tokens): a request that does not fit waits at the head of the queue, so a
+     running request never runs out of blocks (no preemption, no out-of-memory); blocks themselves are allocated as
+     the sequence grows (inside the runner's forwards) and freed when the request ends, however it ends,
   3. decodes every running request by one token in ONE forward, wherever their slots are and whatever their
      positions (speculative requests verify [token, draft] in a second forward of their own),
   4. spends what is left of the step's token budget on prompt chunks, shortest remaining prompt first, so a long
@@ -23,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from dsv4.common.model.cache import ContextLengthError
+from dsv4.common.model.cache import BLOCK_QUANTUM, ContextLengthError
 from dsv4.common.runtime.engine_runner import Mirror, ModelRunner
 from dsv4.common.runtime.engine_sampling import Detokenizer, filtered_probs
 from dsv4.common.runtime.guards import check_logits
@@ -156,16 +159,18 @@ class Engine:
                  step_tokens: int | None = None, max_waiting: int = 64, tokenizer=None,
                  mirror: Mirror | None = None, max_logprobs: int = MAX_LOGPROBS,
                  long_prefill_chunk: int | None = None, compile_decode: str | None = None,
-                 compile_batch_sizes: tuple[int, ...] = (1, 2, 4, 8),
-                 prefix_cache: PrefixCacheOptions | None = None) -> None:
+                 compile_batch_sizes: tuple[int, ...] = (1, 2, 4, 8), block_tokens: int = BLOCK_QUANTUM,
+                 kv_blocks: int | None = None, prefix_cache: PrefixCacheOptions | None = None) -> None:
         """max_batch: cache slots (requests running at once); step_tokens: tokens per step, decodes first, the rest
         for prompt chunks of at most prefill_chunk (default: prefill_chunk + max_batch). long_prefill_chunk: the
         chunk per step of a prompt longer than prefill_chunk (default prefill_chunk); smaller keeps the steps short
         while a long prompt prefills, so short requests arriving meanwhile wait less (vLLM calls the same idea
         long_prefill_token_threshold), at the cost of more steps for the long prompt. compile_decode: run plain
         decode steps through the captured static-shape step in that capture mode (runtime/static_decode.py) when
-        the batch fits one of compile_batch_sizes; eager otherwise. prefix_cache: reuse the cached blocks of
-        earlier prompts (runtime/prefix_cache.py); a prompt's chunks then end at its snapshot boundaries."""
+        the batch fits one of compile_batch_sizes; eager otherwise. block_tokens / kv_blocks: the KV block pool
+        (tokens per block, blocks in all; default: max_seq_len tokens for every slot). prefix_cache: reuse the
+        cached blocks of earlier prompts (runtime/prefix_cache.py); a prompt's chunks then end at its snapshot
+        boundaries."""
         if max_batch < 1 or prefill_chunk < 1:
             raise ValueError(f"max_batch and prefill_chunk must be >= 1, got {max_batch} and {prefill_chunk}")
         self.model, self.args, self.tokenizer = model, model.args, tokenizer
@@ -174,8 +179,11 @@ class Engine:
         self.step_tokens = step_tokens or prefill_chunk + max_batch
         self.long_prefill_chunk = min(long_prefill_chunk or prefill_chunk, prefill_chunk)
         self.runner = ModelRunner(model, max_batch, self.max_seq_len, mirror, compile_decode, compile_batch_sizes,
-                                  prefix_cache)
+                                  block_tokens, kv_blocks, prefix_cache)
         self.prefix_cache = prefix_cache
+        self.block_tokens, self.n_blocks = block_tokens, self.runner.n_blocks
+        self.reserved: dict[int, int] = {}  # slot -> KV blocks promised to its request (its worst case)
+        self.reserved_blocks = 0  # their sum (an int: /metrics reads it from the HTTP thread)
         self.device = self.runner.device
         self.waiting: deque[Request] = deque()
         self.lock = threading.Lock()  # guards `waiting` (add runs on the HTTP thread, step on the engine's)
@@ -199,6 +207,11 @@ class Engine:
                 f"{len(prompt)} prompt tokens + max_tokens {params.max_tokens} = {need} exceeds "
                 f"max_seq_len={self.max_seq_len} (shorten the prompt, lower max_tokens or raise --max-seq-len up to "
                 f"{self.args.max_position_embeddings})")
+        blocks = self.blocks_for(len(prompt), params.max_tokens)
+        if blocks > self.n_blocks:
+            raise ContextLengthError(
+                f"{need} tokens need {blocks} KV blocks of {self.block_tokens} tokens, the pool has {self.n_blocks} "
+                f"(raise --kv-blocks or lower max_tokens)")
         if params.speculative and not self.args.n_mtp_layers:
             raise ParamError("speculative", "speculative decoding needs the MTP layer (n_mtp_layers = 1)")
         bad = [t for t in params.stop_token_ids if not 0 <= t < V]
@@ -230,6 +243,17 @@ class Engine:
     @property
     def num_running(self) -> int:
         return len(self.active)
+
+    def blocks_for(self, prompt_tokens: int, max_tokens: int) -> int:
+        """KV blocks a request may fill: every position it can feed (prompt + max_tokens bounds them)."""
+        return -(-(prompt_tokens + max_tokens) // self.block_tokens)
+
+    def pool_stats(self) -> dict[str, int]:
+        """The KV block pool: blocks in all, allocated, free, and promised to running requests. Blocks only the
+        prefix cache holds count as free (the allocator takes them back when its free list runs short)."""
+        used, cached = self.runner.blocks_used(), self.runner.blocks_cached_only()
+        return {"blocks_total": self.n_blocks, "blocks_used": used, "blocks_free": self.n_blocks - used + cached,
+                "blocks_reserved": self.reserved_blocks, "block_tokens": self.block_tokens}
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.active)
@@ -274,9 +298,15 @@ class Engine:
             if gone:
                 self.waiting = deque(r for r in self.waiting if not r.cancelled)
             while self.waiting and self.free:
-                r = self.waiting.popleft()
+                r = self.waiting[0]
+                need = self.blocks_for(len(r.prompt), r.params.max_tokens)
+                if self.reserved_blocks + need > self.n_blocks:
+                    break  # first come, first served: it waits for blocks, and so do those behind it
+                self.waiting.popleft()
                 self.free.sort()  # lowest slots first: running slots stay contiguous more often (one slice)
                 r.slot = self.free.pop(0)
+                self.reserved[r.slot] = need
+                self.reserved_blocks += need
                 r.status = PREFILL
                 self.active.append(r)
                 self.runner.reset(r.slot)
@@ -447,6 +477,7 @@ class Engine:
         if r in self.active:
             self.active.remove(r)
             self.runner.release(r.slot)  # its blocks back to the pool (every rank's: a mirrored call)
+            self.reserved_blocks -= self.reserved.pop(r.slot, 0)
             self.free.append(r.slot)
         self._event(r, tok, text, lp)
 

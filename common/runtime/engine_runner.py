@@ -4,7 +4,9 @@ The scheduler (common/runtime/engine.py) decides what runs; this runner runs it.
 Python values (token ids, slot numbers, positions), so a call can be replayed on other ranks: under torchrun, rank 0
 broadcasts every call (`Mirror`) before running it, and the other ranks sit in `follow()` running the same calls in
 the same order. Every rank thus feeds the same batch through the same collectives, and the caches stay identical.
-Sampling needs no broadcast: rank 0 samples and the chosen ids travel with the next call.
+Sampling needs no broadcast: rank 0 samples and the chosen ids travel with the next call. KV blocks are allocated
+inside the mirrored calls (the forward's check_room) and freed by the mirrored `release`: the allocator is
+deterministic, so every rank's block tables stay identical without a broadcast.
 
 Speculative decoding (MTP, greedy only) lives here too, because its accept/reject decisions change the cache: every
 rank computes them from the same all-gathered logits, so they agree without a message.
@@ -19,7 +21,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from dsv4.common.model.cache import KVCache
+from dsv4.common.model.cache import BLOCK_QUANTUM, KVCache, check_pool_args
 from dsv4.common.runtime.guards import check_logits
 from dsv4.common.runtime.prefix_cache import PrefixCache, PrefixCacheOptions
 from dsv4.common.runtime.static_decode import CAPTURE_MODES, StaticDecoder
@@ -67,10 +69,19 @@ def slot_index(slots: list[int]) -> slice | Tensor:
 class ModelRunner:
     def __init__(self, model, max_batch: int, max_seq_len: int, mirror: Mirror | None = None,
                  compile_decode: str | None = None, compile_batch_sizes: tuple[int, ...] = (1, 2, 4, 8),
+                 block_tokens: int = BLOCK_QUANTUM, kv_blocks: int | None = None,
                  prefix_cache: PrefixCacheOptions | None = None) -> None:
+        """block_tokens / kv_blocks: the KV block pool (common/model/cache.py); kv_blocks None = max_seq_len tokens
+        for every slot (the bytes of the per-slot layout). prefix_cache: runtime/prefix_cache.py over that pool."""
         self.model, self.max_batch, self.max_seq_len, self.mirror = model, max_batch, max_seq_len, mirror
+        check_pool_args(model.args, block_tokens, kv_blocks)
+        self.block_tokens = block_tokens
+        self.n_blocks = kv_blocks or max_batch * -(-max_seq_len // block_tokens)
         self.prefix_options = prefix_cache
         self._prefix: PrefixCache | None = None
+        if prefix_cache is not None and prefix_cache.snapshot_interval % block_tokens:
+            raise ValueError(f"--prefix-snapshot-interval {prefix_cache.snapshot_interval} must be a multiple of "
+                             f"--block-tokens ({block_tokens})")
         if compile_decode is not None and compile_decode not in CAPTURE_MODES:
             raise ValueError(f"compile_decode must be one of {', '.join(CAPTURE_MODES)}, got {compile_decode!r}")
         self.compile_decode, self.compile_batch_sizes = compile_decode, compile_batch_sizes
@@ -87,7 +98,7 @@ class ModelRunner:
     @property
     def cache(self) -> KVCache:
         if self._cache is None:
-            self._cache = self.model.new_cache(self.max_batch, self.max_seq_len)
+            self._cache = self.model.new_cache(self.max_batch, self.max_seq_len, self.block_tokens, self.n_blocks)
         return self._cache
 
     @property
@@ -128,6 +139,10 @@ class ModelRunner:
 
     def blocks_used(self) -> int:
         return 0 if self._cache is None else self._cache.pool.num_used
+
+    def blocks_cached_only(self) -> int:
+        """Blocks the prefix cache alone holds (reclaimable); read from the HTTP thread too."""
+        return 0 if self._prefix is None else self._prefix.evictable()
 
     @mirrored
     def forward(self, rows: list[list[int]], slots: list[int]) -> Tensor:

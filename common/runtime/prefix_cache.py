@@ -95,13 +95,12 @@ class PrefixCacheOptions:
     """What `--prefix-cache` / `--prefix-cache-bytes` / `--prefix-cache-dir` ask for (the engine builds the cache
     with its KV cache)."""
     budget_bytes: int = 1 << 30
-    block_tokens: int = 128  # the lcm of V4's compression ratios (4, 128)
-    snapshot_interval: int = 2048
+    snapshot_interval: int = 2048  # a multiple of the KV pool's block_tokens
     fingerprint: str = ""  # model_fingerprint(...): persisted caches of another model are refused
     path: str | None = None  # the persisted cache file: loaded at start when present, written at the end
 
     def build(self, cache: KVCache) -> PrefixCache:
-        return PrefixCache(cache, self.budget_bytes, self.block_tokens, self.snapshot_interval, self.fingerprint)
+        return PrefixCache(cache, self.budget_bytes, cache.block_tokens, self.snapshot_interval, self.fingerprint)
 
 
 @dataclass
@@ -121,11 +120,11 @@ class PrefixCache:
         ratios = [lc.ratio for lc in cache.layers]
         bad = [r for r in ratios if r and block_tokens % r]
         if block_tokens < 1 or bad:
-            raise ValueError(f"--prefix-block-tokens {block_tokens} must be a positive multiple of every "
-                             f"compression ratio ({sorted(set(r for r in ratios if r))})")
+            raise ValueError(f"--block-tokens {block_tokens} must be a positive multiple of every compression "
+                             f"ratio ({sorted(set(r for r in ratios if r))})")
         if snapshot_interval < block_tokens or snapshot_interval % block_tokens:
-            raise ValueError(f"snapshot interval {snapshot_interval} must be a positive multiple of the block "
-                             f"({block_tokens} tokens)")
+            raise ValueError(f"--prefix-snapshot-interval {snapshot_interval} must be a positive multiple of "
+                             f"--block-tokens ({block_tokens})")
         self.with_mtp = len(cache.layers) > a.n_layers
         if self.with_mtp and any(lc.ratio for lc in cache.layers[a.n_layers:]):
             # the MTP layer lags by one position: its compressed block at P would be incomplete at a boundary
@@ -218,7 +217,8 @@ class PrefixCache:
     def evictable(self) -> int:
         """Cached blocks nobody else holds: free for the allocator's purposes."""
         rc = self.cache.pool.refcount
-        return sum(1 for e in self.entries.values() if rc[e.block] == 1)
+        entries = list(self.entries.values())  # one C-level copy: /metrics calls this from the HTTP thread
+        return sum(1 for e in entries if rc[e.block] == 1)
 
     def _drop(self, k: bytes) -> int:
         e = self.entries.pop(k)

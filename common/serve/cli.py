@@ -12,7 +12,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from dsv4.common.runtime.generate import add_compile_decode_argument, compile_mode
+from dsv4.common.runtime.generate import (
+    add_compile_decode_argument,
+    add_kv_pool_arguments,
+    compile_mode,
+    kv_pool_options,
+)
 from dsv4.common.runtime.prefix_cache import add_prefix_cache_arguments, prefix_cache_options
 
 
@@ -37,6 +42,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="MTP self-speculative decoding for greedy requests without logprobs or stop strings "
                         "(others decode plainly)")
     add_compile_decode_argument(g)
+    add_kv_pool_arguments(g)
     g.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds SIGTERM waits for requests in flight before ending them")
     add_prefix_cache_arguments(p.add_argument_group("prefix cache"))
@@ -66,12 +72,13 @@ def cmd_serve(ns: argparse.Namespace) -> int:
 
     model, tokenizer, source = load_model(ns)
     rank, world, _ = world_from_env()
+    block_tokens, kv_blocks = kv_pool_options(ns, model)
     engine = Engine(model, max_batch=ns.max_batch, max_seq_len=ns.max_seq_len, prefill_chunk=ns.prefill_chunk,
                     step_tokens=ns.step_tokens, max_waiting=ns.max_waiting, tokenizer=tokenizer,
                     mirror=Mirror() if world > 1 else None, max_logprobs=ns.max_logprobs,
                     long_prefill_chunk=ns.long_prefill_chunk, compile_decode=compile_mode(ns),
-                    compile_batch_sizes=capture_batch_sizes(ns.max_batch),
-                    prefix_cache=prefix_cache_options(ns, model))
+                    compile_batch_sizes=capture_batch_sizes(ns.max_batch), block_tokens=block_tokens,
+                    kv_blocks=kv_blocks, prefix_cache=prefix_cache_options(ns, model))
     loaded = engine.load_prefix_cache()  # every rank reads it (a mirrored call); a refused file stops here
     if rank != 0:
         # rank 0 drains on SIGTERM and then releases this rank; a rank that died on the launcher's SIGTERM at once

@@ -21,6 +21,13 @@ class Metrics:
         running = Gauge("dsv4_requests_running", "Requests holding a cache slot (prefilling or decoding)", registry=r)
         waiting.set_function(lambda: engine.num_waiting)
         running.set_function(lambda: engine.num_running)
+        for key, what in (("blocks_used", "KV blocks allocated to sequences"),
+                          ("blocks_free", "KV blocks free for new sequences (the free list + cached prefix blocks "
+                                          "no sequence holds)"),
+                          ("blocks_reserved", "KV blocks promised to running requests (their prompt + max_tokens)"),
+                          ("blocks_total", "KV blocks in the pool (--kv-blocks)")):
+            g = Gauge(f"dsv4_kv_{key}", what, registry=r)
+            g.set_function(lambda key=key: engine.pool_stats()[key])
         self.prompt_tokens = Counter("dsv4_prompt_tokens", "Prompt tokens of finished requests", registry=r)
         self.generation_tokens = Counter("dsv4_generation_tokens", "Generated tokens", registry=r)
         self.ttft = Histogram("dsv4_time_to_first_token_seconds", "Arrival to first generated token",
@@ -67,5 +74,8 @@ class PrefixCacheCollector:
                                   "instead of prefilled", value=tokens)
         yield CounterMetricFamily("dsv4_prefix_cache_evicted_blocks", "Cached blocks evicted (LRU, byte budget)",
                                   value=evicted)
+        yield GaugeMetricFamily("dsv4_prefix_cache_blocks_idle", "KV blocks only the prefix cache holds (counted "
+                                "free: the allocator takes them back when needed)",
+                                value=self.engine.runner.blocks_cached_only())
         yield GaugeMetricFamily("dsv4_prefix_cache_bytes", "Bytes the prefix cache holds (blocks + snapshots)",
                                 value=self.engine.prefix_cache_bytes)
