@@ -340,3 +340,15 @@ def test_metrics_count_hits_misses_and_hit_tokens(model):
                  f"dsv4_prefix_cache_hit_tokens_total {float(B)}"):
         assert line in text, text
     assert f"dsv4_prefix_cache_bytes {float(eng.prefix_cache_bytes)}" in text and eng.prefix_cache_bytes > 0
+
+
+def test_hits_through_the_static_decode_step(model):
+    """Decode steps of resumed requests through the static-shape step (the block-table gather it builds) give the
+    cold engine's tokens."""
+    doc = rand_prompt(B + 50, 80)
+    prompts = [doc[:B] + rand_prompt(9, 81), doc[:B] + rand_prompt(33, 82)]
+    want = [r.output for r in run(engine(model, prefix_cache=None), prompts, n=5)]
+    eng = engine(model, compile_decode="eager", compile_batch_sizes=(1, 2))
+    run(eng, [doc])
+    got = run(eng, prompts, n=5)
+    assert [r.stats.cached_tokens for r in got] == [B, B] and [r.output for r in got] == want
