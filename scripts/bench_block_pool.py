@@ -8,7 +8,8 @@
 (c) Decode speed: ms per decode step of the embedded tiny model (random weights, fp32, CPU) with rows gathered
     through block tables vs the per-slot layout, in one run, repetitions interleaved (the CPU is shared), medians.
 
-    python scripts/bench_block_pool.py [--config flash] [--max-seq-len 65536] [--slots 8] [--reps 7] [--write]
+    python scripts/bench_block_pool.py [--config flash] [--max-seq-len 65536] [--slots 8] [--contexts 900,3000]
+        [--reps 7] [--write]
 """
 
 from __future__ import annotations
@@ -62,32 +63,35 @@ def capacity(ns) -> list[str]:
     args = load_named_config(ns.config)
     dtype = torch.bfloat16
     L, B, short = ns.max_seq_len, ns.slots, ns.short
-    cache, budget = same_bytes_pool(args, B, L, ns.pool_slots, dtype)
-    out = [f"Config `{ns.config}` bf16, max_seq_len {L:,}: the slot layout with {B} slots is "
-           f"{budget / 2**30:.2f} GiB; the pool of the same bytes has {ns.pool_slots} slots and "
-           f"{cache.n_blocks:,} blocks of {cache.block_tokens} tokens ({cache.nbytes() / 2**30:.2f} GiB, the extra "
-           f"slots' rings and compressor states included). Sequences counted through `KVCache.ensure_capacity` "
-           f"until `PoolExhausted` (or no slot is left).", "",
-           f"| long ({L:,} tokens) | short ({short:,} tokens) that fit: slot layout | pool |", "|---|---|---|"]
+    pools = [same_bytes_pool(args, B, L, int(n), dtype) for n in ns.pool_slots.split(",")]
+    budget = pools[0][1]
+    out = [f"Config `{ns.config}` bf16, max_seq_len {L:,}, long = {L:,} tokens, short = {short:,} tokens (prompt + "
+           f"output). The slot layout with {B} slots is {budget / 2**30:.2f} GiB. Each pool below has the same "
+           f"bytes or fewer, the per-slot rings and compressor states of its slots included, so more slots leave "
+           f"fewer blocks: "
+           + "; ".join(f"{c.max_batch} slots -> {c.n_blocks:,} blocks of {c.block_tokens} tokens "
+                       f"({c.nbytes() / 2**30:.2f} GiB)" for c, _ in pools)
+           + ". Counted through `KVCache.ensure_capacity` until `PoolExhausted` (or no slot is left).", "",
+           "| long sequences | short that fit beside them: slot layout | "
+           + " | ".join(f"pool, {c.max_batch} slots" for c, _ in pools) + " |",
+           "|---|---|" + "---|" * len(pools)]
     for n_long in sorted({0, 1, 2, B // 2, B - 1, B}):
-        longs = fill(cache, [L] * n_long)
-        if longs < n_long:
-            out.append(f"| {n_long} | {B - n_long} | the pool holds only {longs} long |")
-            continue
-        shorts = fill(cache, [L] * n_long + [short] * (ns.pool_slots + 1)) - n_long
-        out.append(f"| {n_long} | {max(B - n_long, 0)} | {shorts} |")
-    all_short = fill(cache, [short] * (ns.pool_slots + 1))
-    out += ["", f"Short sequences alone: {B} in the slot layout, {all_short} in the pool (bounded by its "
-            f"{ns.pool_slots} slots; its blocks would hold {cache.n_blocks // cache.blocks_needed(short):,})."]
+        cells = []
+        for cache, _ in pools:
+            longs = fill(cache, [L] * n_long)
+            if longs < n_long:
+                cells.append(f"only {longs} long fit")
+                continue
+            cells.append(str(fill(cache, [L] * n_long + [short] * (cache.max_batch + 1)) - n_long))
+        out.append(f"| {n_long} | {max(B - n_long, 0)} | " + " | ".join(cells) + " |")
     return out
 
 
 # -- (c) decode speed --------------------------------------------------------------------------------------------------
-def decode_speed(ns) -> list[str]:
-    torch.set_num_threads(1)
-    args = load_named_config("tiny").replace(kv_fp8_sim="clamp")
-    model = build_random_model(args, ReferenceOps(), torch.float32, seed=0)
-    B, ctx, steps, msl = ns.batch, ns.context, ns.steps, ns.context + ns.steps * (ns.reps + 2) + 8
+def decode_times(model, ns, ctx: int) -> dict[tuple[str, str], list[float]]:
+    """ms per decode step of ns.batch rows at context ctx+, per (layout, slot kind), repetitions interleaved."""
+    args, B, steps = model.args, ns.batch, ns.steps
+    msl = ctx + steps * (ns.reps + 2) + 8
     seq = torch.randint(2, 512, (B, msl), generator=torch.Generator().manual_seed(0))
     slots_idx = torch.tensor(list(range(B))[::-1])  # the engine's scattered-slot path (an index tensor)
     layouts = {"slot layout": SlotKVCache(args, B, msl, torch.float32),
@@ -108,15 +112,24 @@ def decode_speed(ns) -> list[str]:
                     pos = cache.lengths[rows]
                     model(seq[rows, pos][:, None], cache, slots=slots)
                 times.setdefault((name, how), []).append((time.perf_counter() - t0) / steps * 1e3)
-    out = [f"Embedded tiny model (random weights), fp32, 1 thread, {B} rows decoding at context {ctx}+, {steps} "
-           f"steps per repetition, {ns.reps} repetitions interleaved (order alternating); ms per decode step "
-           f"(median, min-max):", "", "| slots | slot layout | block pool | pool / slot |", "|---|---|---|---|"]
-    for how, label in (("slice", "one run (a slice: the slot layout writes in place)"),
-                       ("index", "scattered (an index tensor: both gather)")):
-        d, p = times[("slot layout", how)], times[("block pool", how)]
-        md, mp = statistics.median(d), statistics.median(p)
-        out.append(f"| {label} | {md:.1f} ({min(d):.1f}-{max(d):.1f}) | {mp:.1f} ({min(p):.1f}-{max(p):.1f}) | "
-                   f"{mp / md:.2f} |")
+    return times
+
+
+def decode_speed(ns) -> list[str]:
+    torch.set_num_threads(1)
+    args = load_named_config("tiny").replace(kv_fp8_sim="clamp")
+    model = build_random_model(args, ReferenceOps(), torch.float32, seed=0)
+    out = [f"Embedded tiny model (random weights), fp32, 1 thread, {ns.batch} rows decoding, {ns.steps} steps per "
+           f"repetition, {ns.reps} repetitions interleaved (layout order alternating); ms per decode step, median "
+           f"(min-max):", "", "| context | slots | slot layout | block pool | pool / slot |", "|---|---|---|---|---|"]
+    for ctx in (int(c) for c in ns.contexts.split(",")):
+        times = decode_times(model, ns, ctx)
+        for how, label in (("slice", "one run (slice; the slot layout writes in place)"),
+                           ("index", "scattered (index tensor; both gather)")):
+            d, p = times[("slot layout", how)], times[("block pool", how)]
+            md, mp = statistics.median(d), statistics.median(p)
+            out.append(f"| {ctx} | {label} | {md:.1f} ({min(d):.1f}-{max(d):.1f}) | {mp:.1f} ({min(p):.1f}-"
+                       f"{max(p):.1f}) | {mp / md:.2f} |")
     return out
 
 
@@ -125,10 +138,11 @@ def main() -> int:
     p.add_argument("--config", default="flash", help="config for the capacity count (a)")
     p.add_argument("--max-seq-len", type=int, default=65536)
     p.add_argument("--slots", type=int, default=8, help="slots of the slot layout (its max_batch)")
-    p.add_argument("--pool-slots", type=int, default=64, help="slots of the pool cache (cheap: rings and states)")
+    p.add_argument("--pool-slots", default="16,32,64",
+                   help="slot counts of the pool caches compared, comma-separated (a slot costs its rings, states)")
     p.add_argument("--short", type=int, default=2048, help="tokens of a short sequence (prompt + output)")
     p.add_argument("--batch", type=int, default=4, help="(c): rows decoding together")
-    p.add_argument("--context", type=int, default=900, help="(c): tokens in each row before timing")
+    p.add_argument("--contexts", default="900,3000", help="(c): tokens in each row before timing, comma-separated")
     p.add_argument("--steps", type=int, default=12, help="(c): decode steps per repetition")
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--write", action="store_true", help="append the section to BENCHMARKS.md")
