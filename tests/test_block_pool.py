@@ -21,6 +21,7 @@ from dsv4.common.model.cache_dense import SlotKVCache
 from dsv4.common.model.config import load_named_config
 from dsv4.common.model.reference import ReferenceOps
 from dsv4.common.runtime.engine import Engine, Request, SamplingParams
+from dsv4.common.runtime.engine_runner import ModelRunner
 from dsv4.common.runtime.static_decode import StaticDecoder
 
 MAX_SEQ = 512
@@ -279,3 +280,36 @@ def test_finished_cancelled_and_failed_requests_free_their_blocks(model, monkeyp
     assert eng.pool_stats() == {"blocks_total": 9, "blocks_used": 0, "blocks_free": 9, "blocks_reserved": 0,
                                 "block_tokens": 128}
     assert (eng.runner.cache.block_table == -1).all()
+
+
+class RecordingMirror:
+    """Rank 0's side of Mirror, in one process: the calls a follower rank would receive."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple]] = []
+
+    def send(self, name: str, args: tuple) -> None:
+        self.calls.append((name, copy.deepcopy(args)))
+
+
+def test_a_follower_replaying_the_mirrored_calls_has_the_same_block_tables(model):
+    """Blocks are allocated inside the mirrored calls and freed by a mirrored release: a follower that replays rank
+    0's calls (as engine_runner.follow does) ends with the same tables, refcounts and free list at every point."""
+    mirror = RecordingMirror()
+    eng = Engine(model, max_batch=3, max_seq_len=MAX_SEQ, prefill_chunk=64, kv_blocks=6, mirror=mirror)
+    follower = ModelRunner(model, 3, MAX_SEQ, block_tokens=128, kv_blocks=6)
+    follower.following = True
+    reqs = [eng.add(Request(prompt(n, n), greedy(k))) for n, k in ((150, 4), (90, 30), (200, 6), (30, 5))]
+    replayed = 0
+    while eng.has_work():
+        eng.step()
+        if eng.num_running and reqs[1].status == "running" and not reqs[1].cancelled:
+            eng.cancel(reqs[1])
+        for name, args in mirror.calls[replayed:]:
+            getattr(follower, name)(*args)
+        replayed = len(mirror.calls)
+        a, b = eng.runner.cache, follower.cache
+        assert torch.equal(a.block_table, b.block_table) and a.pool.refcount == b.pool.refcount
+        assert list(a.pool._free) == list(b.pool._free)
+    assert [r.finish_reason for r in reqs] == ["length", "abort", "length", "length"]
+    assert "release" in {name for name, _ in mirror.calls} and follower.cache.pool.num_used == 0
