@@ -78,7 +78,7 @@ def hit_vs_cold(model, first: list[int], second: list[int], want_hit: int, specu
     runner = eng.runner
     slot = 1
     runner.reset(slot)
-    n = runner.use_prefix(slot, second, speculative)
+    n, _ = runner.use_prefix(slot, second, speculative)
     assert n == want_hit
     cold = ModelRunner(model, 1, MAX_SEQ)
     cold.reset(0)
@@ -137,9 +137,9 @@ def test_speculative_request_skips_snapshots_without_mtp_state(model):
     first = rand_prompt(200, 9)
     run(eng, [first])  # a plain request: its MTP layer was never fed
     eng.runner.reset(1)
-    assert eng.runner.use_prefix(1, first, True) == 0
+    assert eng.runner.use_prefix(1, first, True)[0] == 0
     eng.runner.reset(1)
-    assert eng.runner.use_prefix(1, first, False) == B
+    assert eng.runner.use_prefix(1, first, False)[0] == B
 
 
 def test_engine_tokens_equal_cold_and_counters(model):
@@ -156,6 +156,19 @@ def test_engine_tokens_equal_cold_and_counters(model):
         assert [r.stats.cached_tokens for r in got] == [0, 2 * B]
         st = eng.prefix_stats
         assert (st.hits, st.misses, st.hit_tokens) == (1, 1, 2 * B)
+
+
+def test_where_prompts_diverge_becomes_a_snapshot(model):
+    """A document of 2 blocks + 100 tokens and questions of 60, with the default snapshot interval (2048): the first
+    prompt's only snapshot (384) lies inside its question, so the second prompt misses, but its blocks match the
+    first's for 256 tokens and it snapshots there; the third resumes at 256. Tokens equal the cold ones."""
+    doc = rand_prompt(2 * B + 100, 15)
+    prompts = [doc + rand_prompt(60, 16 + i) for i in range(3)]
+    eng = engine(model, prefix_cache=options(interval=2048))
+    got = [run(eng, [p], n=3)[0] for p in prompts]
+    assert [r.stats.cached_tokens for r in got] == [0, 0, 2 * B]
+    cold = engine(model, prefix_cache=None)
+    assert [r.output for r in got] == [run(cold, [p], n=3)[0].output for p in prompts]
 
 
 def test_whole_prompt_cached_backs_off_one_block(model):
@@ -199,7 +212,7 @@ def test_eviction_is_lru_under_the_budget(model):
     pc.budget_bytes = 2 * one
     run(eng, [docs[1]])
     eng.runner.reset(1)
-    assert eng.runner.use_prefix(1, docs[0], False) == B  # docs[0] is now the most recently used
+    assert eng.runner.use_prefix(1, docs[0], False)[0] == B  # docs[0] is now the most recently used
     run(eng, [docs[2]])  # over budget: the least recently used (docs[1]) goes
     assert pc.nbytes <= pc.budget_bytes and len(pc.entries) == 2
     keys = [block_keys(d, B)[0] for d in docs]
@@ -276,7 +289,7 @@ def test_persisted_cache_round_trip_and_refusals(model, tmp_path):
     again = run(eng2, [doc], n=4)[0]
     assert again.stats.cached_tokens == 2 * B and again.output == first.output
     eng2.runner.reset(1)
-    n = eng2.runner.use_prefix(1, doc, False)
+    n, _ = eng2.runner.use_prefix(1, doc, False)
     got = eng2.runner.forward([doc[n:]], [1])[0]
     want = ModelRunner(model, 1, MAX_SEQ).forward([doc], [0])[0, n:]
     torch.testing.assert_close(got, want, atol=ATOL, rtol=1e-5)

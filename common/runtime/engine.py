@@ -321,10 +321,11 @@ class Engine:
     def _use_prefix(self, reqs: list[Request]) -> None:
         """Resume the prompt at its longest cached prefix; plan where its state is registered. A request that
         asks for prompt logprobs is prefilled whole (the cached positions have no logits to report)."""
-        r = reqs[0]
+        r, shared = reqs[0], 0
         if r.params.prompt_logprobs is None:
-            r.n_fed = r.stats.cached_tokens = self.runner.use_prefix(r.slot, r.prompt, r.params.speculative)
-        r.snapshot_at = [b for b in self.runner.prefix.boundaries(len(r.prompt)) if b > r.n_fed]
+            r.n_fed, shared = self.runner.use_prefix(r.slot, r.prompt, r.params.speculative)
+            r.stats.cached_tokens = r.n_fed
+        r.snapshot_at = [b for b in self.runner.prefix.boundaries(len(r.prompt), shared) if b > r.n_fed]
 
     def _guarded(self, reqs: list[Request], fn: Callable[[list[Request]], None]) -> None:
         """A failure fails the requests of that forward only; the engine carries on with the others."""

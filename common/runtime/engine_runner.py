@@ -157,18 +157,20 @@ class ModelRunner:
 
     # -- prefix cache: every rank runs the same calls, so every rank's prefix cache (and LRU order) stays the same ---
     @mirrored
-    def use_prefix(self, slot: int, prompt: list[int], speculative: bool) -> int:
-        """Resume `slot` (just reset) at the longest cached prefix of `prompt` that has a snapshot; returns the
-        prompt tokens now in the cache (0 on a miss). Every rank finds the same hit in its identical cache."""
+    def use_prefix(self, slot: int, prompt: list[int], speculative: bool) -> tuple[int, int]:
+        """Resume `slot` (just reset) at the longest cached prefix of `prompt` that has a snapshot. Returns (the
+        prompt tokens now in the cache, 0 on a miss; the tokens whose blocks an earlier prompt shares, where a
+        snapshot is worth taking). Every rank finds the same in its identical cache."""
         pc = self.prefix
+        shared = pc.note_prompt(prompt)
         n, keys = pc.lookup(prompt, need_mtp=speculative)
         if not n:
             pc.stats.misses += 1
-            return 0
+            return 0, shared
         pending = pc.install(slot, keys)
         if speculative:  # the MTP layer is one position behind: it is fed position n-1 with the next chunk
             self.pending[slot] = pending
-        return n
+        return n, shared
 
     @mirrored
     def register_prefix(self, slot: int, tokens: list[int], speculative: bool) -> None:

@@ -21,15 +21,21 @@ compression ratio, so no compressor has a block in progress at P):
 Keys (vLLM's design, https://docs.vllm.ai/en/latest/design/prefix_caching/): block i's key hashes its parent's key
 and its own token ids, so it names the whole prefix [0, (i+1) * block_tokens) in 32 bytes. The hash is SHA-256 (as
 vLLM's default `prefix_caching_hash_algo`, vllm/config/cache.py): a collision would hand one prompt another
-prompt's KV, a silent wrong answer, so a keyed-table hash like Python's hash() (64 bits, salted per process, which
-persisted keys could not survive) is not enough; its cost, ~1 us per block of 128 ids, is noise beside a prefill.
+prompt's KV, a silent wrong answer, so a table hash like Python's hash() (64 bits, built for speed, not against
+collisions) is not enough; its cost, ~12 us per block of 128 ids on these CPUs, is noise beside a prefill.
 
-Where snapshots are kept (each costs W x D per layer, about 5 blocks' rows on the tiny model and 3-4 on V4-Flash):
+Where snapshots are kept (each costs the W x D ring of every layer plus fp32 look-back states: 5.5 blocks' bytes on
+the tiny model in fp32, 7.5 on V4-Flash in bf16, measured with the layouts of common/model/cache.py; so one every
+block would cost several times the blocks, one per 2048 tokens about +50% on Flash):
 at every multiple of `snapshot_interval` tokens inside a prompt and at the last block boundary before its end
 (`boundaries`). A later prompt resumes at the longest cached prefix that has a snapshot and is shorter than itself
 (at least its last token is computed, for logits to sample from), so a repeated prompt resumes at its last block
-boundary and a prompt that shares only a prefix recomputes fewer than `snapshot_interval` tokens of it. Blocks are
-kept only up to a snapshot (blocks past the last snapshot could not be resumed from).
+boundary and a prompt that shares only a prefix recomputes fewer than `snapshot_interval` tokens of it. And where
+prompts diverge: the keys (only) of every looked-up prompt's full blocks are remembered (`seen`, 32 bytes a
+block), so a prompt whose blocks match an earlier prompt's beyond the last snapshot also snapshots at the end of
+that match; the next prompt over the same document then resumes there (shared document, different questions:
+the second recomputes up to one interval, the third none). Blocks are kept only up to a snapshot (blocks past the
+last snapshot could not be resumed from).
 
 Eviction: LRU under a byte budget (the blocks' bytes + snapshots), and on demand when the pool's free list runs
 short (`KVCache.reclaim`, called by the allocator): cached blocks nobody else holds count as free. An entry whose
@@ -57,6 +63,7 @@ from torch import Tensor
 from dsv4.common.model.cache import KVCache
 
 ROOT_KEY = bytes(32)  # the parent of block 0
+SEEN_KEYS = 1 << 16  # block keys remembered to find where prompts diverge (2 MiB of keys)
 FILE_FORMAT = "dsv4-prefix-cache-1"
 
 
@@ -135,19 +142,37 @@ class PrefixCache:
         self.block_bytes = sum(t.shape[-1] * t.element_size() * n for t, n in self._row_spans(0))
         self.budget_bytes, self.snapshot_interval, self.fingerprint = budget_bytes, snapshot_interval, fingerprint
         self.entries: OrderedDict[bytes, Entry] = OrderedDict()  # least recently used first
+        self.seen: OrderedDict[bytes, None] = OrderedDict()  # keys of looked-up prompts' blocks, LRU, no data
         self.nbytes = 0
         self.stats = PrefixStats()
         cache.reclaim = self.reclaim  # the allocator asks for blocks back when its free list runs short
 
     # -- what is cached where --------------------------------------------------------------------------------------
-    def boundaries(self, prompt_len: int) -> list[int]:
-        """Positions of a prompt of this length where a snapshot is kept (see the module docstring)."""
+    def boundaries(self, prompt_len: int, shared: int = 0) -> list[int]:
+        """Positions of a prompt of this length where a snapshot is kept (see the module docstring); `shared`:
+        the tokens its blocks share with an earlier prompt (from `note_prompt`), also a boundary."""
         B, step = self.block_tokens, self.snapshot_interval
         out = set(range(step, prompt_len, step))
         last = (prompt_len - 1) // B * B
         if last > 0:
             out.add(last)
+        if 0 < shared < prompt_len:
+            out.add(shared)
         return sorted(out)
+
+    def note_prompt(self, tokens: list[int]) -> int:
+        """Tokens of `tokens` (its full blocks before the last token) whose blocks an earlier noted prompt or a
+        cached entry shares; then remember this prompt's block keys."""
+        keys = block_keys(tokens[:len(tokens) - 1], self.block_tokens)
+        shared = 0
+        while shared < len(keys) and (keys[shared] in self.seen or keys[shared] in self.entries):
+            shared += 1
+        for k in keys:
+            self.seen[k] = None
+            self.seen.move_to_end(k)
+        while len(self.seen) > SEEN_KEYS:
+            self.seen.popitem(last=False)
+        return shared * self.block_tokens
 
     def lookup(self, tokens: list[int], need_mtp: bool = False) -> tuple[int, list[bytes]]:
         """(tokens to skip, keys of their blocks): the longest cached prefix shorter than `tokens` whose last block
