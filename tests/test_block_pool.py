@@ -93,6 +93,7 @@ def test_cache_accounting_and_sharing(model):
     cache.lengths[1] = 256
     with pytest.raises(SharedBlockWrite, match="slot 1: positions 200..200 fall in block 1"):
         cache.check_room(slice(1, 2), torch.tensor([200]), 1)
+    cache.check_room(slice(1, 2), torch.tensor([200]), 1, pool_writes=False)  # a window-only layer (MTP): its ring
     cache.check_room(slice(1, 2), torch.tensor([256]), 10)  # past the shared blocks: a fresh block of its own
     assert cache.blocks_of(1) == [0, 1, 3]
     cache.release(0)

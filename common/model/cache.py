@@ -341,9 +341,10 @@ class KVCache:
             self._memo = _ForwardRows(self, key, idx, end, start)
         return self._memo
 
-    def check_room(self, slots: slice | Tensor, start_pos: Tensor, n_new: int, writes_blocks: bool = True) -> None:
+    def check_room(self, slots: slice | Tensor, start_pos: Tensor, n_new: int, pool_writes: bool = True) -> None:
         """Before a forward feeding positions [start_pos[b], start_pos[b] + n_new): max_seq_len, slot range, and the
-        blocks of those positions (allocated here, all or nothing; each must be the slot's alone)."""
+        blocks of those positions (allocated here, all or nothing; each must be the slot's alone unless the forward
+        writes no pool rows, pool_writes=False: a window-only layer such as MTP's writes its per-slot ring only)."""
         end = int(start_pos.max()) + n_new
         if end > self.max_seq_len:
             raise ContextLengthError(
@@ -357,7 +358,7 @@ class KVCache:
         idx = _slot_tensor(slots).tolist()
         starts = start_pos.to("cpu").tolist()
         self._ensure(idx, [s + n_new for s in starts])
-        if writes_blocks:  # False: a forward of window-only layers (it writes rings, no block rows)
+        if pool_writes:
             self.check_writable(idx, starts, n_new)
 
     def check_writable(self, slots: list[int], starts: list[int], n_new: int) -> None:

@@ -64,7 +64,7 @@ class SlotKVCache:
             full.index_kv[slots, :part.index_kv.shape[1]] = part.index_kv
             full.index_comp.scatter_(slots, part.index_comp)
 
-    def check_room(self, slots: slice | Tensor, start_pos: Tensor, n_new: int, writes_blocks: bool = True) -> None:
+    def check_room(self, slots: slice | Tensor, start_pos: Tensor, n_new: int, pool_writes: bool = True) -> None:
         end = int(start_pos.max()) + n_new
         if end > self.max_seq_len:
             raise ContextLengthError(f"request needs {end} positions but the cache holds max_seq_len="

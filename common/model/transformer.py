@@ -507,9 +507,9 @@ class Transformer(nn.Module):
         X = ops.linear(e, mtp.e_proj.lw).unsqueeze(2) + ops.linear(
             ops.rms_norm(streams, mtp.hnorm.weight, a.norm_eps), mtp.h_proj.lw)
         layer_id = a.n_layers
-        # the main forward allocated these positions: checks only. A window-only MTP layer (the release's) writes
-        # its ring alone, so position start (one behind the main model) may lie in a shared prefix-cache block
-        cache.check_room(slots, pos[:, 0], S, writes_blocks=bool(a.compress_ratios[layer_id]))
+        # the main forward allocated these positions; a window-only MTP layer writes no pool rows, so a prefix's
+        # shared blocks under its lagging position do not matter
+        cache.check_room(slots, pos[:, 0], S, pool_writes=bool(a.compress_ratios[layer_id]))
         lc = cache.layer_for(layer_id, slots, int(pos[:, -1].max()) + 1, start=pos[:, 0])
         X = mtp(ops, X, pos, next_tokens, lc, self.rope_for(layer_id))
         cache.write_back(layer_id, slots, lc)
