@@ -44,16 +44,8 @@ def tokens(n: int, seed: int, vocab: int = 512) -> torch.Tensor:
 
 
 def copy_slot(cache: KVCache, src: int, dst: int) -> None:
-    """Every per-slot tensor of the cache from slot src to slot dst (a prefix computed once serves several slots)."""
-    for lc in cache.layers:
-        ts = [lc.kv, lc.index_kv]
-        for st in (lc.comp, lc.index_comp):
-            if st is not None:
-                ts += [st.kv, st.score, st.prev_kv, st.prev_score]
-        for t in ts:
-            if t is not None:
-                t[dst].copy_(t[src])
-    cache.lengths[dst] = cache.lengths[src]
+    """Slot src's sequence copied into slot dst (a prefix computed once serves several slots)."""
+    cache.copy_slot(src, dst)
 
 
 def prefill_decode(model, seq: torch.Tensor, plan=PLAN) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
@@ -190,8 +182,11 @@ def test_cache_bytes_per_token_match_formula(name, dtype):
     per_token = (large - small) / 1024
     assert per_token == analytic_values_per_token(args) * nbytes
     assert per_token == kv_bytes_per_token(args, nbytes, include_mtp=True)
-    # the cache is per slot: max_batch slots cost max_batch times one
-    assert KVCache(args, 3, 1024, dtype).nbytes() == 3 * small
+    # the default pool holds max_seq_len tokens for every slot: each slot adds the same bytes (one scratch row per
+    # layer is shared by all slots)
+    two, three = (KVCache(args, n, 1024, dtype).nbytes() for n in (2, 3))
+    scratch = sum(args.head_dim + (args.index_head_dim if r == 4 else 0) for r in args.compress_ratios) * nbytes
+    assert three - two == two - small == small - scratch
     if name == "tiny":  # by hand: CSA 128/4 + 128/4 (indexer) twice, HCA 128/128 once
         assert per_token == (2 * (32 + 32) + 1) * nbytes
     else:  # Flash: 21 CSA layers (512/4 + 128/4), 20 HCA layers (512/128); 6880 bytes per token in bf16

@@ -221,9 +221,11 @@ def test_models_health_tokenize_metrics(served, tok):
     m = httpx.get(url + "/metrics").text
     for name in ("dsv4_requests_total", "dsv4_requests_waiting", "dsv4_requests_running", "dsv4_prompt_tokens_total",
                  "dsv4_generation_tokens_total", "dsv4_time_to_first_token_seconds_bucket",
-                 "dsv4_inter_token_latency_seconds_bucket"):
+                 "dsv4_inter_token_latency_seconds_bucket", "dsv4_kv_blocks_used", "dsv4_kv_blocks_free",
+                 "dsv4_kv_blocks_reserved"):
         assert name in m, name
     assert 'dsv4_requests_total{status="length"}' in m
+    assert f"dsv4_kv_blocks_total {4 * MAX_SEQ // 128}.0" in m  # the default pool: MAX_SEQ tokens for each slot
 
 
 # -- lifecycle --------------------------------------------------------------------------------------------------------
@@ -246,6 +248,7 @@ def test_a_cancelled_stream_frees_its_slot(served, client):
     assert server.engine.num_running == 1
     s.close()  # the client goes away mid-stream
     assert wait_idle(server.engine), "the cancelled request still holds its slot"
+    assert server.engine.pool_stats()["blocks_used"] == 0, "the cancelled request still holds KV blocks"
     assert 'dsv4_requests_total{status="abort"}' in server.metrics.render().decode()
     assert complete_ids(client, PROMPTS[3], 3)  # and the server carries on
 

@@ -149,6 +149,26 @@ def test_two_gloo_ranks_serve_what_one_process_serves(single, config):
     assert "drained" in "".join(tp2.log), "".join(tp2.log)
 
 
+def test_two_gloo_ranks_resume_from_the_prefix_cache_alike(single, config, tmp_path):
+    """--prefix-cache under torchrun: rank 0 decides the hit and every rank installs the same blocks and snapshot
+    (mirrored calls); if rank 1 did not, its half of the TP split would read another cache and the answer change.
+    After the drain the cache is on disk (--prefix-cache-dir)."""
+    port = free_port()
+    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+            "--master-port", str(free_port()), "-m", "dsv4", *serve_argv(config, port)[3:], "--tp", "2",
+            "--prefix-cache-dir", str(tmp_path), "--prefix-snapshot-interval", "128"]
+    doc = "A shared document, long enough to fill one KV block of 128 tokens. " * 2  # 138 byte tokens
+    tp2 = Served(argv, port)
+    try:
+        got = [ask(tp2.client, doc + q) for q in ("Question one?", "Question two?")]
+        metrics = httpx.get(tp2.url + "/metrics", timeout=10).text
+    finally:
+        tp2.stop()
+    assert got == [ask(single.client, doc + q) for q in ("Question one?", "Question two?")]
+    assert "dsv4_prefix_cache_hits_total 1.0" in metrics and "dsv4_prefix_cache_hit_tokens_total 128.0" in metrics
+    assert (tmp_path / "prefix-cache.safetensors").stat().st_size > 0, "".join(tp2.log)
+
+
 def test_sigterm_drains_the_request_in_flight_and_exits(single):
     """Last in this module: it ends the module's server."""
     s = single

@@ -67,9 +67,10 @@ def test_static_step_matches_eager_forward(model):
     assert torch.equal(static_cache.lengths, cache.lengths)
     # the cache the static step wrote serves the eager path: the KV rows (ring + compressed) and indexer keys agree
     for lc_s, lc_e in zip(static_cache.layers[:4], cache.layers[:4], strict=True):
-        torch.testing.assert_close(lc_s.kv, lc_e.kv, atol=STATIC_VS_EAGER, rtol=0)
-        if lc_e.index_kv is not None:
-            torch.testing.assert_close(lc_s.index_kv, lc_e.index_kv, atol=1e-4, rtol=0)  # FP4 grid steps: 2e-6 in
+        torch.testing.assert_close(lc_s.flat_kv[:-1], lc_e.flat_kv[:-1], atol=STATIC_VS_EAGER, rtol=0)
+        if lc_e.flat_index_kv is not None:
+            torch.testing.assert_close(lc_s.flat_index_kv[:-1], lc_e.flat_index_kv[:-1], atol=1e-4,
+                                       rtol=0)  # FP4 grid steps: 2e-6 in
 
 
 def test_rows_from_any_slots_in_any_order(model):
@@ -94,7 +95,7 @@ def test_up_to_the_end_of_a_cache_that_ratios_do_not_divide(model):
         nxt = seqs[0, cache.lengths]
         torch.testing.assert_close(dec.step(nxt, [0]), model(nxt[:, None], cache)[:, 0], atol=STATIC_VS_EAGER, rtol=0)
     for lc_s, lc_e in zip(static_cache.layers[:4], cache.layers[:4], strict=True):
-        torch.testing.assert_close(lc_s.kv, lc_e.kv, atol=STATIC_VS_EAGER, rtol=0)
+        torch.testing.assert_close(lc_s.flat_kv[:-1], lc_e.flat_kv[:-1], atol=STATIC_VS_EAGER, rtol=0)
 
 
 def test_falls_back_to_eager_when_the_batch_does_not_fit(model):
@@ -205,7 +206,7 @@ def test_compiled_step_equals_eager(small):
         a, b = eager.step(nxt, [0, 1]), compiled.step(nxt, [0, 1])
         assert (a - b).abs().max().item() <= COMPILED_VS_EAGER
     for lc_a, lc_b in zip(eager_cache.layers, compiled_cache.layers, strict=True):
-        assert (lc_a.kv - lc_b.kv).abs().max().item() <= COMPILED_VS_EAGER
+        assert (lc_a.flat_kv[:-1] - lc_b.flat_kv[:-1]).abs().max().item() <= COMPILED_VS_EAGER
 
 
 # -- the engine -------------------------------------------------------------------------------------------------------

@@ -10,8 +10,10 @@ the same ops, in the same order):
   Every row computes its block's entry; the write keeps the old row where the block is not complete yet;
 - index tensors of fixed width, -1 padded: the window (W rows), the indexer's top-k over the bucket's capacity of
   compressed keys (context // 4), every HCA entry up to the bucket's capacity (context // 128);
-- cache writes as index_put at computed rows; each layer's KV cache is viewed flat [Bmax * N, D] and attention
-  gathers rows of any slots by global index, so no slot's cache is copied;
+- cache writes as index_put at computed rows; each layer's store is one flat tensor [rings | block pool | scratch]
+  (common/model/cache.py) and attention gathers rows of any slots by global index, so no slot's cache is copied.
+  Positions become rows in `StepPlan`: ring rows directly, compressed entries and indexer keys through the block
+  table (`KVCache.pool_rows`, the one translation); the ops see only indices into a flat KV tensor;
 - MoE without data-dependent shapes: `routed_experts` (the reference's loop over the experts that received tokens
   uses unique/nonzero); backends whose moe_experts keeps its group sizes on the device use their own.
 Values shared by every layer (rope angles at the position, window rows, HCA rows, block completion) are computed
@@ -28,7 +30,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from dsv4.common.model.cache import CompressorState, KVCache, LayerCache
+from dsv4.common.model.cache import CompressorState, KVCache, LayerStore
 from dsv4.common.model.ops import LinearWeight, Ops, topk_visible
 from dsv4.common.model.quant import dequant_weight
 from dsv4.common.model.rope import RopeTable
@@ -36,44 +38,57 @@ from dsv4.common.model.transformer import Attention, Block, Compressor, Indexer,
 
 
 class StepPlan:
-    """Per-step values shared by all layers. slots/pos [B] int64 on the model's device; context: static bucket."""
+    """Per-step values shared by all layers. slots/pos [B] int64 on the model's device; context: static bucket.
+    Cache rows are global indices into each layer's flat store (common/model/cache.py): ring rows are computed
+    here, compressed entries and indexer keys are translated through the block table by `KVCache.pool_rows`."""
 
-    def __init__(self, model: Transformer, slots: Tensor, pos: Tensor, context: int) -> None:
+    def __init__(self, model: Transformer, cache: KVCache, slots: Tensor, pos: Tensor, context: int) -> None:
         a = model.args
         W = a.window_size
-        self.slots, self.pos, self.context, self.W = slots, pos, context, W
+        self.cache, self.slots, self.pos, self.context, self.W = cache, slots, pos, context, W
         self.cos_sin = {id(t): t.cos_sin(pos[:, None]) for t in (model.rope_window, model.rope_compressed)}
         kpos = pos[:, None] - W + 1 + torch.arange(W, device=pos.device)  # [B,W] positions of the window
-        self.window_valid, self.window_ring = kpos >= 0, kpos % W
-        self.ring = pos % W
+        self.window_rows = torch.where(kpos >= 0, slots[:, None] * W + kpos % W, -1)  # [B,W] flat ring rows
+        self.ring_row = slots * W + pos % W  # [B] where this token's KV goes
         ratios = sorted({r for r in a.compress_ratios if r})
         self.complete = {r: (pos + 1) % r == 0 for r in ratios}  # this token completes its block
         self.block = {r: pos // r for r in ratios}  # index of the block the token belongs to
         self.visible = {r: (pos + 1) // r for r in ratios}  # complete blocks the query sees
         # compressed entries rotate at their block's first position, with the compressed layers' table
         self.entry_cos_sin = {r: model.rope_compressed.cos_sin((self.block[r] * r)[:, None]) for r in ratios}
-        self._rows: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
+        self._rows: dict[int, Tensor] = {}
 
-    def rows(self, n_rows: int, ratio: int) -> tuple[Tensor, Tensor]:
-        """(base [B]: each slot's first row in a flat [Bmax * n_rows, D] cache, key rows [B, K] of the window and,
-        for HCA, every entry up to the bucket's capacity; -1 = none). Cached per (n_rows, ratio)."""
-        key = (n_rows, ratio)
-        if key not in self._rows:
-            base = self.slots * n_rows
-            idx = [torch.where(self.window_valid, base[:, None] + self.window_ring, -1)]
-            if ratio and ratio != 4:  # HCA: all complete entries (few: context / 128)
-                cap = min(self.context // ratio, n_rows - self.W)
-                t = torch.arange(cap, device=base.device)
-                idx.append(torch.where(t < self.visible[ratio][:, None], base[:, None] + self.W + t, -1))
-            self._rows[key] = (base, torch.cat(idx, dim=-1))
-        return self._rows[key]
+    def capacity(self, ratio: int) -> int:
+        """Compressed entries a query of this bucket can see (static): context // ratio, within max_seq_len."""
+        return min(self.context, self.cache.max_seq_len) // ratio
+
+    def entry_rows(self, per_block: int, offset: int, j: Tensor) -> Tensor:
+        """Flat rows of the rows' entries j [B,K] (-1 = none) in a store with `per_block` rows per block."""
+        return self.cache.pool_rows(self.slots, j, per_block, offset)
+
+    def write_row(self, per_block: int, offset: int, scratch: int, ratio: int) -> Tensor:
+        """[B] flat row of the entry of each token's compressor block (the scratch row where none is allocated)."""
+        row = self.entry_rows(per_block, offset, self.block[ratio][:, None])[:, 0]
+        return torch.where(row >= 0, row, scratch)
+
+    def rows(self, st: LayerStore) -> Tensor:
+        """Key rows [B,K] of a layer: the window and, for HCA, every entry up to the bucket's capacity; -1 = none.
+        Cached per ratio (every layer of a ratio has the same rows)."""
+        if st.ratio not in self._rows:
+            idx = [self.window_rows]
+            if st.ratio and st.ratio != 4:  # HCA: all complete entries (few: context / 128)
+                t = torch.arange(self.capacity(st.ratio), device=self.pos.device).expand(self.pos.shape[0], -1)
+                t = torch.where(t < self.visible[st.ratio][:, None], t, -1)
+                idx.append(self.entry_rows(st.per_block, st.pool_offset, t))
+            self._rows[st.ratio] = torch.cat(idx, dim=-1)
+        return self._rows[st.ratio]
 
 
 # -- attention ---------------------------------------------------------------------------------------------------------
 def compressor_step(comp: Compressor, ops: Ops, x: Tensor, plan: StepPlan, state: CompressorState, flat_out: Tensor,
-                    out_base: Tensor, n_entries: int) -> None:
+                    out_row: Tensor) -> None:
     """Feed one token per row (x [B,1,d] at plan.pos) into `state` (rows plan.slots) and, where it completes a block,
-    write the block's entry into flat_out[out_base + block] ([Bmax * rows, c]). Same arithmetic as
+    write the block's entry into flat_out[out_row] (out_row [B]: `StepPlan.write_row`). Same arithmetic as
     Compressor.forward with S = 1; needs pos >= 1 (position 0 is always a prefill)."""
     m, c, slots, pos = comp.ratio, comp.head_dim, plan.slots, plan.pos
     k, z = comp.project(ops, x, pos[:, None])  # [B,1,w] fp32
@@ -89,48 +104,49 @@ def compressor_step(comp: Compressor, ops: Ops, x: Tensor, plan: StepPlan, state
         kb_pool, zb_pool = kb, zb
     done = plan.complete[m]
     entry = comp.entries(ops, kb_pool, zb_pool, plan.entry_cos_sin[m], flat_out.dtype)[:, 0]  # [B,c]
-    # the last partial block of a max_seq_len that `ratio` does not divide has no row (it can never complete): its
-    # no-op write goes to the slot's last row, which it leaves unchanged
-    row = out_base + plan.block[m].clamp(max=n_entries - 1)
-    flat_out[row] = torch.where(done[:, None], entry, flat_out[row])  # an incomplete block keeps its row
+    # an incomplete block keeps its row (the last partial block of a max_seq_len that `ratio` does not divide never
+    # completes: its row is allocated in the slot's last block and never changes)
+    flat_out[out_row] = torch.where(done[:, None], entry, flat_out[out_row])
     if comp.overlap:  # the completed block becomes the next block's look-back half
         state.prev_kv[slots] = torch.where(done[:, None, None], kb[:, 0], prev_k)
         state.prev_score[slots] = torch.where(done[:, None, None], zb[:, 0], prev_z)
 
 
-def indexer_step(idx: Indexer, ops: Ops, x: Tensor, qr: Tensor, cos: Tensor, sin: Tensor, lc: LayerCache,
+def indexer_step(idx: Indexer, ops: Ops, x: Tensor, qr: Tensor, cos: Tensor, sin: Tensor, st: LayerStore,
                  plan: StepPlan) -> Tensor:
     """[B,1,min(topk, cap)] selected compressed entries (-1 = none) over the bucket's capacity cap = context // 4."""
     a = idx.args
     q = idx.query(ops, qr, cos, sin)
-    n_keys = lc.index_kv.shape[1]
-    compressor_step(idx.compressor, ops, x, plan, lc.index_comp, lc.index_kv.view(-1, lc.index_kv.shape[-1]),
-                    plan.slots * n_keys, n_keys)
+    per_block, scratch = plan.cache.block_tokens // 4, st.flat_index_kv.shape[0] - 1
+    compressor_step(idx.compressor, ops, x, plan, st.index_comp, st.flat_index_kv,
+                    plan.write_row(per_block, 0, scratch, 4))
     w = idx.head_weights(ops, x)
     visible = plan.visible[4][:, None]  # [B,1]
-    keys = lc.index_kv[plan.slots, :min(plan.context // 4, n_keys)]  # [B,cap,D_I]
+    t = torch.arange(plan.capacity(4), device=x.device).expand(x.shape[0], -1)
+    rows = plan.entry_rows(per_block, 0, t)  # [B,cap]; unallocated keys (beyond `visible`) read the scratch row
+    keys = st.flat_index_kv[torch.where(rows >= 0, rows, scratch)]  # [B,cap,D_I]
     if idx.tp == 1:
         return ops.indexer_topk(q, keys, w, visible, a.index_topk)
     score = ops.all_reduce(ops.indexer_scores(q, keys, w), "tp")  # heads split over TP ranks (as Indexer.forward)
     return topk_visible(score, visible, a.index_topk)
 
 
-def attention_step(attn: Attention, ops: Ops, x: Tensor, lc: LayerCache, rope: RopeTable, plan: StepPlan) -> Tensor:
+def attention_step(attn: Attention, ops: Ops, x: Tensor, st: LayerStore, rope: RopeTable, plan: StepPlan) -> Tensor:
     """x [B,1,d] (attn_norm-ed) -> [B,1,d]; writes this token's KV (ring row, compressor state, entries)."""
     B = x.shape[0]
-    H, D, W = attn.n_local_heads, attn.args.head_dim, plan.W
+    H, D = attn.n_local_heads, attn.args.head_dim
     cos, sin = plan.cos_sin[id(rope)]
     qr, q, kv = attn.project(ops, x, cos, sin)
-    n_rows = lc.kv.shape[1]
-    flat = lc.kv.view(-1, D)  # [Bmax * (W + entries), D]
-    base, idx = plan.rows(n_rows, attn.ratio)
+    flat = st.flat_kv  # [Bmax*W + pool rows + 1, D]: rings, block pool, scratch
+    idx = plan.rows(st)
     if attn.ratio:
-        compressor_step(attn.compressor, ops, x, plan, lc.comp, flat, base + W, n_rows - W)
-    flat[base + plan.ring] = kv[:, 0]
+        compressor_step(attn.compressor, ops, x, plan, st.comp, flat,
+                        plan.write_row(st.per_block, st.pool_offset, st.scratch, attn.ratio))
+    flat[plan.ring_row] = kv[:, 0]
     if attn.ratio == 4:
-        sel = indexer_step(attn.indexer, ops, x, qr, cos, sin, lc, plan)[:, 0]  # [B,topk]
-        idx = torch.cat([idx, torch.where(sel >= 0, base[:, None] + W + sel, -1)], dim=-1)
-    # every row is one query of a single "batch" over the flat cache: q [1,B,H,D], kv [1, Bmax*N, D], idx [1,B,K]
+        sel = indexer_step(attn.indexer, ops, x, qr, cos, sin, st, plan)[:, 0]  # [B,topk] entry indices
+        idx = torch.cat([idx, plan.entry_rows(st.per_block, st.pool_offset, sel)], dim=-1)
+    # every row is one query of a single "batch" over the flat cache: q [1,B,H,D], kv [1, rows, D], idx [1,B,K]
     o = ops.sparse_attention(q.reshape(1, B, H, D), flat[None], attn.attn_sink, idx[None], D ** -0.5)
     return attn.output(ops, o.reshape(B, 1, H, D), cos, sin)
 
@@ -173,13 +189,13 @@ def routed_experts(ops: Ops) -> Callable[..., Tensor]:
 
 
 # -- the step ----------------------------------------------------------------------------------------------------------
-def block_step(layer: Block, ops: Ops, X: Tensor, token_ids: Tensor, lc: LayerCache, rope: RopeTable, plan: StepPlan,
+def block_step(layer: Block, ops: Ops, X: Tensor, token_ids: Tensor, st: LayerStore, rope: RopeTable, plan: StepPlan,
                routed: Callable[..., Tensor] | None) -> Tensor:
     """Block.forward's wiring (hyper-connection around attention, then around the MoE) for one token per row."""
     a = layer.args
     x, post, comb = ops.hc_pre(X, layer.hc_attn_fn, layer.hc_attn_scale, layer.hc_attn_base, a.hc_sinkhorn_iters,
                                a.hc_eps, a.norm_eps)
-    x = attention_step(layer.attn, ops, ops.rms_norm(x, layer.attn_norm.weight, a.norm_eps), lc, rope, plan)
+    x = attention_step(layer.attn, ops, ops.rms_norm(x, layer.attn_norm.weight, a.norm_eps), st, rope, plan)
     X = ops.hc_post(x, X, post, comb)
     x, post, comb = ops.hc_pre(X, layer.hc_ffn_fn, layer.hc_ffn_scale, layer.hc_ffn_base, a.hc_sinkhorn_iters,
                                a.hc_eps, a.norm_eps)
@@ -193,10 +209,12 @@ def decode_step(model: Transformer, cache: KVCache, tokens: Tensor, slots: Tenso
                 routed: Callable[..., Tensor] | None = None) -> Tensor:
     """Logits [B,V] fp32 of one token per row: tokens/slots/pos [B] int64 on the model's device, every pos in
     [1, context) and < cache.max_seq_len; rows' slots must differ unless the rows are identical (padding).
-    Writes the tokens' KV into the cache; does NOT advance cache.lengths (the caller owns host bookkeeping).
+    Writes the tokens' KV into the cache; does NOT advance cache.lengths nor allocate blocks (the caller owns host
+    bookkeeping: `cache.ensure_capacity(slot, pos + 1)` before the step; an entry of an unallocated block goes to
+    the scratch row and is lost).
     `routed`: replaces ops.moe_experts (e.g. routed_experts(ops) where the backend's has data-dependent shapes)."""
     ops, a = model.ops, model.args
-    plan = StepPlan(model, slots, pos, context)
+    plan = StepPlan(model, cache, slots, pos, context)
     h = model.embedding(tokens[:, None])  # [B,1,d]
     X = h.unsqueeze(2).repeat(1, 1, a.hc_mult, 1)  # [B,1,n,d]
     for i, layer in enumerate(model.layers):

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dsv4.common.model.cache import CompressorState, KVCache, LayerCache
+from dsv4.common.model.cache import BLOCK_QUANTUM, CompressorState, KVCache, LayerCache
 from dsv4.common.model.config import FP4_BLOCK, FP8_BLOCK, KV_FP8_BLOCK, ModelArgs
 from dsv4.common.model.ops import LinearWeight, Ops, topk_visible
 from dsv4.common.model.parallel import SINGLE, ParallelConfig
@@ -436,9 +436,12 @@ class Transformer(nn.Module):
     def rope_for(self, layer_id: int) -> RopeTable:
         return self.rope_compressed if self.args.compress_ratios[layer_id] else self.rope_window
 
-    def new_cache(self, max_batch: int, max_seq_len: int | None = None) -> KVCache:
+    def new_cache(self, max_batch: int, max_seq_len: int | None = None, block_tokens: int = BLOCK_QUANTUM,
+                  n_blocks: int | None = None) -> KVCache:
+        """A block-pool cache (common/model/cache.py); n_blocks default: max_seq_len tokens for every slot."""
         return KVCache(self.args, max_batch, max_seq_len or self.args.max_seq_len, self.dtype,
-                       self.embed.weight.device, with_mtp=bool(self.args.n_mtp_layers))
+                       self.embed.weight.device, with_mtp=bool(self.args.n_mtp_layers), block_tokens=block_tokens,
+                       n_blocks=n_blocks)
 
     @torch.no_grad()
     def forward(self, tokens: Tensor, cache: KVCache | None = None, slots: slice | Tensor | None = None,
@@ -463,7 +466,7 @@ class Transformer(nn.Module):
         hidden = []
         end = int(start.max()) + S
         for i, layer in enumerate(self.layers):
-            lc = cache.layer_for(i, slots, end)
+            lc = cache.layer_for(i, slots, end, start=start)
             X = layer(ops, X, pos, tokens, lc, self.rope_for(i))
             cache.write_back(i, slots, lc)
             if return_hidden and (return_hidden != "last" or i == len(self.layers) - 1):
@@ -504,7 +507,10 @@ class Transformer(nn.Module):
         X = ops.linear(e, mtp.e_proj.lw).unsqueeze(2) + ops.linear(
             ops.rms_norm(streams, mtp.hnorm.weight, a.norm_eps), mtp.h_proj.lw)
         layer_id = a.n_layers
-        lc = cache.layer_for(layer_id, slots, int(pos[:, -1].max()) + 1)
+        # the main forward allocated these positions; a window-only MTP layer writes no pool rows, so a prefix's
+        # shared blocks under its lagging position do not matter
+        cache.check_room(slots, pos[:, 0], S, pool_writes=bool(a.compress_ratios[layer_id]))
+        lc = cache.layer_for(layer_id, slots, int(pos[:, -1].max()) + 1, start=pos[:, 0])
         X = mtp(ops, X, pos, next_tokens, lc, self.rope_for(layer_id))
         cache.write_back(layer_id, slots, lc)
         return self._head(X, mtp.hc_head_fn, mtp.hc_head_scale, mtp.hc_head_base, mtp.norm)

@@ -2,7 +2,10 @@
 
 Requests arrive at any time (`add`, thread-safe) and wait in a bounded queue. Each `step`:
   1. drops cancelled requests (their slots are free at once),
-  2. admits waiting requests into free cache slots (first come, first served),
+  2. admits waiting requests into free cache slots (first come, first served) while the KV block pool can promise
+     each its worst case (prompt + max_tokens): a request that does not fit waits at the head of the queue, so a
+     running request never runs out of blocks (no preemption, no out-of-memory); blocks themselves are allocated as
+     the sequence grows (inside the runner's forwards) and freed when the request ends, however it ends,
   3. decodes every running request by one token in ONE forward, wherever their slots are and whatever their
      positions (speculative requests verify [token, draft] in a second forward of their own),
   4. spends what is left of the step's token budget on prompt chunks, shortest remaining prompt first, so a long
@@ -23,10 +26,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from dsv4.common.model.cache import ContextLengthError
+from dsv4.common.model.cache import BLOCK_QUANTUM, ContextLengthError
 from dsv4.common.runtime.engine_runner import Mirror, ModelRunner
 from dsv4.common.runtime.engine_sampling import Detokenizer, filtered_probs
 from dsv4.common.runtime.guards import check_logits
+from dsv4.common.runtime.prefix_cache import PrefixCacheOptions
 
 FINISH_STOP, FINISH_LENGTH, FINISH_ABORT, FINISH_ERROR = "stop", "length", "abort", "error"
 WAITING, PREFILL, RUNNING, FINISHED = "waiting", "prefill", "running", "finished"
@@ -94,6 +98,7 @@ class Logprobs:
 @dataclass
 class RequestStats:
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens taken from the prefix cache instead of prefilled
     new_tokens: int = 0
     prefill_s: float = 0.0
     decode_s: float = 0.0  # first token to the end
@@ -129,6 +134,7 @@ class Request:
         self.status = WAITING
         self.slot: int | None = None
         self.n_fed = 0  # prompt tokens in the cache
+        self.snapshot_at: list[int] = []  # prefix cache: prompt positions where its state is registered
         self.cur = 0  # the last emitted token, not yet fed
         self.output: list[int] = []
         self.output_logprobs: list[Logprobs] = []
@@ -153,14 +159,18 @@ class Engine:
                  step_tokens: int | None = None, max_waiting: int = 64, tokenizer=None,
                  mirror: Mirror | None = None, max_logprobs: int = MAX_LOGPROBS,
                  long_prefill_chunk: int | None = None, compile_decode: str | None = None,
-                 compile_batch_sizes: tuple[int, ...] = (1, 2, 4, 8)) -> None:
+                 compile_batch_sizes: tuple[int, ...] = (1, 2, 4, 8), block_tokens: int = BLOCK_QUANTUM,
+                 kv_blocks: int | None = None, prefix_cache: PrefixCacheOptions | None = None) -> None:
         """max_batch: cache slots (requests running at once); step_tokens: tokens per step, decodes first, the rest
         for prompt chunks of at most prefill_chunk (default: prefill_chunk + max_batch). long_prefill_chunk: the
         chunk per step of a prompt longer than prefill_chunk (default prefill_chunk); smaller keeps the steps short
         while a long prompt prefills, so short requests arriving meanwhile wait less (vLLM calls the same idea
         long_prefill_token_threshold), at the cost of more steps for the long prompt. compile_decode: run plain
         decode steps through the captured static-shape step in that capture mode (runtime/static_decode.py) when
-        the batch fits one of compile_batch_sizes; eager otherwise."""
+        the batch fits one of compile_batch_sizes; eager otherwise. block_tokens / kv_blocks: the KV block pool
+        (tokens per block, blocks in all; default: max_seq_len tokens for every slot). prefix_cache: reuse the
+        cached blocks of earlier prompts (runtime/prefix_cache.py); a prompt's chunks then end at its snapshot
+        boundaries."""
         if max_batch < 1 or prefill_chunk < 1:
             raise ValueError(f"max_batch and prefill_chunk must be >= 1, got {max_batch} and {prefill_chunk}")
         self.model, self.args, self.tokenizer = model, model.args, tokenizer
@@ -168,7 +178,12 @@ class Engine:
         self.prefill_chunk, self.max_waiting, self.max_logprobs = prefill_chunk, max_waiting, max_logprobs
         self.step_tokens = step_tokens or prefill_chunk + max_batch
         self.long_prefill_chunk = min(long_prefill_chunk or prefill_chunk, prefill_chunk)
-        self.runner = ModelRunner(model, max_batch, self.max_seq_len, mirror, compile_decode, compile_batch_sizes)
+        self.runner = ModelRunner(model, max_batch, self.max_seq_len, mirror, compile_decode, compile_batch_sizes,
+                                  block_tokens, kv_blocks, prefix_cache)
+        self.prefix_cache = prefix_cache
+        self.block_tokens, self.n_blocks = block_tokens, self.runner.n_blocks
+        self.reserved: dict[int, int] = {}  # slot -> KV blocks promised to its request (its worst case)
+        self.reserved_blocks = 0  # their sum (an int: /metrics reads it from the HTTP thread)
         self.device = self.runner.device
         self.waiting: deque[Request] = deque()
         self.lock = threading.Lock()  # guards `waiting` (add runs on the HTTP thread, step on the engine's)
@@ -192,6 +207,11 @@ class Engine:
                 f"{len(prompt)} prompt tokens + max_tokens {params.max_tokens} = {need} exceeds "
                 f"max_seq_len={self.max_seq_len} (shorten the prompt, lower max_tokens or raise --max-seq-len up to "
                 f"{self.args.max_position_embeddings})")
+        blocks = self.blocks_for(len(prompt), params.max_tokens)
+        if blocks > self.n_blocks:
+            raise ContextLengthError(
+                f"{need} tokens need {blocks} KV blocks of {self.block_tokens} tokens, the pool has {self.n_blocks} "
+                f"(raise --kv-blocks or lower max_tokens)")
         if params.speculative and not self.args.n_mtp_layers:
             raise ParamError("speculative", "speculative decoding needs the MTP layer (n_mtp_layers = 1)")
         bad = [t for t in params.stop_token_ids if not 0 <= t < V]
@@ -224,6 +244,17 @@ class Engine:
     def num_running(self) -> int:
         return len(self.active)
 
+    def blocks_for(self, prompt_tokens: int, max_tokens: int) -> int:
+        """KV blocks a request may fill: every position it can feed (prompt + max_tokens bounds them)."""
+        return -(-(prompt_tokens + max_tokens) // self.block_tokens)
+
+    def pool_stats(self) -> dict[str, int]:
+        """The KV block pool: blocks in all, allocated, free, and promised to running requests. Blocks only the
+        prefix cache holds count as free (the allocator takes them back when its free list runs short)."""
+        used, cached = self.runner.blocks_used(), self.runner.blocks_cached_only()
+        return {"blocks_total": self.n_blocks, "blocks_used": used, "blocks_free": self.n_blocks - used + cached,
+                "blocks_reserved": self.reserved_blocks, "block_tokens": self.block_tokens}
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.active)
 
@@ -250,6 +281,9 @@ class Engine:
                 break
             chunk = self.long_prefill_chunk if len(r.prompt) > self.prefill_chunk else self.prefill_chunk
             n = min(budget, chunk, len(r.prompt) - r.n_fed)
+            ahead = [b for b in r.snapshot_at if b > r.n_fed]
+            if ahead:  # a chunk ends at the next snapshot boundary, where the state is registered
+                n = min(n, ahead[0] - r.n_fed)
             chunks.setdefault((n, r.params.speculative), []).append(r)
             budget -= n
         for (n, spec), reqs in chunks.items():  # chunks of one length share a forward (speculative ones: their own)
@@ -258,20 +292,40 @@ class Engine:
         return self._events
 
     def _admit(self) -> None:
+        admitted = []
         with self.lock:
             gone = [r for r in self.waiting if r.cancelled]  # cancelled before they had a slot
             if gone:
                 self.waiting = deque(r for r in self.waiting if not r.cancelled)
             while self.waiting and self.free:
-                r = self.waiting.popleft()
+                r = self.waiting[0]
+                need = self.blocks_for(len(r.prompt), r.params.max_tokens)
+                if self.reserved_blocks + need > self.n_blocks:
+                    break  # first come, first served: it waits for blocks, and so do those behind it
+                self.waiting.popleft()
                 self.free.sort()  # lowest slots first: running slots stay contiguous more often (one slice)
                 r.slot = self.free.pop(0)
+                self.reserved[r.slot] = need
+                self.reserved_blocks += need
                 r.status = PREFILL
                 self.active.append(r)
                 self.runner.reset(r.slot)
+                admitted.append(r)
         for r in gone:
             r.status, r.finish_reason = FINISHED, FINISH_ABORT
             self._event(r, None, "", None)
+        if self.prefix_cache is not None:
+            for r in admitted:
+                self._guarded([r], self._use_prefix)
+
+    def _use_prefix(self, reqs: list[Request]) -> None:
+        """Resume the prompt at its longest cached prefix; plan where its state is registered. A request that
+        asks for prompt logprobs is prefilled whole (the cached positions have no logits to report)."""
+        r, shared = reqs[0], 0
+        if r.params.prompt_logprobs is None:
+            r.n_fed, shared = self.runner.use_prefix(r.slot, r.prompt, r.params.speculative)
+            r.stats.cached_tokens = r.n_fed
+        r.snapshot_at = [b for b in self.runner.prefix.boundaries(len(r.prompt), shared) if b > r.n_fed]
 
     def _guarded(self, reqs: list[Request], fn: Callable[[list[Request]], None]) -> None:
         """A failure fails the requests of that forward only; the engine carries on with the others."""
@@ -305,6 +359,8 @@ class Engine:
             targets = r.prompt[c0 + 1:c0 + n + 1]  # row j predicts prompt token c0 + j + 1
             r.prompt_logprobs += self._logprobs(logits[:len(targets)], targets, r.params.prompt_logprobs)
         r.n_fed += n
+        if r.n_fed in r.snapshot_at:
+            self.runner.register_prefix(r.slot, r.prompt[:r.n_fed], r.params.speculative)
         if r.n_fed < len(r.prompt):
             return
         r.status = RUNNING
@@ -421,6 +477,8 @@ class Engine:
             st.decode_s = time.perf_counter() - st.first_token_at
         if r in self.active:
             self.active.remove(r)
+            self.runner.release(r.slot)  # its blocks back to the pool (every rank's: a mirrored call)
+            self.reserved_blocks -= self.reserved.pop(r.slot, 0)
             self.free.append(r.slot)
         self._event(r, tok, text, lp)
 
@@ -435,6 +493,27 @@ class Engine:
         """Offline use: step until every request has finished, yielding events as they come."""
         while self.has_work():
             yield from self.step()
+
+    @property
+    def prefix_stats(self):
+        """The prefix cache's hit/miss counters (PrefixStats), None when it is off or not built yet (read from other
+        threads too: this never builds the cache)."""
+        pc = self.runner.built_prefix
+        return None if pc is None else pc.stats
+
+    @property
+    def prefix_cache_bytes(self) -> int:
+        pc = self.runner.built_prefix
+        return 0 if pc is None else pc.nbytes
+
+    def load_prefix_cache(self) -> int:
+        """Read the persisted prefix cache (options.path) when the file exists; returns the entries loaded. Raises
+        PrefixCacheFileError for a file of another model or a modified one."""
+        return self.runner.load_prefix()
+
+    def save_prefix_cache(self) -> int:
+        """Write the prefix cache to options.path (rank 0); returns the entries written (0 when off)."""
+        return self.runner.save_prefix()
 
     def close(self) -> None:
         """Release the other ranks from `follow()` (multi-rank serving)."""

@@ -4,7 +4,9 @@ The scheduler (common/runtime/engine.py) decides what runs; this runner runs it.
 Python values (token ids, slot numbers, positions), so a call can be replayed on other ranks: under torchrun, rank 0
 broadcasts every call (`Mirror`) before running it, and the other ranks sit in `follow()` running the same calls in
 the same order. Every rank thus feeds the same batch through the same collectives, and the caches stay identical.
-Sampling needs no broadcast: rank 0 samples and the chosen ids travel with the next call.
+Sampling needs no broadcast: rank 0 samples and the chosen ids travel with the next call. KV blocks are allocated
+inside the mirrored calls (the forward's check_room) and freed by the mirrored `release`: the allocator is
+deterministic, so every rank's block tables stay identical without a broadcast.
 
 Speculative decoding (MTP, greedy only) lives here too, because its accept/reject decisions change the cache: every
 rank computes them from the same all-gathered logits, so they agree without a message.
@@ -13,13 +15,15 @@ rank computes them from the same all-gathered logits, so they agree without a me
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from dsv4.common.model.cache import KVCache
+from dsv4.common.model.cache import BLOCK_QUANTUM, KVCache, check_pool_args
 from dsv4.common.runtime.guards import check_logits
+from dsv4.common.runtime.prefix_cache import PrefixCache, PrefixCacheOptions
 from dsv4.common.runtime.static_decode import CAPTURE_MODES, StaticDecoder
 
 STOP_FOLLOWING = "__stop__"
@@ -64,8 +68,20 @@ def slot_index(slots: list[int]) -> slice | Tensor:
 
 class ModelRunner:
     def __init__(self, model, max_batch: int, max_seq_len: int, mirror: Mirror | None = None,
-                 compile_decode: str | None = None, compile_batch_sizes: tuple[int, ...] = (1, 2, 4, 8)) -> None:
+                 compile_decode: str | None = None, compile_batch_sizes: tuple[int, ...] = (1, 2, 4, 8),
+                 block_tokens: int = BLOCK_QUANTUM, kv_blocks: int | None = None,
+                 prefix_cache: PrefixCacheOptions | None = None) -> None:
+        """block_tokens / kv_blocks: the KV block pool (common/model/cache.py); kv_blocks None = max_seq_len tokens
+        for every slot (the bytes of the per-slot layout). prefix_cache: runtime/prefix_cache.py over that pool."""
         self.model, self.max_batch, self.max_seq_len, self.mirror = model, max_batch, max_seq_len, mirror
+        check_pool_args(model.args, block_tokens, kv_blocks)
+        self.block_tokens = block_tokens
+        self.n_blocks = kv_blocks or max_batch * -(-max_seq_len // block_tokens)
+        self.prefix_options = prefix_cache
+        self._prefix: PrefixCache | None = None
+        if prefix_cache is not None and prefix_cache.snapshot_interval % block_tokens:
+            raise ValueError(f"--prefix-snapshot-interval {prefix_cache.snapshot_interval} must be a multiple of "
+                             f"--block-tokens ({block_tokens})")
         if compile_decode is not None and compile_decode not in CAPTURE_MODES:
             raise ValueError(f"compile_decode must be one of {', '.join(CAPTURE_MODES)}, got {compile_decode!r}")
         self.compile_decode, self.compile_batch_sizes = compile_decode, compile_batch_sizes
@@ -82,8 +98,20 @@ class ModelRunner:
     @property
     def cache(self) -> KVCache:
         if self._cache is None:
-            self._cache = self.model.new_cache(self.max_batch, self.max_seq_len)
+            self._cache = self.model.new_cache(self.max_batch, self.max_seq_len, self.block_tokens, self.n_blocks)
         return self._cache
+
+    @property
+    def prefix(self) -> PrefixCache | None:
+        """The prefix cache (common/runtime/prefix_cache.py) over this runner's KV cache, None when off."""
+        if self._prefix is None and self.prefix_options is not None:
+            self._prefix = self.prefix_options.build(self.cache)
+        return self._prefix
+
+    @property
+    def built_prefix(self) -> PrefixCache | None:
+        """The prefix cache if it exists already (never allocates: safe to read from another thread)."""
+        return self._prefix
 
     def _tokens(self, rows: list[list[int]]) -> Tensor:
         return torch.tensor(rows, dtype=torch.long, device=self.device)
@@ -95,9 +123,26 @@ class ModelRunner:
 
     @mirrored
     def reset(self, slot: int) -> None:
-        """A new sequence in `slot`: position 0 (the compressor states re-initialise there)."""
-        self.cache.lengths[slot] = 0
+        """A new sequence in `slot`: position 0 (the compressor states re-initialise there), no blocks."""
+        self._release(slot)
+
+    @mirrored
+    def release(self, slot: int) -> None:
+        """The slot's sequence ended (finished, cancelled or failed): its KV blocks go back to the pool. Mirrored, so
+        every rank's pool hands out the same block ids next (tables stay identical on all ranks)."""
+        self._release(slot)
+
+    def _release(self, slot: int) -> None:
+        if self._cache is not None:
+            self._cache.release(slot)
         self.pending.pop(slot, None)
+
+    def blocks_used(self) -> int:
+        return 0 if self._cache is None else self._cache.pool.num_used
+
+    def blocks_cached_only(self) -> int:
+        """Blocks the prefix cache alone holds (reclaimable); read from the HTTP thread too."""
+        return 0 if self._prefix is None else self._prefix.evictable()
 
     @mirrored
     def forward(self, rows: list[list[int]], slots: list[int]) -> Tensor:
@@ -109,6 +154,48 @@ class ModelRunner:
                 self.static = StaticDecoder(self.model, self.cache, self.compile_batch_sizes, self.compile_decode)
             return self.static.step(self._tokens(rows)[:, 0], slots)[:, None]
         return self.model(self._tokens(rows), self.cache, slots=slot_index(slots))
+
+    # -- prefix cache: every rank runs the same calls, so every rank's prefix cache (and LRU order) stays the same ---
+    @mirrored
+    def use_prefix(self, slot: int, prompt: list[int], speculative: bool) -> tuple[int, int]:
+        """Resume `slot` (just reset) at the longest cached prefix of `prompt` that has a snapshot. Returns (the
+        prompt tokens now in the cache, 0 on a miss; the tokens whose blocks an earlier prompt shares, where a
+        snapshot is worth taking). Every rank finds the same in its identical cache."""
+        pc = self.prefix
+        shared = pc.note_prompt(prompt)
+        n, keys = pc.lookup(prompt, need_mtp=speculative)
+        if not n:
+            pc.stats.misses += 1
+            return 0, shared
+        pending = pc.install(slot, keys)
+        if speculative:  # the MTP layer is one position behind: it is fed position n-1 with the next chunk
+            self.pending[slot] = pending
+        return n, shared
+
+    @mirrored
+    def register_prefix(self, slot: int, tokens: list[int], speculative: bool) -> None:
+        """`slot` holds exactly `tokens`, a snapshot boundary: cache its blocks and the state at its end."""
+        self.prefix.register(slot, tokens, self.pending.get(slot) if speculative else None)
+
+    @mirrored
+    def clear_prefix(self) -> None:
+        if self.prefix is not None:
+            self.prefix.clear()
+
+    @mirrored
+    def load_prefix(self) -> int:
+        opts = self.prefix_options
+        if opts is None or not opts.path or not os.path.exists(opts.path):
+            return 0
+        return self.prefix.load(opts.path)
+
+    def save_prefix(self) -> int:
+        """Rank 0 writes the file (every rank's cache is the same)."""
+        opts = self.prefix_options
+        if opts is None or not opts.path or self.following or self._prefix is None:
+            return 0
+        self._prefix.save(opts.path)
+        return len(self._prefix.entries)
 
     # -- speculative (MTP) ---------------------------------------------------------------------------------------------
     @mirrored
@@ -141,7 +228,7 @@ class ModelRunner:
         """Copies of slot b's compressor states and its ring row `ring_row` in every main layer (all small)."""
         views: list[Tensor] = []
         for lc in self.cache.layers[:self.model.args.n_layers]:
-            views.append(lc.kv[b, ring_row])
+            views.append(lc.ring[b, ring_row])
             for st in (lc.comp, lc.index_comp):
                 if st is not None:
                     views += [t[b] for t in (st.kv, st.score, st.prev_kv, st.prev_score) if t is not None]

@@ -14,10 +14,11 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from dsv4.common.model.cache import ContextLengthError
+from dsv4.common.model.cache import BLOCK_QUANTUM, ContextLengthError, kv_bytes_per_token
 from dsv4.common.runtime.engine import FINISH_LENGTH, FINISH_STOP, Engine, Request, RequestStats, SamplingParams
 from dsv4.common.runtime.engine_sampling import Detokenizer, filtered_probs
 from dsv4.common.runtime.guards import NonFiniteLogitsError
+from dsv4.common.runtime.prefix_cache import PrefixCacheOptions, add_prefix_cache_arguments, prefix_cache_options
 from dsv4.common.runtime.static_decode import CAPTURE_MODES
 
 GenerationStats = RequestStats  # prompt/new tokens, prefill and decode time, forwards, MTP drafted/accepted
@@ -40,6 +41,10 @@ class GenerationConfig:
     # fits: None = eager only; "eager" | "aot_eager" | "inductor" | "npu-graph" | "cuda-graph" = its capture mode
     compile_decode: str | None = None
     compile_batch_sizes: tuple[int, ...] = (1, 2, 4, 8)
+    block_tokens: int = BLOCK_QUANTUM  # tokens per KV block (common/model/cache.py)
+    kv_blocks: int | None = None  # KV blocks in the pool; None = max_seq_len tokens for every prompt at once
+    # reuse cached prompt prefixes (runtime/prefix_cache.py); with a path, loaded at start and written at the end
+    prefix_cache: PrefixCacheOptions | None = None
 
     def validate(self) -> None:
         if self.prefill_chunk < 1:
@@ -98,7 +103,8 @@ class GenerationStream:
         self.engine = Engine(model, max_batch=len(prompts), max_seq_len=cfg.max_seq_len,
                              prefill_chunk=cfg.prefill_chunk, step_tokens=cfg.prefill_chunk,
                              max_waiting=len(prompts), tokenizer=tokenizer, compile_decode=cfg.compile_decode,
-                             compile_batch_sizes=cfg.compile_batch_sizes)
+                             compile_batch_sizes=cfg.compile_batch_sizes, block_tokens=cfg.block_tokens,
+                             kv_blocks=cfg.kv_blocks, prefix_cache=cfg.prefix_cache)
         for i, p in enumerate(prompts):
             try:
                 self.engine.check(p, cfg.params(i))
@@ -112,6 +118,8 @@ class GenerationStream:
         self.results = [GenerationResult(r.output, FINISH_LENGTH, r.stats) for r in self.requests]
         self._skip = cfg.max_new_tokens == 0  # nothing to generate: no prefill, no cache
         self._started = False
+        if cfg.prefix_cache is not None and not self._skip:
+            self.engine.load_prefix_cache()  # a refused file stops here, before any compute
 
     @property
     def finished(self) -> list[bool]:
@@ -142,6 +150,7 @@ class GenerationStream:
                 res.stop_token = r.stop_reason if isinstance(r.stop_reason, int) else None
             if ev.token_id is not None:
                 yield TokenEvent(i, ev.token_id, ev.text)
+        self.engine.save_prefix_cache()
 
 
 def stream(model, prompts: list[list[int]], cfg: GenerationConfig, tokenizer=None) -> GenerationStream:
@@ -176,6 +185,39 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per prefill forward")
     g.add_argument("--speculative", action="store_true", help="MTP self-speculative decoding (greedy only)")
     add_compile_decode_argument(g)
+    add_kv_pool_arguments(g)
+    add_prefix_cache_arguments(parser.add_argument_group("prefix cache"))
+
+
+def add_kv_pool_arguments(g) -> None:
+    """--block-tokens / --kv-blocks / --kv-memory-gib, shared by generate and serve."""
+    g.add_argument("--block-tokens", type=int, default=BLOCK_QUANTUM,
+                   help=f"tokens per KV cache block, a multiple of {BLOCK_QUANTUM} (the lcm of the compression "
+                        f"ratios); memory is handed out to sequences in these blocks as they grow "
+                        f"(default: {BLOCK_QUANTUM})")
+    g.add_argument("--kv-blocks", type=int, default=None,
+                   help="KV cache blocks in the pool: requests are admitted while the pool can hold their prompt + "
+                        "max tokens, others wait (default: --max-seq-len tokens for every slot)")
+    g.add_argument("--kv-memory-gib", type=float, default=None,
+                   help="size the pool by memory instead of --kv-blocks: GiB of compressed KV (entries + indexer "
+                        "keys; the per-slot window rings come on top)")
+
+
+def kv_pool_options(args: argparse.Namespace, model) -> tuple[int, int | None]:
+    """(block_tokens, kv_blocks) from the flags; --kv-memory-gib turns into blocks of this model's bytes per token."""
+    bt = getattr(args, "block_tokens", None) or BLOCK_QUANTUM
+    blocks, gib = getattr(args, "kv_blocks", None), getattr(args, "kv_memory_gib", None)
+    if blocks is not None and gib is not None:
+        raise ValueError("give --kv-blocks or --kv-memory-gib, not both")
+    if blocks is not None and blocks < 1:
+        raise ValueError(f"--kv-blocks must be >= 1, got {blocks}")
+    if gib is not None:
+        per_block = bt * kv_bytes_per_token(model.args, model.embed.weight.element_size(),
+                                            include_mtp=bool(model.args.n_mtp_layers))
+        blocks = int(gib * 2**30 // per_block)
+        if blocks < 1:
+            raise ValueError(f"--kv-memory-gib {gib} holds no block of {bt} tokens ({per_block:.0f} bytes each)")
+    return bt, blocks
 
 
 def add_compile_decode_argument(g) -> None:
@@ -216,7 +258,9 @@ def run_generate(args: argparse.Namespace, model, tokenizer) -> int:
             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
             seed=args.seed, stop_token_ids=tuple(_stop_id(s, tokenizer) for s in args.stop),
             prefill_chunk=args.prefill_chunk, speculative=args.speculative, ignore_eos=args.ignore_eos,
-            max_seq_len=getattr(args, "max_seq_len", None), compile_decode=compile_mode(args))
+            max_seq_len=getattr(args, "max_seq_len", None), compile_decode=compile_mode(args),
+            prefix_cache=prefix_cache_options(args, model))
+        cfg.block_tokens, cfg.kv_blocks = kv_pool_options(args, model)
         gen = stream(model, prompts, cfg, tokenizer)
     except (ValueError, ContextLengthError) as e:  # ContextLengthError is a ValueError; named for the reader
         print(f"error: {e}", file=err)
@@ -247,6 +291,8 @@ def run_generate(args: argparse.Namespace, model, tokenizer) -> int:
         s = r.stats
         line = (f"[{i}] prompt {s.prompt_tokens} tok, generated {s.new_tokens} tok ({r.finish_reason}), "
                 f"prefill {s.prefill_s:.2f} s, decode {s.decode_tokens_per_s:.2f} tok/s")
+        if cfg.prefix_cache is not None:
+            line += f", {s.cached_tokens} prompt tok from the prefix cache"
         if s.acceptance_rate is not None:
             line += f", MTP acceptance {s.acceptance_rate:.2f} ({s.accepted}/{s.drafted})"
         print(line, file=err)
@@ -254,5 +300,5 @@ def run_generate(args: argparse.Namespace, model, tokenizer) -> int:
 
 
 __all__ = ["GenerationConfig", "GenerationResult", "GenerationStats", "GenerationStream", "TokenEvent",
-           "ContextLengthError", "Detokenizer", "add_generate_arguments", "generate", "run_generate", "sample_next",
-           "stream"]
+           "ContextLengthError", "Detokenizer", "add_generate_arguments", "add_kv_pool_arguments", "generate",
+           "kv_pool_options", "run_generate", "sample_next", "stream"]

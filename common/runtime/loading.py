@@ -100,6 +100,9 @@ def check_run_arguments(ns: argparse.Namespace) -> None:
     msl = getattr(ns, "max_seq_len", None)
     if msl is not None and msl < 1:
         raise ValueError(f"--max-seq-len must be >= 1 (tokens the cache holds), got {msl}")
+    from dsv4.common.runtime.prefix_cache import check_prefix_cache_arguments
+
+    check_prefix_cache_arguments(ns)
     if getattr(ns, "emulate", False) and getattr(ns, "backend", None) not in ("ascend", "cuda"):
         raise ValueError(f"--emulate applies to --backend ascend (emulated torch_npu operators) or cuda (Triton "
                          f"interpreter), not to --backend {getattr(ns, 'backend', None)}")
@@ -215,6 +218,15 @@ def resolve_dtype(ns: argparse.Namespace, ops) -> torch.dtype:
     if getattr(ns, "dtype", None):
         return {"fp32": torch.float32, "bf16": torch.bfloat16}[ns.dtype]
     return default_dtype(ops)
+
+
+def weights_fingerprint(ns: argparse.Namespace) -> str:
+    """Identity of the weights --model / the embedded default loads (checkpoint headers, or config and seed)."""
+    from dsv4.common.checkpoint.fingerprint import checkpoint_fingerprint, random_fingerprint
+
+    if getattr(ns, "model", None):
+        return checkpoint_fingerprint(ns.model)
+    return random_fingerprint(load_named_config(ns.config).arch_hash(), EMBEDDED_SEED)
 
 
 def load_model(ns: argparse.Namespace, ops=None, dtype: torch.dtype | None = None):

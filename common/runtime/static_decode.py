@@ -101,8 +101,9 @@ class StaticDecoder:
         pos_host = cache.lengths[slots_host]
         B = slots_host.numel()
         max_pos = int(pos_host.max())
-        if max_pos + 1 > cache.max_seq_len:
-            cache.check_room(slice(0, 1), pos_host.max()[None], 1)  # raises ContextLengthError with the advice
+        # max_seq_len (ContextLengthError with the advice) and the blocks of the new positions, allocated here on the
+        # host: the step itself only reads the block table
+        cache.check_room(slots_host, pos_host, 1)
         shape = self.shape_for(B, max_pos)
         if shape is None:
             self.steps["eager"] += 1

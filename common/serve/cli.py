@@ -12,7 +12,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from dsv4.common.runtime.generate import add_compile_decode_argument, compile_mode
+from dsv4.common.runtime.generate import (
+    add_compile_decode_argument,
+    add_kv_pool_arguments,
+    compile_mode,
+    kv_pool_options,
+)
+from dsv4.common.runtime.prefix_cache import add_prefix_cache_arguments, prefix_cache_options
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
@@ -36,8 +42,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="MTP self-speculative decoding for greedy requests without logprobs or stop strings "
                         "(others decode plainly)")
     add_compile_decode_argument(g)
+    add_kv_pool_arguments(g)
     g.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds SIGTERM waits for requests in flight before ending them")
+    add_prefix_cache_arguments(p.add_argument_group("prefix cache"))
 
 
 def capture_batch_sizes(max_batch: int) -> tuple[int, ...]:
@@ -64,11 +72,14 @@ def cmd_serve(ns: argparse.Namespace) -> int:
 
     model, tokenizer, source = load_model(ns)
     rank, world, _ = world_from_env()
+    block_tokens, kv_blocks = kv_pool_options(ns, model)
     engine = Engine(model, max_batch=ns.max_batch, max_seq_len=ns.max_seq_len, prefill_chunk=ns.prefill_chunk,
                     step_tokens=ns.step_tokens, max_waiting=ns.max_waiting, tokenizer=tokenizer,
                     mirror=Mirror() if world > 1 else None, max_logprobs=ns.max_logprobs,
                     long_prefill_chunk=ns.long_prefill_chunk, compile_decode=compile_mode(ns),
-                    compile_batch_sizes=capture_batch_sizes(ns.max_batch))
+                    compile_batch_sizes=capture_batch_sizes(ns.max_batch), block_tokens=block_tokens,
+                    kv_blocks=kv_blocks, prefix_cache=prefix_cache_options(ns, model))
+    loaded = engine.load_prefix_cache()  # every rank reads it (a mirrored call); a refused file stops here
     if rank != 0:
         # rank 0 drains on SIGTERM and then releases this rank; a rank that died on the launcher's SIGTERM at once
         # would leave rank 0's last calls without a peer (the launcher SIGKILLs stragglers after its own timeout)
@@ -92,6 +103,10 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     config = uvicorn.Config(app, host=ns.host, port=ns.port, log_level="warning",
                             timeout_graceful_shutdown=ns.drain_timeout)
     print(f"[dsv4] model: {source}; backend: {model.ops.name}; ranks: {world}", file=sys.stderr)
+    if engine.prefix_cache is not None:
+        opts = engine.prefix_cache
+        print(f"[dsv4] prefix cache: {opts.budget_bytes / 2**20:.0f} MiB"
+              + (f", {loaded} blocks loaded from {opts.path}" if opts.path else ""), file=sys.stderr)
     print(f"[dsv4] serving {name!r} on http://{ns.host}:{ns.port}/v1 (Ctrl-C or SIGTERM drains and stops)",
           file=sys.stderr, flush=True)
     # uvicorn drains on SIGTERM/SIGINT, then re-raises the signal to the handler that was there before it ran
@@ -101,5 +116,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
     DrainingServer(config).run()  # returns once the requests in flight are done and the engine loop stopped
+    if engine.save_prefix_cache():
+        print(f"[dsv4] prefix cache written to {engine.prefix_cache.path}", file=sys.stderr)
     print(f"[dsv4] drained and stopped ({server.metrics.total_requests()} requests served)", file=sys.stderr)
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from dsv4.common.runtime.engine import Engine, Request
 
@@ -20,12 +21,21 @@ class Metrics:
         running = Gauge("dsv4_requests_running", "Requests holding a cache slot (prefilling or decoding)", registry=r)
         waiting.set_function(lambda: engine.num_waiting)
         running.set_function(lambda: engine.num_running)
+        for key, what in (("blocks_used", "KV blocks allocated to sequences"),
+                          ("blocks_free", "KV blocks free for new sequences (the free list + cached prefix blocks "
+                                          "no sequence holds)"),
+                          ("blocks_reserved", "KV blocks promised to running requests (their prompt + max_tokens)"),
+                          ("blocks_total", "KV blocks in the pool (--kv-blocks)")):
+            g = Gauge(f"dsv4_kv_{key}", what, registry=r)
+            g.set_function(lambda key=key: engine.pool_stats()[key])
         self.prompt_tokens = Counter("dsv4_prompt_tokens", "Prompt tokens of finished requests", registry=r)
         self.generation_tokens = Counter("dsv4_generation_tokens", "Generated tokens", registry=r)
         self.ttft = Histogram("dsv4_time_to_first_token_seconds", "Arrival to first generated token",
                               buckets=TTFT_BUCKETS, registry=r)
         self.itl = Histogram("dsv4_inter_token_latency_seconds", "Time between consecutive generated tokens",
                              buckets=ITL_BUCKETS, registry=r)
+        if engine.prefix_cache is not None:
+            r.register(PrefixCacheCollector(engine))
 
     def finished(self, req: Request) -> None:
         st = req.stats
@@ -45,3 +55,27 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class PrefixCacheCollector:
+    """The engine's own prefix-cache counters, read at scrape time (the engine thread counts them)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def collect(self):
+        st = self.engine.prefix_stats
+        hits, misses, tokens, evicted = (0, 0, 0, 0) if st is None else (st.hits, st.misses, st.hit_tokens,
+                                                                         st.evicted_blocks)
+        yield CounterMetricFamily("dsv4_prefix_cache_hits", "Requests resumed from a cached prompt prefix",
+                                  value=hits)
+        yield CounterMetricFamily("dsv4_prefix_cache_misses", "Requests that found no cached prefix", value=misses)
+        yield CounterMetricFamily("dsv4_prefix_cache_hit_tokens", "Prompt tokens taken from the prefix cache "
+                                  "instead of prefilled", value=tokens)
+        yield CounterMetricFamily("dsv4_prefix_cache_evicted_blocks", "Cached blocks evicted (LRU, byte budget)",
+                                  value=evicted)
+        yield GaugeMetricFamily("dsv4_prefix_cache_blocks_idle", "KV blocks only the prefix cache holds (counted "
+                                "free: the allocator takes them back when needed)",
+                                value=self.engine.runner.blocks_cached_only())
+        yield GaugeMetricFamily("dsv4_prefix_cache_bytes", "Bytes the prefix cache holds (blocks + snapshots)",
+                                value=self.engine.prefix_cache_bytes)
