@@ -226,14 +226,17 @@ def test_run_plan_cli(capsys):
 
 # -- KV block pool and prefix-cache rows (common/planner/pool.py) ---------------------------------------------------
 def test_pool_block_and_fixed_bytes_match_the_runtime_cache(tiny):
-    """The planner's per-block and per-sequence figures equal what the runtime's cache tensors occupy (bf16)."""
-    from dsv4.common.model.cache import KVCache, kv_bytes_per_token
+    """The planner's per-block and per-sequence figures equal what the runtime's block pool occupies (bf16): one more
+    block, or one more slot (its window rings and compressor states), adds exactly that many bytes."""
+    from dsv4.common.model.cache import KVCache
     from dsv4.common.planner import pool
 
+    def nbytes(slots: int, blocks: int) -> int:
+        return KVCache(tiny, slots, 128, torch.bfloat16, block_tokens=128, n_blocks=blocks).nbytes()
+
     layers = tiny.compress_ratios[:tiny.n_layers + tiny.n_mtp_layers]
-    assert pool.block_bytes(tiny, 128, "bf16", layers) == kv_bytes_per_token(tiny, 2, include_mtp=True) * 128
-    ring_and_states = KVCache(tiny, 1, 0, torch.bfloat16).nbytes()  # no compressed rows: what stays per sequence
-    assert pool.fixed_bytes_per_sequence(tiny, "bf16", layers) == ring_and_states
+    assert pool.block_bytes(tiny, 128, "bf16", layers) == nbytes(1, 2) - nbytes(1, 1)
+    assert pool.fixed_bytes_per_sequence(tiny, "bf16", layers) == nbytes(2, 1) - nbytes(1, 1)
 
 
 def test_pool_holds_more_of_a_mixed_workload_than_slots(flash):
