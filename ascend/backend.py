@@ -28,6 +28,9 @@ from .schemas import PINNED_RELEASE
 HALF = (torch.float16, torch.bfloat16)
 FP8_CHIPS = A5  # chips whose checkpoints keep FP8 weights (no FP8 GEMM op in 2.14.0: the GEMM itself runs in torch)
 WEIGHT_POLICIES = ("auto", "w8a8", "bf16")
+FP8_BLOCK = 128  # the FP8 GEMM's activation blocks (1 x 128 along K)
+MX_E4M3 = 292  # npu_dynamic_mx_quant's dst_type code of torch_npu.float8_e4m3fn (its doc)
+FP8_AMAX_FLOOR = 1e-4  # V4's floor of a block's amax before the FP8 scale (Ops.fp8_sim)
 LI_BLOCK = 64  # paged-key block size for the lightning indexer (a multiple of 16, <= 1024: section 4)
 
 
@@ -102,30 +105,74 @@ class AscendOps(Ops):
         return q * torch.rsqrt(q.square().mean(-1, keepdim=True) + eps)
 
     # -- rotary -----------------------------------------------------------------------------------------------------
+    def prepare_rope(self, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        """Full-width fp32 tables [B,S,1,r] built once per step: cos repeated per pair; sin per pair as (-sin, +sin)
+        where rope runs in torch (the sign of the pair swap folded in), as (sin, sin) where npu_rotary_mul runs (its
+        interleave mode applies the sign itself: doc formula x_new = stack(-x2, x1))."""
+        c = cos.float().repeat_interleave(2, dim=-1).unsqueeze(2)  # [B,S,1,r]
+        if self.has("npu_rotary_mul"):
+            return c, sin.float().repeat_interleave(2, dim=-1).unsqueeze(2)
+        sign = torch.tensor([-1.0, 1.0], device=sin.device)
+        return c, (sin.float().unsqueeze(-1) * sign).flatten(-2).unsqueeze(2)
+
     def rope(self, x: Tensor, cos: Tensor, sin: Tensor, inverse: bool = False) -> Tensor:
-        # x [B,S,H,r], cos/sin [B,S,r/2]. npu_rotary_mul 'interleave' takes full-width cos/sin (each pair's value at
-        # 2i and 2i+1); run in fp32 because the V4 rope math is fp32 and bf16 cos/sin would add rounding
-        r1 = cos.float().repeat_interleave(2, dim=-1).unsqueeze(2)  # [B,S,1,r]
-        r2 = sin.float().repeat_interleave(2, dim=-1).unsqueeze(2)
-        if inverse:
-            r2 = -r2
+        # x [B,S,H,r], cos/sin [B,S,r/2] raw, or [B,S,1,r] as prepare_rope made them (the static step prepares them
+        # once per step). fp32 math: the V4 rope is fp32 and bf16 tables would add rounding
+        if cos.dim() == x.dim():
+            r1, r2 = cos, sin
+        else:
+            r1, r2 = self.prepare_rope(cos, sin)
         B, S, H, r = x.shape
-        if self.has("npu_rotary_mul") and H < 1000 and r % 2 == 0 and r < 896:
-            # doc (interleave, BSND): r1/r2 must be 1S1D, but V4's positions differ per batch row: view the batch as
-            # one sequence of B*S tokens, [1, B*S, H, r] with r1/r2 [1, B*S, 1, r] (then B * N = H < 1000)
-            self._took("rope", "npu_rotary_mul(interleave)")
-            xs, c, s = (t.reshape(1, B * S, t.shape[2], r) for t in (x.float(), r1, r2))
-            out = self.npu.npu_rotary_mul(xs, c, s, rotary_mode="interleave")
-            return out.view(B, S, H, r).to(x.dtype)
-        self._took("rope", "torch")
-        xf = x.float().unflatten(-1, (-1, 2))
-        rot = torch.stack([-xf[..., 1], xf[..., 0]], -1).flatten(-2)
-        return (x.float() * r1 + rot * r2).to(x.dtype)
+        xf = x if x.dtype == torch.float32 else x.float()
+        if self.has("npu_rotary_mul"):
+            if inverse:
+                r2 = -r2
+            if H < 1000 and r % 2 == 0 and r < 896:
+                # doc (interleave, BSND): r1/r2 must be 1S1D, but V4's positions differ per batch row: view the batch
+                # as one sequence of B*S tokens, [1, B*S, H, r] with r1/r2 [1, B*S, 1, r] (then B * N = H < 1000)
+                self._took("rope", "npu_rotary_mul(interleave)")
+                xs, c, s = (t.reshape(1, B * S, t.shape[2], r) for t in (xf, r1, r2))
+                out = self.npu.npu_rotary_mul(xs, c, s, rotary_mode="interleave")
+                return out.view(B, S, H, r).to(x.dtype)
+            self._took("rope", "torch")
+            pairs = xf.unflatten(-1, (-1, 2))
+            rot = torch.stack([-pairs[..., 1], pairs[..., 0]], -1).flatten(-2)
+            return (xf * r1 + rot * r2).to(x.dtype)
+        # 950 (npu_rotary_mul's products are A2/A3): pair (a, b) -> (a c - b s, b c + a s) as x * cos + swap(x) * sin
+        # with swap(a, b) = (b, a) and the sign in the table: the reference's products and sums, bit for bit
+        self._took("rope", "torch (prepared tables: npu_rotary_mul is A2/A3 only)")
+        swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+        out = xf * r1 - swapped * r2 if inverse else xf * r1 + swapped * r2
+        return out.to(x.dtype)
 
     # -- simulated quantisation (no torch_npu op: QAT-matching simulations, composed in torch) ----------------------
     def fp8_sim(self, x: Tensor, block: int, mode: str = "e4m3") -> Tensor:
+        if mode == "e4m3" and self._mx_fp8_fits(x, block):
+            self._took("fp8_sim", "npu_dynamic_mx_quant (e4m3, scale_alg 1) + dequantise")
+            return self._mx_fp8(x, block).to(x.dtype)
         self._took("fp8_sim", "torch (arithmetic e4m3 rounding: A2/A3 have no FP8 dtype)")
         return compose.fp8_sim(x, block, mode)
+
+    def _mx_fp8_fits(self, x: Tensor, block: int) -> bool:
+        # doc: fp16/bf16 input for any block size (fp32 only with 32, V4's blocks are 64 and 128), 1-7 D, block a
+        # multiple of 32 up to 1024; whole blocks only (the reference's simulation needs them too)
+        return (self.has("npu_dynamic_mx_quant") and x.dtype in HALF and 1 <= x.dim() <= 7 and block % 32 == 0
+                and block <= 1024 and x.shape[-1] % block == 0)
+
+    def _mx_fp8(self, x: Tensor, block: int) -> Tensor:
+        """fp32 e4m3-rounded x (FP8 quantise-dequantise in blocks along the last dim) through the 950's fused MX
+        quantisation: scale_alg 1 computes S = max(amax, max_low_bound) / 448 with the exponent rounded up to a
+        power of two (hicann/ops-nn aclnnDynamicMxQuantV3.md, scenario 2), which is V4's 2^ceil(log2(max(amax,
+        1e-4) / 448)); y = e4m3(x / S) round-to-nearest-even. The e8m0 scale bytes come even-padded, [..., nb', 2]."""
+        y, mx = self.npu.npu_dynamic_mx_quant(x, dst_type=MX_E4M3, block_size=block, scale_alg=1,
+                                              max_low_bound=FP8_AMAX_FLOOR)
+        nb = x.shape[-1] // block
+        mx = mx.flatten(-2)
+        if mx.shape[-1] != nb:
+            mx = mx[..., :nb]
+        # ASSUMED on the device: torch_npu takes torch.float8_e8m0fnu views (exact: a byte b is 2^(b - 127))
+        scale = mx.view(torch.float8_e8m0fnu).float()
+        return (y.float().unflatten(-1, (nb, block)) * scale.unsqueeze(-1)).flatten(-2)
 
     def fp4_sim(self, x: Tensor, block: int) -> Tensor:
         self._took("fp4_sim", "torch")
@@ -158,9 +205,16 @@ class AscendOps(Ops):
 
     def _linear_fp8(self, x2: Tensor, w: LinearWeight) -> Tensor:
         # 2.14.0's npu_quant_matmul documents int8/int4 tables on A2/A3 only (no FP8 row, 950 not in its products):
-        # the FP8 GEMM is the reference math in torch (activation FP8 simulation, dequantised weight)
-        self._took("linear", "torch FP8-simulated (npu_quant_matmul has no documented FP8 form in 2.14.0)")
-        return F.linear(compose.fp8_sim(x2.float(), 128), dequant_any(w)).to(x2.dtype)
+        # the FP8 GEMM is the reference math in torch (activation FP8 simulation, dequantised weight); on 950 the
+        # activation's quantisation is the fused MX op
+        if self._mx_fp8_fits(x2, FP8_BLOCK):
+            self._took("linear", "npu_dynamic_mx_quant activation + torch GEMM (npu_quant_matmul has no documented "
+                       "FP8 form in 2.14.0)")
+            xq = self._mx_fp8(x2, FP8_BLOCK)
+        else:
+            self._took("linear", "torch FP8-simulated (npu_quant_matmul has no documented FP8 form in 2.14.0)")
+            xq = compose.fp8_sim(x2.float(), FP8_BLOCK)
+        return F.linear(xq, compose.dequant_fp8_blocks(w)).to(x2.dtype)
 
     def _linear_w8a8(self, x2: Tensor, w: LinearWeight) -> Tensor:
         # doc: x1's and x2's last dims (K and N) at most 65535 (a 129280-row vocab head in W8A8 exceeds it)
@@ -450,6 +504,9 @@ class AscendOps(Ops):
 
         if self.weights == "bf16":
             lin = "bf16 dequantised weights, torch matmul"
+        elif self.fp8_native and self.has("npu_dynamic_mx_quant"):
+            lin = ("npu_dynamic_mx_quant FP8 activation (scale_alg 1) + torch GEMM on the dequantised weight "
+                   "(npu_quant_matmul documents no FP8 form, nor 950)")
         elif self.fp8_native:
             lin = "torch FP8-simulated GEMM (npu_quant_matmul documents no FP8 form, nor 950)"
         else:
@@ -469,8 +526,10 @@ class AscendOps(Ops):
                               "composed"),
             "head_rms_norm": "torch in the activation dtype (as the official bf16 code); npu_rms_norm for fp32",
             "rope": fused("npu_rotary_mul", "npu_rotary_mul(interleave), fp32, batch viewed as [1, B*S, H, r] with "
-                          "1S1D cos/sin", "composed"),
-            "fp8_sim": "torch: QAT simulation, arithmetic e4m3 rounding (no FP8 dtype on A2/A3)",
+                          "1S1D cos/sin", "full-width tables prepared once per step (prepare_rope)"),
+            "fp8_sim": ("npu_dynamic_mx_quant (e4m3, scale_alg 1) + dequantise for bf16/fp16 in e4m3 mode; torch "
+                        "otherwise" if self.has("npu_dynamic_mx_quant") else
+                        "torch: QAT simulation, arithmetic e4m3 rounding (no FP8 dtype on A2/A3)"),
             "fp4_sim": "torch: QAT simulation (no torch_npu op)",
             "hadamard": "torch matmul with H_n (no torch_npu op)",
             "linear": lin + "; fp32 activations: torch with the same math",

@@ -39,6 +39,8 @@ CAPABILITIES: dict[str, OpCap] = {
                             "the doc's jit_compile=False section (the only one with interleave mode) names A2/A3"),
     "npu_swiglu": OpCap(("910b",), "Atlas A2 训练系列产品", "supported products: A2 only"),
     "npu_dynamic_quant": OpCap(A2A3, "Atlas A3 训练系列产品", "supported products: A2, A3"),
+    "npu_dynamic_mx_quant": OpCap(A5, "Ascend 950PR/Ascend 950DT",
+                                  "supported products: 950 (FP8 with scale_alg 1 = V4's ue8m0 round-up scale)"),
     "npu_quant_matmul": OpCap(A2A3, "Atlas A3 训练系列产品",
                               "supported products: A2, A3 (int8/int4 tables only; no FP8 row in this release)"),
     "npu_lightning_indexer": OpCap(CHIPS, "数据类型支持bfloat16和float16，支持输入shape[B,S1,N1]",

@@ -10,6 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dsv4.common.model.config import FP8_BLOCK
+from dsv4.common.model.ops import LinearWeight
+
+from .convert import dequant_any
 from .formats import round_e4m3
 
 FP8_MAX = 448.0
@@ -28,6 +32,17 @@ def fp8_sim(x: Tensor, block: int, mode: str = "e4m3") -> Tensor:
     q = (xf / s).clamp(-FP8_MAX, FP8_MAX)
     q = round_e4m3(q) if mode == "e4m3" else q.to(x.dtype).float()
     return (q * s).flatten(-2).to(x.dtype)
+
+
+def dequant_fp8_blocks(w: LinearWeight) -> Tensor:
+    """fp32 [out, in] of an FP8 weight with 128x128 block scales: the same products as dequant_weight, in two ops (one
+    upcast, one broadcast multiply over the blocks) where both dims are whole blocks, instead of expanding the scale
+    to full size; partial edge blocks take dequant_any."""
+    rows, cols = w.weight.shape[-2:]
+    if w.fmt != "fp8" or w.weight.dim() != 2 or rows % FP8_BLOCK or cols % FP8_BLOCK:
+        return dequant_any(w)
+    q = w.weight.float().view(rows // FP8_BLOCK, FP8_BLOCK, cols // FP8_BLOCK, FP8_BLOCK)
+    return (q * w.scale.float()[:, None, :, None]).view(rows, cols)
 
 
 def quant_int8_per_token(x: Tensor) -> tuple[Tensor, Tensor]:

@@ -118,9 +118,11 @@ def test_linear_fp8_path_on_950(make):
     w = make()
     x = randn(5, 3, 256, seed=7)  # 15 tokens: not a multiple of any block
     torch.testing.assert_close(ops.linear(x, w), REF.linear(x, w), atol=1e-5, rtol=1e-5)
+    assert ops.last_path["linear"].startswith("torch FP8-simulated")  # fp32 activations: the op wants bf16/fp16
     yb = ops.linear(x.bfloat16(), w)
-    # 2.14.0: no documented FP8 npu_quant_matmul (no FP8 table, 950 not among its products): the torch FP8 math
-    assert ops.last_path["linear"].startswith("torch FP8-simulated")
+    # 2.14.0: no documented FP8 npu_quant_matmul (no FP8 table, 950 not among its products): the GEMM is torch, the
+    # activation's FP8 quantisation the 950's fused MX op
+    assert ops.last_path["linear"].startswith("npu_dynamic_mx_quant activation")
     # bf16: the same FP8 codes and scales, the same math -> at most 1 ulp of the output magnitude
     ref = REF.linear(x.bfloat16(), w).float()
     torch.testing.assert_close(yb.float(), ref, rtol=BF16_ULP, atol=BF16_ULP * ref.abs().max().item())

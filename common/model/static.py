@@ -42,7 +42,9 @@ class StepPlan:
         a = model.args
         W = a.window_size
         self.slots, self.pos, self.context, self.W = slots, pos, context, W
-        self.cos_sin = {id(t): t.cos_sin(pos[:, None]) for t in (model.rope_window, model.rope_compressed)}
+        # rope tables in the backend's own form (Ops.prepare_rope), made once here for every rope call of the step
+        prep = model.ops.prepare_rope
+        self.cos_sin = {id(t): prep(*t.cos_sin(pos[:, None])) for t in (model.rope_window, model.rope_compressed)}
         kpos = pos[:, None] - W + 1 + torch.arange(W, device=pos.device)  # [B,W] positions of the window
         self.window_valid, self.window_ring = kpos >= 0, kpos % W
         self.ring = pos % W
@@ -51,7 +53,7 @@ class StepPlan:
         self.block = {r: pos // r for r in ratios}  # index of the block the token belongs to
         self.visible = {r: (pos + 1) // r for r in ratios}  # complete blocks the query sees
         # compressed entries rotate at their block's first position, with the compressed layers' table
-        self.entry_cos_sin = {r: model.rope_compressed.cos_sin((self.block[r] * r)[:, None]) for r in ratios}
+        self.entry_cos_sin = {r: prep(*model.rope_compressed.cos_sin((self.block[r] * r)[:, None])) for r in ratios}
         self._rows: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
 
     def rows(self, n_rows: int, ratio: int) -> tuple[Tensor, Tensor]:
