@@ -18,6 +18,7 @@ from torch import Tensor
 
 from dsv4.common.model.ops import OP_NAMES, LinearWeight, Ops
 from dsv4.common.model.reference import ReferenceOps
+from dsv4.common.model.static import routed_experts
 
 from . import compose
 from .capability import A5, custom_op, op_available, release_supported
@@ -31,6 +32,9 @@ WEIGHT_POLICIES = ("auto", "w8a8", "bf16")
 FP8_BLOCK = 128  # the FP8 GEMM's activation blocks (1 x 128 along K)
 MX_E4M3 = 292  # npu_dynamic_mx_quant's dst_type code of torch_npu.float8_e4m3fn (its doc)
 FP8_AMAX_FLOOR = 1e-4  # V4's floor of a block's amax before the FP8 scale (Ops.fp8_sim)
+# chips without the fused routing (950): up to this many (token, expert) pairs the experts run in the static-shape
+# form (each pair gathers its expert's weights: peak memory grows with the pairs, so long prefills take the loop)
+STATIC_EXPERT_PAIRS = 64
 LI_BLOCK = 64  # paged-key block size for the lightning indexer (a multiple of 16, <= 1024: section 4)
 
 
@@ -46,7 +50,7 @@ class AscendOps(Ops):
         self.emulated = emulated
         self.use_custom_ops = use_custom_ops
         self.last_path: dict[str, str] = {}
-        self._converted: dict[int, tuple[weakref.ref, LinearWeight]] = {}
+        self._converted: dict[object, tuple[weakref.ref, LinearWeight]] = {}
         # where no fused operator fits, the plain-torch reference runs (it uses only stock torch ops, so it runs on
         # the NPU too); Ascend-specific compositions (no FP8 dtype on A2/A3, int8 quantisation) live in compose.py
         self._torch = ReferenceOps(self.device)
@@ -166,17 +170,20 @@ class AscendOps(Ops):
         1e-4) / 448)); y = e4m3(x / S) round-to-nearest-even. The e8m0 scale bytes come even-padded, [..., nb', 2]."""
         y, mx = self.npu.npu_dynamic_mx_quant(x, dst_type=MX_E4M3, block_size=block, scale_alg=1,
                                               max_low_bound=FP8_AMAX_FLOOR)
-        nb = x.shape[-1] // block
-        mx = mx.flatten(-2)
-        if mx.shape[-1] != nb:
-            mx = mx[..., :nb]
+        lead, K = x.shape[:-1], x.shape[-1]
+        nb = K // block
         # ASSUMED on the device: torch_npu takes torch.float8_e8m0fnu views (exact: a byte b is 2^(b - 127))
-        scale = mx.view(torch.float8_e8m0fnu).float()
-        return (y.float().unflatten(-1, (nb, block)) * scale.unsqueeze(-1)).flatten(-2)
+        scale = mx.view(torch.float8_e8m0fnu).float()  # [..., ceil(nb / 2), 2]
+        if nb % 2 == 0:  # the scale pairs line up with pairs of blocks: no padding to drop
+            return (y.float().view(*lead, nb // 2, 2, block) * scale.unsqueeze(-1)).view(*lead, K)
+        scale = scale.flatten(-2)[..., :nb]  # drop the even padding
+        return (y.float().view(*lead, nb, block) * scale.unsqueeze(-1)).view(*lead, K)
 
     def fp4_sim(self, x: Tensor, block: int) -> Tensor:
-        self._took("fp4_sim", "torch")
-        return self._torch.fp4_sim(x, block)
+        # npu_dynamic_mx_quant's FP4 scales are not V4's (scale_alg 0/2: floor-based or without the amax floor,
+        # aclnnDynamicMxQuantV3.md): the reference's rounding, in fewer torch ops (compose.fp4_sim)
+        self._took("fp4_sim", "torch (arithmetic e2m1 rounding)")
+        return compose.fp4_sim(x, block)
 
     def hadamard(self, x: Tensor) -> Tensor:
         self._took("hadamard", "torch (matmul with H_n)")
@@ -186,7 +193,7 @@ class AscendOps(Ops):
     def linear(self, x: Tensor, w: LinearWeight) -> Tensor:
         w = self.native_weight(w)
         lead, K = x.shape[:-1], x.shape[-1]
-        x2 = x.reshape(-1, K)
+        x2 = x if x.dim() == 2 else x.reshape(-1, K)
         if w.fmt == "none":
             self._took("linear", "torch matmul")
             return F.linear(x, w.weight.to(x.dtype))
@@ -201,7 +208,7 @@ class AscendOps(Ops):
             self._took("linear", self.last_path["grouped_gemm"])
         else:
             raise ValueError(f"unsupported weight format {w.fmt!r}")
-        return y.reshape(*lead, -1)
+        return y if x.dim() == 2 else y.reshape(*lead, -1)
 
     def _linear_fp8(self, x2: Tensor, w: LinearWeight) -> Tensor:
         # 2.14.0's npu_quant_matmul documents int8/int4 tables on A2/A3 only (no FP8 row, 950 not in its products):
@@ -214,7 +221,23 @@ class AscendOps(Ops):
         else:
             self._took("linear", "torch FP8-simulated (npu_quant_matmul has no documented FP8 form in 2.14.0)")
             xq = compose.fp8_sim(x2.float(), FP8_BLOCK)
-        return F.linear(xq, compose.dequant_fp8_blocks(w)).to(x2.dtype)
+        return F.linear(xq, self._dequant_fp8(w)).to(x2.dtype)
+
+    def _dequant_fp8(self, w: LinearWeight) -> Tensor:
+        """fp32 [out, in] of an FP8 weight (the reference's dequant_weight products). Whole 128x128 blocks: the
+        weight and scale viewed per block once and kept (views: no memory), so a call costs one upcast and one
+        multiply instead of expanding the scale to full size."""
+        rows, cols = w.weight.shape[-2:]
+        if w.weight.dim() != 2 or rows % FP8_BLOCK or cols % FP8_BLOCK:
+            return dequant_any(w)
+        key = ("blocks", id(w.weight))
+        hit = self._converted.get(key)
+        if hit is None or hit[0]() is not w.weight:
+            R, C = rows // FP8_BLOCK, cols // FP8_BLOCK
+            blocks = LinearWeight(w.weight.view(R, FP8_BLOCK, C, FP8_BLOCK), w.scale.float().view(R, 1, C, 1), "fp8")
+            self._converted[key] = hit = (weakref.ref(w.weight), blocks)
+        q, s = hit[1].weight, hit[1].scale
+        return (q.float() * s).view(rows, cols)
 
     def _linear_w8a8(self, x2: Tensor, w: LinearWeight) -> Tensor:
         # doc: x1's and x2's last dims (K and N) at most 65535 (a 129280-row vocab head in W8A8 exceeds it)
@@ -408,6 +431,12 @@ class AscendOps(Ops):
         if T == 0:
             return torch.zeros((0, d), dtype=torch.float32, device=x.device)
         if not self.has("npu_moe_init_routing_v2"):  # 950: the doc's products are A2/A3
+            if T * k <= STATIC_EXPERT_PAIRS or torch.compiler.is_compiling():
+                # decode: every (token, expert) pair gathers its expert's weights, with no data-dependent shape
+                # (the static step captures it; the reference's loop reads ids.unique() on the host)
+                self._took("moe_experts", "torch, static shapes: one gathered expert per (token, expert) pair "
+                           f"(npu_moe_init_routing_v2 / npu_grouped_matmul not on {self.chip})")
+                return routed_experts(self)(x, weights, ids, w1, w2, w3, swiglu_limit, expert_offset)
             self._took("moe_experts", "torch reference (npu_moe_init_routing_v2 / npu_grouped_matmul not on "
                        f"{self.chip})")
             return self._torch.moe_experts(x, weights, ids, w1, w2, w3, swiglu_limit, expert_offset)

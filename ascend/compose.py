@@ -10,10 +10,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dsv4.common.model.config import FP8_BLOCK
-from dsv4.common.model.ops import LinearWeight
-
-from .convert import dequant_any
 from .formats import round_e4m3
 
 FP8_MAX = 448.0
@@ -34,15 +30,19 @@ def fp8_sim(x: Tensor, block: int, mode: str = "e4m3") -> Tensor:
     return (q * s).flatten(-2).to(x.dtype)
 
 
-def dequant_fp8_blocks(w: LinearWeight) -> Tensor:
-    """fp32 [out, in] of an FP8 weight with 128x128 block scales: the same products as dequant_weight, in two ops (one
-    upcast, one broadcast multiply over the blocks) where both dims are whole blocks, instead of expanding the scale
-    to full size; partial edge blocks take dequant_any."""
-    rows, cols = w.weight.shape[-2:]
-    if w.fmt != "fp8" or w.weight.dim() != 2 or rows % FP8_BLOCK or cols % FP8_BLOCK:
-        return dequant_any(w)
-    q = w.weight.float().view(rows // FP8_BLOCK, FP8_BLOCK, cols // FP8_BLOCK, FP8_BLOCK)
-    return (q * w.scale.float()[:, None, :, None]).view(rows, cols)
+def fp4_sim(x: Tensor, block: int) -> Tensor:
+    """ReferenceOps.fp4_sim (e2m1 quantise-dequantise in blocks, ue8m0 scale 2^ceil(log2(max(amax, 6 * 2^-126) / 6)),
+    round to nearest, ties to the even code) without the code lookup: the e2m1 grid is uniform with step 0.5 below 2,
+    1 below 4 and 2 up to 6, so a magnitude rounds to nearest-even multiple of its step (torch.round ties to even, and
+    an even multiple is an even code). Equal values; a negative value that rounds to zero gives -0 where the reference
+    gives +0."""
+    xf = x.float().unflatten(-1, (-1, block))
+    s = pow2_scale(xf.abs().amax(-1, keepdim=True), FP4_MAX, FP4_MAX * 2.0 ** -126)
+    v = xf / s
+    a = v.abs().clamp(max=FP4_MAX)
+    step = torch.where(a < 2.0, 0.5, torch.where(a < 4.0, 1.0, 2.0))
+    q = torch.copysign(torch.round(a / step) * step, v)
+    return (q * s).flatten(-2).to(x.dtype)
 
 
 def quant_int8_per_token(x: Tensor) -> tuple[Tensor, Tensor]:

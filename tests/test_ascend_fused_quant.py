@@ -102,3 +102,19 @@ def test_prepared_rope_tables_give_the_reference_rope(chip, dtype, inverse):
     assert torch.equal(ops.rope(x, cos, sin, inverse), want)  # raw tables (the eager forward) still work
     assert ops.last_path["rope"].startswith("npu_rotary_mul" if chip == "910b" else "torch (prepared")
     assert REF.prepare_rope(cos, sin) == (cos, sin)  # the reference's hook is the identity
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_950_fp4_sim_composition_is_the_reference(dtype):
+    # every e2m1 grid value and every midpoint (the ties), in blocks whose amax is 6 (scale 1) and 6 * 2^k (scale
+    # 2^k), plus random blocks over 45 decades and an all-zero block
+    grid = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+    ties = (grid[1:] + grid[:-1]) / 2
+    row = torch.cat([grid, ties, -grid[1:], -ties, torch.tensor([0.1, 5.9, -3.99])])  # 32 values, amax 6
+    g = torch.Generator().manual_seed(2)
+    rand = torch.randn(8, 32, generator=g) * torch.logspace(-40, 5, 8)[:, None]
+    x = torch.cat([row[None], row[None] * 2.0 ** -5, row[None] * 2.0 ** 7, rand, torch.zeros(1, 32)]).to(dtype)
+    ops = create_ops(emulate=True, chip="950dt")
+    got = ops.fp4_sim(x.view(1, -1), 32)
+    assert torch.equal(got, REF.fp4_sim(x.view(1, -1), 32))  # equal values (-0 == +0)
+    assert ops.last_path["fp4_sim"].startswith("torch")

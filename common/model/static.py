@@ -143,7 +143,9 @@ def _gathered_linear(ops: Ops, x: Tensor, w: LinearWeight, e: Tensor) -> Tensor:
     weights in x.dtype; FP8/FP4 weights dequantised, the activation FP8-simulated in 1x128 blocks, fp32 product."""
     if w.fmt == "none":
         return torch.matmul(x, w.weight[e].to(x.dtype).transpose(1, 2))
-    xq = ops.fp8_sim(x.float(), 128)
+    # bf16 rows go in as they are: their FP8 simulation is exact in bf16 (e4m3 codes times powers of two), so this is
+    # fp8_sim(x.float()) bit for bit, and a backend can use its fused quantisation op (which takes bf16/fp16)
+    xq = ops.fp8_sim(x, 128).float() if x.dtype == torch.bfloat16 else ops.fp8_sim(x.float(), 128)
     return torch.matmul(xq, dequant_weight(w.weight[e], w.scale[e], w.fmt).transpose(1, 2)).to(x.dtype)
 
 
