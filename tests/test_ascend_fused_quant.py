@@ -164,3 +164,15 @@ def test_wrong_mx_scale_fails_parity_and_bisect_names_the_linear():
     b = bisect(src.factory, make("reference"), make(label), default_prompts(512, 2, 40), torch.bfloat16, tol,
                pair=pair, label_a="reference", label_b=label)
     assert b.first_op is not None and "/linear#" in b.first_op, b.summary()
+
+
+def test_gathered_fp4_weight_is_dequant_weight():
+    """The static step's gathered FP4 experts (one lookup per packed byte) are quant.dequant_weight's values."""
+    from dsv4.common.model.ops import LinearWeight
+    from dsv4.common.model.quant import dequant_weight, quantize_fp4
+    from dsv4.common.model.static import gathered_weight
+
+    g = torch.Generator().manual_seed(4)
+    q, s = quantize_fp4(torch.randn(6, 64, 128, generator=g) * torch.logspace(-30, 3, 128))
+    e = torch.tensor([5, 0, 0, 3])
+    assert torch.equal(gathered_weight(LinearWeight(q, s, "fp4"), e), dequant_weight(q[e], s[e], "fp4"))

@@ -142,12 +142,13 @@ def attention_step(attn: Attention, ops: Ops, x: Tensor, lc: LayerCache, rope: R
 def _gathered_linear(ops: Ops, x: Tensor, w: LinearWeight, e: Tensor) -> Tensor:
     """x [M,1,in] @ W[e[m]]^T for each row m with the reference linear's numerics (ReferenceOps.linear): dense
     weights in x.dtype; FP8/FP4 weights dequantised, the activation FP8-simulated in 1x128 blocks, fp32 product."""
+    # torch.bmm is the kernel torch.matmul runs for these 3-D operands, called directly (matmul adds expands/views)
     if w.fmt == "none":
-        return torch.matmul(x, w.weight[e].to(x.dtype).transpose(1, 2))
+        return torch.bmm(x, w.weight[e].to(x.dtype).transpose(1, 2))
     # bf16 rows go in as they are: their FP8 simulation is exact in bf16 (e4m3 codes times powers of two), so this is
     # fp8_sim(x.float()) bit for bit, and a backend can use its fused quantisation op (which takes bf16/fp16)
     xq = ops.fp8_sim(x, 128).float() if x.dtype == torch.bfloat16 else ops.fp8_sim(x.float(), 128)
-    return torch.matmul(xq, gathered_weight(w, e).transpose(1, 2)).to(x.dtype)
+    return torch.bmm(xq, gathered_weight(w, e).transpose(1, 2)).to(x.dtype)
 
 
 _FP4_BYTE_VALUES: dict[str, Tensor] = {}  # device -> [256, 2] fp32, kept like reference.hadamard_matrix's tables
