@@ -12,6 +12,10 @@ Paths: "eager" = the model's forward (transformer.py) for one token; "static" = 
 
     python scripts/count_decode_ops.py                         # prints a markdown section
     python scripts/count_decode_ops.py --markdown BENCHMARKS.md  # also writes it (only this script's section)
+    python scripts/count_decode_ops.py --only 950dt --by-seam    # where the ops go, per ops-seam method
+
+`--by-seam` attributes every op to the outermost ops-seam method (backend call: linear, rope, moe_experts...) that
+issued it; "graph" is the model's own glue between them (transformer.py / static.py: cat, slices, index writes).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import argparse
 import collections
 import contextlib
 import os
+import shlex
 import sys
 import types
 from pathlib import Path
@@ -278,7 +283,7 @@ def update_markdown(path: Path, section: str) -> None:
     block = f"{BEGIN}\n{section.rstrip()}\n{END}\n"
     if BEGIN in text and END in text:
         head, rest = text.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1].lstrip("\n")
+        text = head + block + "\n" + rest.split(END, 1)[1].lstrip("\n")
     else:
         text = text.rstrip("\n") + "\n\n" + block
     path.write_text(text)
@@ -289,24 +294,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--only", default=None, help="run only cases whose label contains this text")
     p.add_argument("--markdown", type=Path, default=None)
-    p.add_argument("--by-seam", action="store_true",
-                   help="also print, per case, the static step's ops per layer grouped by ops-seam method")
+    p.add_argument("--by-seam", nargs="?", const="", default=None, metavar="LABEL",
+                   help="also give, for the cases whose label contains LABEL (all without one), the static step's "
+                        "ops per layer grouped by ops-seam method (printed, and written with --markdown)")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     args = load_named_config("tiny")
-    rows = []
+    rows, seam_tables = [], []
     for label, backend, chip, dtype, weights, *changes in CASES:
         if a.only and a.only not in label:
             continue
         res = {path: count(backend, chip, dtype, weights, path, a.batch, *changes) for path in ("eager", "static")}
         rows.append((label, weights, res))
-        if a.by_seam:
-            print(seam_report(label, res["static"]))
+        if a.by_seam is not None and a.by_seam in label:
+            seam_tables.append(seam_report(label, res["static"]))
         e, s = res["eager"], res["static"]
         print(f"{label:42s} eager {e['per_layer']:7.1f}  static {s['per_layer']:7.1f} per layer "
               f"(layers {s['layers']}, outside {s['outside']}, fused {s['fused']:.1f}); top {s['top'][:5]}",
               file=sys.stderr)
-    cmd = "python scripts/count_decode_ops.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    cmd = "python scripts/count_decode_ops.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     out = ["## Operators per decode step (scripts/count_decode_ops.py)", "",
            f"Command: `{cmd.strip()}`", "",
            f"Tiny model (dim {args.dim}, layers {args.compress_ratios[:args.n_layers]}, {args.n_routed_experts} "
@@ -327,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         out.append(f"| {label} | {weights} | {e['per_layer']:.0f} | {s['per_layer']:.0f} | {s['compute']:.0f} | "
                    f"{s['fused']:.0f} | "
                    f"{s['outside']} | {s['internals']:.0f} |")
-    section = "\n".join(out) + "\n"
+    section = "\n".join(out) + "\n" + "".join("\n" + t for t in seam_tables)
     print(section)
     if a.markdown:
         update_markdown(a.markdown, section)
