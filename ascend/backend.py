@@ -113,11 +113,10 @@ class AscendOps(Ops):
         """Full-width fp32 tables [B,S,1,r] built once per step: cos repeated per pair; sin per pair as (-sin, +sin)
         where rope runs in torch (the sign of the pair swap folded in), as (sin, sin) where npu_rotary_mul runs (its
         interleave mode applies the sign itself: doc formula x_new = stack(-x2, x1))."""
-        c = cos.float().repeat_interleave(2, dim=-1).unsqueeze(2)  # [B,S,1,r]
-        if self.has("npu_rotary_mul"):
-            return c, sin.float().repeat_interleave(2, dim=-1).unsqueeze(2)
-        sign = torch.tensor([-1.0, 1.0], device=sin.device)
-        return c, (sin.float().unsqueeze(-1) * sign).flatten(-2).unsqueeze(2)
+        cos, sin = cos.float(), sin.float()
+        c = torch.stack([cos, cos], -1).flatten(-2).unsqueeze(2)  # [B,S,1,r]: each pair's value at 2i and 2i+1
+        s = torch.stack([sin, sin] if self.has("npu_rotary_mul") else [-sin, sin], -1)
+        return c, s.flatten(-2).unsqueeze(2)
 
     def rope(self, x: Tensor, cos: Tensor, sin: Tensor, inverse: bool = False) -> Tensor:
         # x [B,S,H,r], cos/sin [B,S,r/2] raw, or [B,S,1,r] as prepare_rope made them (the static step prepares them
