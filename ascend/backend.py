@@ -18,6 +18,7 @@ from torch import Tensor
 
 from dsv4.common.model.ops import OP_NAMES, LinearWeight, Ops
 from dsv4.common.model.reference import ReferenceOps
+from dsv4.common.model.static import routed_experts
 
 from . import compose
 from .capability import A5, custom_op, op_available, release_supported
@@ -28,6 +29,12 @@ from .schemas import PINNED_RELEASE
 HALF = (torch.float16, torch.bfloat16)
 FP8_CHIPS = A5  # chips whose checkpoints keep FP8 weights (no FP8 GEMM op in 2.14.0: the GEMM itself runs in torch)
 WEIGHT_POLICIES = ("auto", "w8a8", "bf16")
+FP8_BLOCK = 128  # the FP8 GEMM's activation blocks (1 x 128 along K)
+MX_E4M3 = 292  # npu_dynamic_mx_quant's dst_type code of torch_npu.float8_e4m3fn (its doc)
+FP8_AMAX_FLOOR = 1e-4  # V4's floor of a block's amax before the FP8 scale (Ops.fp8_sim)
+# chips without the fused routing (950): up to this many (token, expert) pairs the experts run in the static-shape
+# form (each pair gathers its expert's weights: peak memory grows with the pairs, so long prefills take the loop)
+STATIC_EXPERT_PAIRS = 64
 LI_BLOCK = 64  # paged-key block size for the lightning indexer (a multiple of 16, <= 1024: section 4)
 
 
@@ -43,7 +50,7 @@ class AscendOps(Ops):
         self.emulated = emulated
         self.use_custom_ops = use_custom_ops
         self.last_path: dict[str, str] = {}
-        self._converted: dict[int, tuple[weakref.ref, LinearWeight]] = {}
+        self._converted: dict[object, tuple[weakref.ref, LinearWeight]] = {}
         # where no fused operator fits, the plain-torch reference runs (it uses only stock torch ops, so it runs on
         # the NPU too); Ascend-specific compositions (no FP8 dtype on A2/A3, int8 quantisation) live in compose.py
         self._torch = ReferenceOps(self.device)
@@ -102,34 +109,80 @@ class AscendOps(Ops):
         return q * torch.rsqrt(q.square().mean(-1, keepdim=True) + eps)
 
     # -- rotary -----------------------------------------------------------------------------------------------------
+    def prepare_rope(self, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        """Full-width fp32 tables [B,S,1,r] built once per step: cos repeated per pair; sin per pair as (-sin, +sin)
+        where rope runs in torch (the sign of the pair swap folded in), as (sin, sin) where npu_rotary_mul runs (its
+        interleave mode applies the sign itself: doc formula x_new = stack(-x2, x1))."""
+        cos, sin = cos.float(), sin.float()
+        c = torch.stack([cos, cos], -1).flatten(-2).unsqueeze(2)  # [B,S,1,r]: each pair's value at 2i and 2i+1
+        s = torch.stack([sin, sin] if self.has("npu_rotary_mul") else [-sin, sin], -1)
+        return c, s.flatten(-2).unsqueeze(2)
+
     def rope(self, x: Tensor, cos: Tensor, sin: Tensor, inverse: bool = False) -> Tensor:
-        # x [B,S,H,r], cos/sin [B,S,r/2]. npu_rotary_mul 'interleave' takes full-width cos/sin (each pair's value at
-        # 2i and 2i+1); run in fp32 because the V4 rope math is fp32 and bf16 cos/sin would add rounding
-        r1 = cos.float().repeat_interleave(2, dim=-1).unsqueeze(2)  # [B,S,1,r]
-        r2 = sin.float().repeat_interleave(2, dim=-1).unsqueeze(2)
-        if inverse:
-            r2 = -r2
+        # x [B,S,H,r], cos/sin [B,S,r/2] raw, or [B,S,1,r] as prepare_rope made them (the static step prepares them
+        # once per step). fp32 math: the V4 rope is fp32 and bf16 tables would add rounding
+        if cos.dim() == x.dim():
+            r1, r2 = cos, sin
+        else:
+            r1, r2 = self.prepare_rope(cos, sin)
         B, S, H, r = x.shape
-        if self.has("npu_rotary_mul") and H < 1000 and r % 2 == 0 and r < 896:
-            # doc (interleave, BSND): r1/r2 must be 1S1D, but V4's positions differ per batch row: view the batch as
-            # one sequence of B*S tokens, [1, B*S, H, r] with r1/r2 [1, B*S, 1, r] (then B * N = H < 1000)
-            self._took("rope", "npu_rotary_mul(interleave)")
-            xs, c, s = (t.reshape(1, B * S, t.shape[2], r) for t in (x.float(), r1, r2))
-            out = self.npu.npu_rotary_mul(xs, c, s, rotary_mode="interleave")
-            return out.view(B, S, H, r).to(x.dtype)
-        self._took("rope", "torch")
-        xf = x.float().unflatten(-1, (-1, 2))
-        rot = torch.stack([-xf[..., 1], xf[..., 0]], -1).flatten(-2)
-        return (x.float() * r1 + rot * r2).to(x.dtype)
+        xf = x if x.dtype == torch.float32 else x.float()
+        if self.has("npu_rotary_mul"):
+            if inverse:
+                r2 = -r2
+            if H < 1000 and r % 2 == 0 and r < 896:
+                # doc (interleave, BSND): r1/r2 must be 1S1D, but V4's positions differ per batch row: view the batch
+                # as one sequence of B*S tokens, [1, B*S, H, r] with r1/r2 [1, B*S, 1, r] (then B * N = H < 1000)
+                self._took("rope", "npu_rotary_mul(interleave)")
+                xs, c, s = (t.reshape(1, B * S, t.shape[2], r) for t in (xf, r1, r2))
+                out = self.npu.npu_rotary_mul(xs, c, s, rotary_mode="interleave")
+                return out.view(B, S, H, r).to(x.dtype)
+            self._took("rope", "torch")
+            pairs = xf.unflatten(-1, (-1, 2))
+            rot = torch.stack([-pairs[..., 1], pairs[..., 0]], -1).flatten(-2)
+            return (xf * r1 + rot * r2).to(x.dtype)
+        # 950 (npu_rotary_mul's products are A2/A3): pair (a, b) -> (a c - b s, b c + a s) as x * cos + swap(x) * sin
+        # with swap(a, b) = (b, a) and the sign in the table: the reference's products and sums, bit for bit
+        self._took("rope", "torch (prepared tables: npu_rotary_mul is A2/A3 only)")
+        swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+        out = xf * r1 - swapped * r2 if inverse else xf * r1 + swapped * r2
+        return out.to(x.dtype)
 
     # -- simulated quantisation (no torch_npu op: QAT-matching simulations, composed in torch) ----------------------
     def fp8_sim(self, x: Tensor, block: int, mode: str = "e4m3") -> Tensor:
+        if mode == "e4m3" and self._mx_fp8_fits(x, block):
+            self._took("fp8_sim", "npu_dynamic_mx_quant (e4m3, scale_alg 1) + dequantise")
+            return self._mx_fp8(x, block).to(x.dtype)
         self._took("fp8_sim", "torch (arithmetic e4m3 rounding: A2/A3 have no FP8 dtype)")
         return compose.fp8_sim(x, block, mode)
 
+    def _mx_fp8_fits(self, x: Tensor, block: int) -> bool:
+        # doc: fp16/bf16 input for any block size (fp32 only with 32, V4's blocks are 64 and 128), 1-7 D, block a
+        # multiple of 32 up to 1024; whole blocks only (the reference's simulation needs them too)
+        return (self.has("npu_dynamic_mx_quant") and x.dtype in HALF and 1 <= x.dim() <= 7 and block % 32 == 0
+                and block <= 1024 and x.shape[-1] % block == 0)
+
+    def _mx_fp8(self, x: Tensor, block: int) -> Tensor:
+        """fp32 e4m3-rounded x (FP8 quantise-dequantise in blocks along the last dim) through the 950's fused MX
+        quantisation: scale_alg 1 computes S = max(amax, max_low_bound) / 448 with the exponent rounded up to a
+        power of two (hicann/ops-nn aclnnDynamicMxQuantV3.md, scenario 2), which is V4's 2^ceil(log2(max(amax,
+        1e-4) / 448)); y = e4m3(x / S) round-to-nearest-even. The e8m0 scale bytes come even-padded, [..., nb', 2]."""
+        y, mx = self.npu.npu_dynamic_mx_quant(x, dst_type=MX_E4M3, block_size=block, scale_alg=1,
+                                              max_low_bound=FP8_AMAX_FLOOR)
+        lead, K = x.shape[:-1], x.shape[-1]
+        nb = K // block
+        # ASSUMED on the device: torch_npu takes torch.float8_e8m0fnu views (exact: a byte b is 2^(b - 127))
+        scale = mx.view(torch.float8_e8m0fnu).float()  # [..., ceil(nb / 2), 2]
+        if nb % 2 == 0:  # the scale pairs line up with pairs of blocks: no padding to drop
+            return (y.float().view(*lead, nb // 2, 2, block) * scale.unsqueeze(-1)).view(*lead, K)
+        scale = scale.flatten(-2)[..., :nb]  # drop the even padding
+        return (y.float().view(*lead, nb, block) * scale.unsqueeze(-1)).view(*lead, K)
+
     def fp4_sim(self, x: Tensor, block: int) -> Tensor:
-        self._took("fp4_sim", "torch")
-        return self._torch.fp4_sim(x, block)
+        # npu_dynamic_mx_quant's FP4 scales are not V4's (scale_alg 0/2: floor-based or without the amax floor,
+        # aclnnDynamicMxQuantV3.md): the reference's rounding, in fewer torch ops (compose.fp4_sim)
+        self._took("fp4_sim", "torch (arithmetic e2m1 rounding)")
+        return compose.fp4_sim(x, block)
 
     def hadamard(self, x: Tensor) -> Tensor:
         self._took("hadamard", "torch (matmul with H_n)")
@@ -139,7 +192,7 @@ class AscendOps(Ops):
     def linear(self, x: Tensor, w: LinearWeight) -> Tensor:
         w = self.native_weight(w)
         lead, K = x.shape[:-1], x.shape[-1]
-        x2 = x.reshape(-1, K)
+        x2 = x if x.dim() == 2 else x.reshape(-1, K)
         if w.fmt == "none":
             self._took("linear", "torch matmul")
             return F.linear(x, w.weight.to(x.dtype))
@@ -154,13 +207,36 @@ class AscendOps(Ops):
             self._took("linear", self.last_path["grouped_gemm"])
         else:
             raise ValueError(f"unsupported weight format {w.fmt!r}")
-        return y.reshape(*lead, -1)
+        return y if x.dim() == 2 else y.reshape(*lead, -1)
 
     def _linear_fp8(self, x2: Tensor, w: LinearWeight) -> Tensor:
         # 2.14.0's npu_quant_matmul documents int8/int4 tables on A2/A3 only (no FP8 row, 950 not in its products):
-        # the FP8 GEMM is the reference math in torch (activation FP8 simulation, dequantised weight)
-        self._took("linear", "torch FP8-simulated (npu_quant_matmul has no documented FP8 form in 2.14.0)")
-        return F.linear(compose.fp8_sim(x2.float(), 128), dequant_any(w)).to(x2.dtype)
+        # the FP8 GEMM is the reference math in torch (activation FP8 simulation, dequantised weight); on 950 the
+        # activation's quantisation is the fused MX op
+        if self._mx_fp8_fits(x2, FP8_BLOCK):
+            self._took("linear", "npu_dynamic_mx_quant activation + torch GEMM (npu_quant_matmul has no documented "
+                       "FP8 form in 2.14.0)")
+            xq = self._mx_fp8(x2, FP8_BLOCK)
+        else:
+            self._took("linear", "torch FP8-simulated (npu_quant_matmul has no documented FP8 form in 2.14.0)")
+            xq = compose.fp8_sim(x2.float(), FP8_BLOCK)
+        return F.linear(xq, self._dequant_fp8(w)).to(x2.dtype)
+
+    def _dequant_fp8(self, w: LinearWeight) -> Tensor:
+        """fp32 [out, in] of an FP8 weight (the reference's dequant_weight products). Whole 128x128 blocks: the
+        weight and scale viewed per block once and kept (views: no memory), so a call costs one upcast and one
+        multiply instead of expanding the scale to full size."""
+        rows, cols = w.weight.shape[-2:]
+        if w.weight.dim() != 2 or rows % FP8_BLOCK or cols % FP8_BLOCK:
+            return dequant_any(w)
+        key = ("blocks", id(w.weight))
+        hit = self._converted.get(key)
+        if hit is None or hit[0]() is not w.weight:
+            R, C = rows // FP8_BLOCK, cols // FP8_BLOCK
+            blocks = LinearWeight(w.weight.view(R, FP8_BLOCK, C, FP8_BLOCK), w.scale.float().view(R, 1, C, 1), "fp8")
+            self._converted[key] = hit = (weakref.ref(w.weight), blocks)
+        q, s = hit[1].weight, hit[1].scale
+        return (q.float() * s).view(rows, cols)
 
     def _linear_w8a8(self, x2: Tensor, w: LinearWeight) -> Tensor:
         # doc: x1's and x2's last dims (K and N) at most 65535 (a 129280-row vocab head in W8A8 exceeds it)
@@ -354,6 +430,12 @@ class AscendOps(Ops):
         if T == 0:
             return torch.zeros((0, d), dtype=torch.float32, device=x.device)
         if not self.has("npu_moe_init_routing_v2"):  # 950: the doc's products are A2/A3
+            if T * k <= STATIC_EXPERT_PAIRS or torch.compiler.is_compiling():
+                # decode: every (token, expert) pair gathers its expert's weights, with no data-dependent shape
+                # (the static step captures it; the reference's loop reads ids.unique() on the host)
+                self._took("moe_experts", "torch, static shapes: one gathered expert per (token, expert) pair "
+                           f"(npu_moe_init_routing_v2 / npu_grouped_matmul not on {self.chip})")
+                return routed_experts(self)(x, weights, ids, w1, w2, w3, swiglu_limit, expert_offset)
             self._took("moe_experts", "torch reference (npu_moe_init_routing_v2 / npu_grouped_matmul not on "
                        f"{self.chip})")
             return self._torch.moe_experts(x, weights, ids, w1, w2, w3, swiglu_limit, expert_offset)
@@ -450,6 +532,9 @@ class AscendOps(Ops):
 
         if self.weights == "bf16":
             lin = "bf16 dequantised weights, torch matmul"
+        elif self.fp8_native and self.has("npu_dynamic_mx_quant"):
+            lin = ("npu_dynamic_mx_quant FP8 activation (scale_alg 1) + torch GEMM on the dequantised weight "
+                   "(npu_quant_matmul documents no FP8 form, nor 950)")
         elif self.fp8_native:
             lin = "torch FP8-simulated GEMM (npu_quant_matmul documents no FP8 form, nor 950)"
         else:
@@ -469,8 +554,10 @@ class AscendOps(Ops):
                               "composed"),
             "head_rms_norm": "torch in the activation dtype (as the official bf16 code); npu_rms_norm for fp32",
             "rope": fused("npu_rotary_mul", "npu_rotary_mul(interleave), fp32, batch viewed as [1, B*S, H, r] with "
-                          "1S1D cos/sin", "composed"),
-            "fp8_sim": "torch: QAT simulation, arithmetic e4m3 rounding (no FP8 dtype on A2/A3)",
+                          "1S1D cos/sin", "full-width tables prepared once per step (prepare_rope)"),
+            "fp8_sim": ("npu_dynamic_mx_quant (e4m3, scale_alg 1) + dequantise for bf16/fp16 in e4m3 mode; torch "
+                        "otherwise" if self.has("npu_dynamic_mx_quant") else
+                        "torch: QAT simulation, arithmetic e4m3 rounding (no FP8 dtype on A2/A3)"),
             "fp4_sim": "torch: QAT simulation (no torch_npu op)",
             "hadamard": "torch matmul with H_n (no torch_npu op)",
             "linear": lin + "; fp32 activations: torch with the same math",

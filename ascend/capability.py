@@ -39,6 +39,8 @@ CAPABILITIES: dict[str, OpCap] = {
                             "the doc's jit_compile=False section (the only one with interleave mode) names A2/A3"),
     "npu_swiglu": OpCap(("910b",), "Atlas A2 训练系列产品", "supported products: A2 only"),
     "npu_dynamic_quant": OpCap(A2A3, "Atlas A3 训练系列产品", "supported products: A2, A3"),
+    "npu_dynamic_mx_quant": OpCap(A5, "Ascend 950PR/Ascend 950DT",
+                                  "supported products: 950 (FP8 with scale_alg 1 = V4's ue8m0 round-up scale)"),
     "npu_quant_matmul": OpCap(A2A3, "Atlas A3 训练系列产品",
                               "supported products: A2, A3 (int8/int4 tables only; no FP8 row in this release)"),
     "npu_lightning_indexer": OpCap(CHIPS, "数据类型支持bfloat16和float16，支持输入shape[B,S1,N1]",
@@ -86,7 +88,7 @@ LEGAL_PATHS: dict[str, tuple[str, str, str]] = {
     "hc_pre": ("npu_mhc_sinkhorn", "Atlas A5 训练系列产品", "910B/910C: no mHC op: torch"),
     "linear": ("npu_quant_matmul", "Atlas A3 训练系列产品",
                "950 is not in npu_quant_matmul's products and no FP8 table exists in 2.14.0: FP8 GEMMs run in "
-               "torch (dequantised weight, simulated activation quantisation) on 950"),
+               "torch on 950 (dequantised weight; the activation quantised by npu_dynamic_mx_quant, scale_alg 1)"),
 }
 
 # what the CPU emulation cannot establish: listed here and in the README, each with the doc line (or its absence)
@@ -110,6 +112,10 @@ UNVERIFIED: dict[str, str] = {
                                       "vllm-ascend runs it on A3",
     "npu_rotary_mul on 950": "absent from the doc's products: torch on 950",
     "npu_swiglu on 910C/950": "products list A2 only: torch on 910C/950",
+    "npu_dynamic_mx_quant scale_alg 1": "the wheel's doc names scale_alg 1 (CuBALS Scale算法) without a formula; the "
+                                        "emulated one (S = max(amax, max_low_bound) / 448, exponent rounded up) is "
+                                        "hicann/ops-nn aclnnDynamicMxQuantV3.md's; its uint8 scale bytes are read "
+                                        "through a torch.float8_e8m0fnu view, not tried on torch_npu",
 }
 
 

@@ -30,6 +30,21 @@ def fp8_sim(x: Tensor, block: int, mode: str = "e4m3") -> Tensor:
     return (q * s).flatten(-2).to(x.dtype)
 
 
+def fp4_sim(x: Tensor, block: int) -> Tensor:
+    """ReferenceOps.fp4_sim (e2m1 quantise-dequantise in blocks, ue8m0 scale 2^ceil(log2(max(amax, 6 * 2^-126) / 6)),
+    round to nearest, ties to the even code) without the code lookup: the e2m1 grid is uniform with step 0.5 below 2,
+    1 below 4 and 2 up to 6, so a magnitude rounds to nearest-even multiple of its step (torch.round ties to even, and
+    an even multiple is an even code). Equal values; a negative value that rounds to zero gives -0 where the reference
+    gives +0."""
+    xf = x.float().unflatten(-1, (-1, block))
+    s = pow2_scale(xf.abs().amax(-1, keepdim=True), FP4_MAX, FP4_MAX * 2.0 ** -126)
+    v = xf / s
+    a = v.abs().clamp(max=FP4_MAX)
+    step = torch.where(a < 2.0, 0.5, torch.where(a < 4.0, 1.0, 2.0))
+    q = torch.copysign(torch.round(a / step) * step, v)
+    return (q * s).flatten(-2).to(x.dtype)
+
+
 def quant_int8_per_token(x: Tensor) -> tuple[Tensor, Tensor]:
     """npu_dynamic_quant's formula for activations it cannot take (fp32): scale = amax/127, q = round(x/scale)."""
     xf = x.float()

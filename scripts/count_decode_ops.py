@@ -12,6 +12,10 @@ Paths: "eager" = the model's forward (transformer.py) for one token; "static" = 
 
     python scripts/count_decode_ops.py                         # prints a markdown section
     python scripts/count_decode_ops.py --markdown BENCHMARKS.md  # also writes it (only this script's section)
+    python scripts/count_decode_ops.py --only 950dt --by-seam    # where the ops go, per ops-seam method
+
+`--by-seam` attributes every op to the outermost ops-seam method (backend call: linear, rope, moe_experts...) that
+issued it; "graph" is the model's own glue between them (transformer.py / static.py: cat, slices, index writes).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import argparse
 import collections
 import contextlib
 import os
+import shlex
 import sys
 import types
 from pathlib import Path
@@ -47,7 +52,10 @@ class OpCounter(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.scope = "outside"
+        self.seam = "graph"  # the ops-seam method running (outermost), "graph" = the model's own glue
         self.counts: collections.Counter = collections.Counter()  # (scope, op) -> n
+        self.by_seam: collections.Counter = collections.Counter()  # (scope, seam, op) -> n
+        self.calls: collections.Counter = collections.Counter()  # (scope, seam) -> outermost calls
         self.internal: collections.Counter = collections.Counter()  # scope -> aten ops inside fused launches
         self._inside = 0
 
@@ -55,18 +63,33 @@ class OpCounter(TorchDispatchMode):
         if self._inside:
             self.internal[self.scope] += 1
         else:
-            self.counts[(self.scope, str(func.overloadpacket.__name__))] += 1
+            op = str(func.overloadpacket.__name__)
+            self.counts[(self.scope, op)] += 1
+            self.by_seam[(self.scope, self.seam, op)] += 1
         return func(*args, **(kwargs or {}))
 
     @contextlib.contextmanager
     def fused(self, name: str):
         if not self._inside:
             self.counts[(self.scope, name)] += 1
+            self.by_seam[(self.scope, self.seam, name)] += 1
         self._inside += 1
         try:
             yield
         finally:
             self._inside -= 1
+
+    @contextlib.contextmanager
+    def in_seam(self, name: str):
+        """Attribute the aten ops of an ops-seam call (the outermost one: a method calling another stays in it)."""
+        outer = self.seam
+        if outer == "graph":
+            self.seam = name
+            self.calls[(self.scope, name)] += 1
+        try:
+            yield
+        finally:
+            self.seam = outer
 
     def per_scope(self) -> dict[str, int]:
         out: collections.Counter = collections.Counter()
@@ -139,6 +162,28 @@ def layer_scopes(model, counter: OpCounter):
             h.remove()
 
 
+SEAM_METHODS = ("indexer_scores", "all_reduce", "all_gather", "prepare_rope")  # beside OP_NAMES
+
+
+def seam_scopes(ops, decoder, counter: OpCounter) -> None:
+    """Attribute ops to the ops-seam method (backend call) that issues them: every seam method of this ops object,
+    and the static step's routed-experts function, is wrapped on the instance."""
+    from dsv4.common.model.ops import OP_NAMES
+
+    def wrap(fn, name):
+        def seam(*a, **k):
+            with counter.in_seam(name):
+                return fn(*a, **k)
+
+        return seam
+
+    for name in (*OP_NAMES, *SEAM_METHODS):
+        if hasattr(ops, name):
+            setattr(ops, name, wrap(getattr(ops, name), name))
+    if decoder.routed is not None:
+        decoder.routed = wrap(decoder.routed, "moe_experts (static routed_experts)")
+
+
 def make_ops(backend: str, chip: str | None):
     if backend == "reference":
         from dsv4.common.model.reference import ReferenceOps
@@ -179,6 +224,7 @@ def count(backend: str, chip: str | None, dtype: torch.dtype, weights: str, path
     step(PROMPT)  # not counted: a backend converts weights to its formats once, at their first use
     counter = OpCounter()
     count_fused_launches(counter, ops)
+    seam_scopes(ops, decoder, counter)
     with layer_scopes(model, counter), counter:
         step(PROMPT + 1)
     scopes = counter.per_scope()
@@ -189,10 +235,33 @@ def count(backend: str, chip: str | None, dtype: torch.dtype, weights: str, path
         if scope.startswith("layer"):
             by_op[op] += n
     compute = sum(n for op, n in by_op.items() if op not in VIEW_OPS) / len(layers)
+    seams: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)  # seam -> op -> n
+    calls: collections.Counter = collections.Counter()  # seam -> outermost calls, all layers
+    for (scope, seam), n in counter.calls.items():
+        if scope.startswith("layer"):
+            calls[seam] += n
+    for (scope, seam, op), n in counter.by_seam.items():
+        if scope.startswith("layer"):
+            seams[seam][op] += n
     return dict(per_layer=sum(layers) / len(layers), compute=compute, layers=layers, outside=scopes.get("outside", 0),
                 total=sum(scopes.values()), fused=sum(n for (s, op), n in counter.counts.items()
                                                       if s.startswith("layer") and "." in op) / len(layers),
-                internals=(sum(layers) + inside) / len(layers), top=by_op.most_common(8))
+                internals=(sum(layers) + inside) / len(layers), top=by_op.most_common(8), seams=seams,
+                calls=calls, n_layers=len(layers))
+
+
+def seam_report(label: str, res: dict) -> str:
+    """Per layer, by ops-seam method: all ops, ops without views, and the aten ops that make them up."""
+    n = res["n_layers"]
+    rows = sorted(res["seams"].items(), key=lambda kv: -sum(kv[1].values()))
+    out = [f"### {label}: static step, ops per layer by ops-seam method", "",
+           "| seam method | calls/layer | ops/layer | without views | top aten ops (per layer) |",
+           "|---|---:|---:|---:|---|"]
+    for seam, ops in rows:
+        total, compute = sum(ops.values()) / n, sum(v for k, v in ops.items() if k not in VIEW_OPS) / n
+        top = ", ".join(f"{k} {v / n:g}" for k, v in ops.most_common(8))
+        out.append(f"| {seam} | {res['calls'].get(seam, 0) / n:g} | {total:g} | {compute:g} | {top} |")
+    return "\n".join(out) + "\n"
 
 
 CASES = [  # (label, backend, chip, dtype, weights[, config changes])
@@ -214,7 +283,7 @@ def update_markdown(path: Path, section: str) -> None:
     block = f"{BEGIN}\n{section.rstrip()}\n{END}\n"
     if BEGIN in text and END in text:
         head, rest = text.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1].lstrip("\n")
+        text = head + block + "\n" + rest.split(END, 1)[1].lstrip("\n")
     else:
         text = text.rstrip("\n") + "\n\n" + block
     path.write_text(text)
@@ -225,20 +294,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--only", default=None, help="run only cases whose label contains this text")
     p.add_argument("--markdown", type=Path, default=None)
+    p.add_argument("--by-seam", nargs="?", const="", default=None, metavar="LABEL",
+                   help="also give, for the cases whose label contains LABEL (all without one), the static step's "
+                        "ops per layer grouped by ops-seam method (printed, and written with --markdown)")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     args = load_named_config("tiny")
-    rows = []
+    rows, seam_tables = [], []
     for label, backend, chip, dtype, weights, *changes in CASES:
         if a.only and a.only not in label:
             continue
         res = {path: count(backend, chip, dtype, weights, path, a.batch, *changes) for path in ("eager", "static")}
         rows.append((label, weights, res))
+        if a.by_seam is not None and a.by_seam in label:
+            seam_tables.append(seam_report(label, res["static"]))
         e, s = res["eager"], res["static"]
         print(f"{label:42s} eager {e['per_layer']:7.1f}  static {s['per_layer']:7.1f} per layer "
               f"(layers {s['layers']}, outside {s['outside']}, fused {s['fused']:.1f}); top {s['top'][:5]}",
               file=sys.stderr)
-    cmd = "python scripts/count_decode_ops.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    cmd = "python scripts/count_decode_ops.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     out = ["## Operators per decode step (scripts/count_decode_ops.py)", "",
            f"Command: `{cmd.strip()}`", "",
            f"Tiny model (dim {args.dim}, layers {args.compress_ratios[:args.n_layers]}, {args.n_routed_experts} "
@@ -259,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         out.append(f"| {label} | {weights} | {e['per_layer']:.0f} | {s['per_layer']:.0f} | {s['compute']:.0f} | "
                    f"{s['fused']:.0f} | "
                    f"{s['outside']} | {s['internals']:.0f} |")
-    section = "\n".join(out) + "\n"
+    section = "\n".join(out) + "\n" + "".join("\n" + t for t in seam_tables)
     print(section)
     if a.markdown:
         update_markdown(a.markdown, section)

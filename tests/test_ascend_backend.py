@@ -53,12 +53,15 @@ def test_950dt_picks_fused_mhc_and_fp8():
     ops = ascend.create_ops(emulate=True)  # default emulated chip
     assert ops.chip == "950dt"
     d = ops.describe()
-    assert d["linear"].startswith("torch FP8") and d["hc_pre"].startswith("npu_mhc_pre")
+    assert d["linear"].startswith("npu_dynamic_mx_quant FP8") and d["hc_pre"].startswith("npu_mhc_pre")
     x = torch.randn(1, 2, 4, 64).bfloat16()
     ops.hc_pre(x, torch.randn(24, 256) * 0.05, torch.ones(3), torch.zeros(24), 20, 1e-6, 1e-6)
     assert ops.last_path["hc_pre"] == "npu_mhc_pre + npu_mhc_sinkhorn"
     ops.linear(torch.randn(3, 256).bfloat16(), fp8w())
-    assert ops.last_path["linear"].startswith("torch FP8-simulated")  # no FP8 quant_matmul documented in 2.14.0
+    # no FP8 quant_matmul documented in 2.14.0: the GEMM is torch, the activation's FP8 quantisation the fused op
+    assert ops.last_path["linear"].startswith("npu_dynamic_mx_quant activation + torch GEMM")
+    ops.linear(torch.randn(3, 256), fp8w())  # fp32 activations: the op takes fp32 with 32-blocks only
+    assert ops.last_path["linear"].startswith("torch FP8-simulated")
 
 
 def test_products_gate_ops_and_env_var_picks_chip(monkeypatch):

@@ -118,9 +118,11 @@ def test_linear_fp8_path_on_950(make):
     w = make()
     x = randn(5, 3, 256, seed=7)  # 15 tokens: not a multiple of any block
     torch.testing.assert_close(ops.linear(x, w), REF.linear(x, w), atol=1e-5, rtol=1e-5)
+    assert ops.last_path["linear"].startswith("torch FP8-simulated")  # fp32 activations: the op wants bf16/fp16
     yb = ops.linear(x.bfloat16(), w)
-    # 2.14.0: no documented FP8 npu_quant_matmul (no FP8 table, 950 not among its products): the torch FP8 math
-    assert ops.last_path["linear"].startswith("torch FP8-simulated")
+    # 2.14.0: no documented FP8 npu_quant_matmul (no FP8 table, 950 not among its products): the GEMM is torch, the
+    # activation's FP8 quantisation the 950's fused MX op
+    assert ops.last_path["linear"].startswith("npu_dynamic_mx_quant activation")
     # bf16: the same FP8 codes and scales, the same math -> at most 1 ulp of the output magnitude
     ref = REF.linear(x.bfloat16(), w).float()
     torch.testing.assert_close(yb.float(), ref, rtol=BF16_ULP, atol=BF16_ULP * ref.abs().max().item())
@@ -271,8 +273,9 @@ def test_moe_experts_dense_fp32(chip):
     x, w, ids, (w1, w2, w3) = moe_case()
     got = ops.moe_experts(x, w, ids, w1, w2, w3, 0.5)  # small limit: the clamp really bites
     path = ops.last_path["moe_experts"]
-    # 950: init_routing_v2 / grouped_matmul list A2/A3 (A2) as products in 2.14.0, so the torch reference runs
-    assert path.startswith("npu_moe_init_routing_v2" if chip == "910b" else "torch reference")
+    # 950: init_routing_v2 / grouped_matmul list A2/A3 (A2) as products in 2.14.0, so torch runs: the static-shape
+    # form (one gathered expert per pair) for decode-sized calls, the reference's loop for long ones (below)
+    assert path.startswith("npu_moe_init_routing_v2" if chip == "910b" else "torch, static shapes")
     assert ("finalize" in path) == (chip == "910b")
     torch.testing.assert_close(got, REF.moe_experts(x, w, ids, w1, w2, w3, 0.5), atol=1e-5, rtol=1e-5)
 
@@ -296,11 +299,15 @@ def test_moe_experts_fp4_on_950():
     # fp32: FP4 re-encoded as FP8 exactly, activations FP8-simulated, dequantised float grouped GEMM
     torch.testing.assert_close(ops.moe_experts(x, w, ids, w1, w2, w3, 10.0), ref, atol=1e-5, rtol=1e-5)
     got = ops.moe_experts(x.bfloat16(), w, ids, w1, w2, w3, 10.0)
-    assert ops.last_path["moe_experts"].startswith("torch reference")
+    assert ops.last_path["moe_experts"].startswith("torch, static shapes")  # 14 pairs: the decode form
     refb = REF.moe_experts(x.bfloat16(), w, ids, w1, w2, w3, 10.0)
     # bf16: the w1/w3 outputs and h are rounded to bf16 in both; a 1-ulp flip there moves the FP8 quantisation
     # of h by at most one e4m3 step (2^-3 relative) on that element -> bound the error at 1% of the output scale
     assert (got - refb).abs().max() < 1e-2 * refb.abs().max()
+    xl, wl, idl = x.repeat(5, 1), w.repeat(5, 1), ids.repeat(5, 1)  # 70 pairs > STATIC_EXPERT_PAIRS: the loop
+    torch.testing.assert_close(ops.moe_experts(xl, wl, idl, w1, w2, w3, 10.0),
+                               REF.moe_experts(xl, wl, idl, w1, w2, w3, 10.0), atol=0, rtol=0)
+    assert ops.last_path["moe_experts"].startswith("torch reference")
 
 
 def test_moe_experts_w4a8_on_910b():

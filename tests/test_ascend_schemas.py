@@ -210,6 +210,8 @@ META_CASES = {
                                    "interleave"), {}),  # the meta function names it `mode`: positional
     "npu_swiglu": (("910b",), (torch.randn(3, 8, dtype=BF),), {}),
     "npu_dynamic_quant": (("910b",), (torch.randn(5, 16, dtype=BF),), {}),
+    "npu_dynamic_mx_quant": (("950dt",), (torch.randn(2, 5, 192, dtype=BF),),
+                             {"dst_type": 292, "block_size": 64, "scale_alg": 1, "max_low_bound": 1e-4}),
     "npu_mhc_pre": (("950dt",), (torch.randn(2, 3, 4, 16, dtype=BF), torch.randn(24, 64), torch.ones(3),
                                  torch.zeros(24)), {}),
     "npu_mhc_sinkhorn": (("950dt",), (torch.rand(2, 3, 4, 4),), {"eps": 1e-6, "num_iters": 5}),

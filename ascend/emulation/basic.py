@@ -184,3 +184,65 @@ def npu_quant_matmul(chip: str, x1: Tensor, x2: Tensor, scale: Tensor, *, offset
         return torch.round(out).clamp(-128, 127).to(torch.int8)
     check(out_dt in HALF_ACT, op, f"output_dtype must be fp16/bf16 (or int8), got {out_dt}")
     return out.to(out_dt)
+
+
+# -- MX quantisation (950) ------------------------------------------------------------------------------------------
+# dst_type codes: torch_npu's own enum (doc: float8_e5m2 291, float8_e4m3fn 292, float4_e2m1fn_x2 296, float4_e1m2fn_x2
+# 297) or torch's ScalarType code of a torch.dtype passed in (the wheel's meta map also takes 23 / 24)
+MX_FP8_TYPES = {291: torch.float8_e5m2, 292: torch.float8_e4m3fn}
+MX_FP4_TYPES = (296, 297)
+MX_EMAX = {torch.float8_e4m3fn: 8, torch.float8_e5m2: 15}  # aclnnDynamicMxQuantV3 doc: emax of the largest normal
+
+
+def _mx_fp8_type(dst_type: int) -> torch.dtype | None:
+    return MX_FP8_TYPES.get(int(dst_type)) or {torch.float8_e4m3fn: torch.float8_e4m3fn,
+                                               torch.float8_e5m2: torch.float8_e5m2}.get(as_dtype(dst_type))
+
+
+def npu_dynamic_mx_quant(chip: str, input: Tensor, *, axis: int = -1, round_mode: str = "rint", dst_type: int = 296,
+                         block_size: int = 32, scale_alg: int | None = 0, dst_type_max: float = 0.0,
+                         max_low_bound: float = 0.0) -> tuple[Tensor, Tensor]:
+    """MX quantisation along `axis` in blocks of block_size: per block a power-of-two mxscale (e8m0 bytes), y =
+    cast(x / mxscale). doc (wheel): input fp16/bf16/fp32, 1-7 D; fp32 needs block_size 32; block_size a multiple of
+    32 in (0, 1024]; FP8 round_mode "rint" only; scale_alg 0 (OCP) or 1 (cuBLAS, FP8 only); max_low_bound only with
+    scale_alg 1 (Amax = max(Amax, max_low_bound)); products: 950PR/950DT. mxscale (uint8) has input's shape with the
+    axis replaced by ceil(n / block_size) padded to even, / 2, and a trailing 2 (meta function).
+    Formulas from hicann/ops-nn aclnnDynamicMxQuantV3.md (the kernel torch_npu calls first): scale_alg 0: mxscale =
+    2^(floor(log2(amax)) - emax); scale_alg 1: S = amax / Amax(dtype), its exponent rounded up when S is not a power
+    of two; a partial last block counts missing values as 0; the even padding of mxscale is 0. Emulated: FP8 outputs
+    on the last axis (FP4 packing is not). ASSUMED: scale_alg 0 saturates y at the type's max."""
+    op = "npu_dynamic_mx_quant"
+    check(is_a5(chip), op, f"only on 950PR/950DT (doc: supported products), chip is {chip}")
+    check(1 <= input.dim() <= 7 and input.dtype in FLOAT_ACT, op, f"input must be 1-7 D fp16/bf16/fp32, got "
+          f"{input.dim()}-D {input.dtype}")
+    check(axis in (-1, input.dim() - 1), op, "only the last axis is emulated")
+    check(block_size % 32 == 0 and 0 < block_size <= 1024, op, f"block_size must be a multiple of 32 in (0, 1024], "
+          f"got {block_size}")
+    check(input.dtype != torch.float32 or block_size == 32, op, "fp32 input needs block_size 32 (doc)")
+    check(int(dst_type) not in MX_FP4_TYPES, op, "FP4 outputs (packed nibbles) are not emulated")
+    out_dt = _mx_fp8_type(dst_type)
+    check(out_dt is not None, op, f"dst_type must be float8_e5m2 (291) / float8_e4m3fn (292), got {dst_type}")
+    check(round_mode == "rint", op, f"FP8 outputs take round_mode 'rint' only, got {round_mode!r}")
+    check(scale_alg in (0, 1), op, f"FP8 outputs take scale_alg 0 or 1, got {scale_alg}")
+    check(dst_type_max == 0.0, op, "dst_type_max is for FP4 e2m1 with block_size 32 only")
+    check(max_low_bound >= 0.0 and (scale_alg == 1 or max_low_bound == 0.0), op,
+          "max_low_bound must be >= 0 and is allowed only with scale_alg 1")
+    n = input.shape[-1]
+    nb = -(-n // block_size)
+    xf = torch.nn.functional.pad(input.float(), (0, nb * block_size - n))  # missing values count as 0
+    blocks = xf.unflatten(-1, (nb, block_size))
+    amax = blocks.abs().amax(-1)  # [..., nb]
+    fmax = torch.finfo(out_dt).max
+    if scale_alg == 1:
+        s = torch.clamp(amax, min=max_low_bound) / fmax
+        mant, exp = torch.frexp(s)  # s = mant * 2^exp, mant in [0.5, 1): a power of two has mant 0.5
+        e = torch.where(mant > 0.5, exp, exp - 1)  # the unbiased exponent, rounded up unless s is a power of two
+        byte = torch.where(s > 0, (e + 127).clamp(0, 254), torch.zeros_like(e))
+    else:
+        e = torch.floor(torch.log2(amax)) - MX_EMAX[out_dt]
+        byte = torch.where(amax > 0, (e + 127).clamp(0, 254), torch.zeros_like(e))
+    scale = torch.exp2(byte.float() - 127.0)
+    q = (blocks * (1.0 / scale).unsqueeze(-1)).clamp(-fmax, fmax)
+    y = q.flatten(-2)[..., :n].to(out_dt)
+    mx = torch.nn.functional.pad(byte.to(torch.uint8), (0, nb % 2))  # even padding of the block axis, value 0
+    return y, mx.unflatten(-1, (-1, 2))

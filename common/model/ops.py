@@ -57,6 +57,12 @@ class Ops:
         inverse=True rotates by the negative angle (the conjugate)."""
         raise NotImplementedError
 
+    def prepare_rope(self, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        """The rope tables cos/sin [B,S,r/2] fp32 in the form this backend's `rope` takes fastest, computed once per
+        decode step (common/model/static.py StepPlan) and passed to every rope call of the step in place of cos/sin.
+        The default is the identity; a backend's `rope` must accept its own prepared tables and the raw ones."""
+        return cos, sin
+
     # -- simulated quantisation (QAT matching) and the Hadamard rotation -----------------------------------------------
     def fp8_sim(self, x: Tensor, block: int, mode: str = "e4m3") -> Tensor:
         """FP8 quant-dequant along the last dim in blocks: per block s = 2^ceil(log2(max(amax,1e-4)/448)),

@@ -66,7 +66,7 @@ class DistributedOps(Ops):
             raise ValueError(f"ep_comm must be 'alltoall' or 'allreduce', got {ep_comm!r}")
         self.inner, self.groups, self.ep_comm = inner, groups, ep_comm
         self.name, self.device = f"{inner.name}+dist", inner.device
-        for op in OP_NAMES + ["indexer_scores"]:
+        for op in OP_NAMES + ["indexer_scores", "prepare_rope"]:
             if op != "moe_experts":
                 setattr(self, op, getattr(inner, op))
 

@@ -31,8 +31,9 @@ import torch
 from torch import Tensor
 
 from dsv4.common.model.cache import CompressorState, KVCache, LayerStore
+from dsv4.common.model.config import FP4_BLOCK
 from dsv4.common.model.ops import LinearWeight, Ops, topk_visible
-from dsv4.common.model.quant import dequant_weight
+from dsv4.common.model.quant import E2M1_VALUES, dequant_weight
 from dsv4.common.model.rope import RopeTable
 from dsv4.common.model.transformer import Attention, Block, Compressor, Indexer, MoE, Transformer
 
@@ -46,7 +47,9 @@ class StepPlan:
         a = model.args
         W = a.window_size
         self.cache, self.slots, self.pos, self.context, self.W = cache, slots, pos, context, W
-        self.cos_sin = {id(t): t.cos_sin(pos[:, None]) for t in (model.rope_window, model.rope_compressed)}
+        # rope tables in the backend's own form (Ops.prepare_rope), made once here for every rope call of the step
+        prep = model.ops.prepare_rope
+        self.cos_sin = {id(t): prep(*t.cos_sin(pos[:, None])) for t in (model.rope_window, model.rope_compressed)}
         kpos = pos[:, None] - W + 1 + torch.arange(W, device=pos.device)  # [B,W] positions of the window
         self.window_rows = torch.where(kpos >= 0, slots[:, None] * W + kpos % W, -1)  # [B,W] flat ring rows
         self.ring_row = slots * W + pos % W  # [B] where this token's KV goes
@@ -55,7 +58,7 @@ class StepPlan:
         self.block = {r: pos // r for r in ratios}  # index of the block the token belongs to
         self.visible = {r: (pos + 1) // r for r in ratios}  # complete blocks the query sees
         # compressed entries rotate at their block's first position, with the compressed layers' table
-        self.entry_cos_sin = {r: model.rope_compressed.cos_sin((self.block[r] * r)[:, None]) for r in ratios}
+        self.entry_cos_sin = {r: prep(*model.rope_compressed.cos_sin((self.block[r] * r)[:, None])) for r in ratios}
         self._rows: dict[int, Tensor] = {}
 
     def capacity(self, ratio: int) -> int:
@@ -155,10 +158,34 @@ def attention_step(attn: Attention, ops: Ops, x: Tensor, st: LayerStore, rope: R
 def _gathered_linear(ops: Ops, x: Tensor, w: LinearWeight, e: Tensor) -> Tensor:
     """x [M,1,in] @ W[e[m]]^T for each row m with the reference linear's numerics (ReferenceOps.linear): dense
     weights in x.dtype; FP8/FP4 weights dequantised, the activation FP8-simulated in 1x128 blocks, fp32 product."""
+    # torch.bmm is the kernel torch.matmul runs for these 3-D operands, called directly (matmul adds expands/views)
     if w.fmt == "none":
-        return torch.matmul(x, w.weight[e].to(x.dtype).transpose(1, 2))
-    xq = ops.fp8_sim(x.float(), 128)
-    return torch.matmul(xq, dequant_weight(w.weight[e], w.scale[e], w.fmt).transpose(1, 2)).to(x.dtype)
+        return torch.bmm(x, w.weight[e].to(x.dtype).transpose(1, 2))
+    # bf16 rows go in as they are: their FP8 simulation is exact in bf16 (e4m3 codes times powers of two), so this is
+    # fp8_sim(x.float()) bit for bit, and a backend can use its fused quantisation op (which takes bf16/fp16)
+    xq = ops.fp8_sim(x, 128).float() if x.dtype == torch.bfloat16 else ops.fp8_sim(x.float(), 128)
+    return torch.bmm(xq, gathered_weight(w, e).transpose(1, 2)).to(x.dtype)
+
+
+_FP4_BYTE_VALUES: dict[str, Tensor] = {}  # device -> [256, 2] fp32, kept like reference.hadamard_matrix's tables
+
+
+def gathered_weight(w: LinearWeight, e: Tensor) -> Tensor:
+    """fp32 W[e[m]] [M, out, in] of a stacked FP8/FP4 weight: quant.dequant_weight's values (the same products), for
+    FP4 by one lookup per packed byte (both nibbles at once: low nibble = even column) and one multiply by the 1x32
+    block scales, instead of unpacking nibbles and expanding the scales to full width."""
+    if w.fmt != "fp4" or w.weight.shape[-1] * 2 % FP4_BLOCK:
+        return dequant_weight(w.weight[e], w.scale[e], w.fmt)
+    dev = str(w.weight.device)
+    table = _FP4_BYTE_VALUES.get(dev)
+    if table is None:
+        b = torch.arange(256)
+        table = _FP4_BYTE_VALUES[dev] = torch.stack([E2M1_VALUES[b & 15], E2M1_VALUES[b >> 4]], -1).to(dev)
+    packed = w.weight[e]  # [M, out, in/2] int8
+    M, out, half = packed.shape
+    vals = table[packed.view(torch.uint8).long()]  # [M, out, in/2, 2]
+    blocks = vals.view(M, out, half * 2 // FP4_BLOCK, FP4_BLOCK) * w.scale[e].unsqueeze(-1)
+    return blocks.view(M, out, half * 2)
 
 
 def routed_experts(ops: Ops) -> Callable[..., Tensor]:
