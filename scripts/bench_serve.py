@@ -226,6 +226,7 @@ def main() -> int:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--long-prompt", type=int, default=4096)
     p.add_argument("--short-requests", type=int, default=10)
+    p.add_argument("--no-interference", action="store_true", help="only the concurrency levels (quick looks)")
     p.add_argument("--time-limit", type=float, default=300.0, help="seconds per phase")
     p.add_argument("--rounds", type=int, default=2,
                    help="repeat the sweep: each level reports its best round, interference pools the rounds' samples")
@@ -245,6 +246,8 @@ def main() -> int:
                 print(f"round {rnd + 1}, concurrency {c}: {x['tok_s']:.1f} tok/s", file=sys.stderr)
                 if c not in best or x["tok_s"] > best[c]["tok_s"]:
                     best[c] = x
+            if a.no_interference:
+                continue
             i = asyncio.run(interference(url, a, vocab))
             inter["idle"] += i["idle"]
             inter["beside"] += i["beside"]
