@@ -64,6 +64,8 @@ def start_server(a: argparse.Namespace) -> tuple[subprocess.Popen, str]:
         argv += ["--long-prefill-chunk", str(a.long_prefill_chunk)]
     if a.compile_decode:
         argv += ["--compile-decode", a.compile_decode]
+    if a.batched_decode_min_rows is not None:
+        argv += ["--batched-decode-min-rows", str(a.batched_decode_min_rows)]
     env = {**os.environ, **({"OMP_NUM_THREADS": str(a.threads)} if a.threads else {})}
     proc = subprocess.Popen(argv, env=env)
     url = f"http://127.0.0.1:{port}"
@@ -251,6 +253,8 @@ def main() -> int:
     p.add_argument("--compile-decode", default=None,
                    help="the server's --compile-decode (eager: the static-shape step uncaptured, all rows at once)")
     p.add_argument("--step-tokens", type=int, default=None)
+    p.add_argument("--batched-decode-min-rows", type=int, default=None,
+                   help="the server's --batched-decode-min-rows (0: decode always through the eager forward)")
     p.add_argument("--concurrency", default="1,4,16,64")
     p.add_argument("--requests-per-level", type=int, default=2, help="requests = this x concurrency ...")
     p.add_argument("--min-requests", type=int, default=8, help="... but at least this many")

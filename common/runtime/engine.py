@@ -169,6 +169,8 @@ class Engine:
         None: always the eager forward, which groups rows by position)."""
         if max_batch < 1 or prefill_chunk < 1:
             raise ValueError(f"max_batch and prefill_chunk must be >= 1, got {max_batch} and {prefill_chunk}")
+        if batched_decode_min_rows is not None and batched_decode_min_rows < 1:
+            raise ValueError(f"batched_decode_min_rows must be >= 1 (None = off), got {batched_decode_min_rows}")
         self.model, self.args, self.tokenizer = model, model.args, tokenizer
         self.max_seq_len = max_seq_len or model.args.max_seq_len
         self.prefill_chunk, self.max_waiting, self.max_logprobs = prefill_chunk, max_waiting, max_logprobs
