@@ -104,6 +104,15 @@ async def one(client: httpx.AsyncClient, url: str, prompt: list[int], max_tokens
     return {"start": t0, "times": times}
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all threads (Linux /proc; nan elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def prompt_of(n: int, i: int, vocab: int) -> list[int]:
     g = torch.Generator().manual_seed(1000 + i)
     return torch.randint(4, vocab, (n,), generator=g).tolist()
@@ -129,7 +138,7 @@ async def level(url: str, conc: int, n_req: int, a: argparse.Namespace, vocab: i
     ttft = [r["times"][0] - r["start"] for r in results if r["times"]]
     itl = [b - x for r in results for x, b in zip(r["times"], r["times"][1:], strict=False)]
     toks = sum(len(r["times"]) for r in results)
-    return {"conc": conc, "requests": len(results), "asked": n_req, "wall": wall, "tok_s": toks / wall,
+    return {"conc": conc, "requests": len(results), "asked": n_req, "wall": wall, "tokens": toks, "tok_s": toks / wall,
             "req_s": len(results) / wall, "ttft50": pct(ttft, 50), "ttft99": pct(ttft, 99), "itl50": pct(itl, 50),
             "itl99": pct(itl, 99)}
 
@@ -149,6 +158,9 @@ async def interference(url: str, a: argparse.Namespace, vocab: int) -> dict:
             if not long_task.done():  # only those that finished while the long prompt was still prefilling
                 beside.append(r["times"][0] - r["start"])
         long_r = await long_task
+        for i in range(a.short_requests):  # idle again: the machine's load drifts, so idle brackets the long phase
+            r = await one(client, url, prompt_of(a.prompt_tokens, 7000 + i, vocab), 1)
+            idle.append(r["times"][0] - r["start"])
         alone = float("nan")
         if a.long_alone:  # the same long prompt with nothing beside it: what the short requests cost it
             r = await one(client, url, prompt_of(a.long_prompt, 9998, vocab), 1)
@@ -203,6 +215,13 @@ def section(a: argparse.Namespace, rounds: list[dict], total_s: float) -> str:
         lines.append(f"Target (output tok/s at concurrency 16 >= 8x concurrency 1): {m:.1f}x (rounds: "
                      f"{', '.join(f'{x:.1f}x' for x in per)}), {'met' if m >= 8 else 'NOT met'}.")
         lines.append("")
+        cpu = [r["levels"][1]["cpu_per_tok"] / r["levels"][16]["cpu_per_tok"] for r in rounds]
+        per_tok = ", ".join(f"concurrency {c} {median([r['levels'][c]['cpu_per_tok'] for r in rounds]) * 1e3:.1f} ms"
+                            for c in concs)
+        lines.append("The server process's CPU time per output token (all its threads; what other processes on the "
+                     f"machine take does not count): {per_tok}; concurrency 1 over 16: {median(cpu):.1f}x (rounds: "
+                     f"{', '.join(f'{x:.1f}x' for x in cpu)}), the ratio with a core to itself.")
+        lines.append("")
     if rounds[0].get("inter"):
         it = [r["inter"] for r in rounds]
         per = [pct(i["beside"], 99) / pct(i["idle"], 99) for i in it]
@@ -214,7 +233,8 @@ def section(a: argparse.Namespace, rounds: list[dict], total_s: float) -> str:
         alone = f"; alone {alone_t:.2f} s" if alone_t == alone_t else ""
         lines += [
             f"Interference, per round: {a.short_requests} short requests ({a.prompt_tokens}-token prompts, 1 token) "
-            f"one after another on the idle server, then more while a {a.long_prompt}-token prompt prefilled beside "
+            f"one after another on the idle server before and {a.short_requests} after, and more while a "
+            f"{a.long_prompt}-token prompt prefilled beside "
             f"them ({len(beside)} in all; the long prompt's own TTFT beside them {long_t:.2f} s{alone}, medians "
             f"over the rounds). The table pools the rounds' samples; the target is the median of the per-round "
             f"ratios.",
@@ -281,7 +301,9 @@ def main() -> int:
             load0 = os.getloadavg()[0]
             levels = {}
             for c in [int(x) for x in a.concurrency.split(",")]:
+                cpu0 = cpu_seconds(proc.pid)
                 levels[c] = asyncio.run(level(url, c, max(a.min_requests, a.requests_per_level * c), a, vocab))
+                levels[c]["cpu_per_tok"] = (cpu_seconds(proc.pid) - cpu0) / max(levels[c]["tokens"], 1)
                 print(f"round {rnd + 1}, concurrency {c}: {levels[c]['tok_s']:.1f} tok/s", file=sys.stderr)
             inter = None if a.no_interference else asyncio.run(interference(url, a, vocab))
             if inter:

@@ -95,6 +95,17 @@ def test_engine_decodes_many_rows_in_one_batched_step_with_the_same_tokens(model
     assert batched.steps * 3 <= total  # each batched step served at least min_rows requests
 
 
+def test_one_token_prompts_prefill_through_the_eager_forward(model):
+    """Four one-token prompts: their prefill is a one-token step at position 0, which the batched step does not
+    take (the eager forward initialises the compressor states there); their decodes then run batched."""
+    prompts = [[7 + i] for i in range(4)]
+    eng = Engine(model, max_batch=4, max_seq_len=MAX_SEQ)
+    reqs = [eng.add(Request(p, greedy(4))) for p in prompts]
+    list(eng.run_until_idle())
+    assert [r.output for r in reqs] == [alone(model, p, 4) for p in prompts]
+    assert [r.finish_reason for r in reqs] == ["length"] * 4 and eng.runner.batched.steps == 3
+
+
 def test_engine_without_batched_decode_keeps_the_eager_forward(model):
     eng = Engine(model, max_batch=4, max_seq_len=MAX_SEQ, batched_decode_min_rows=None)
     for i in range(4):

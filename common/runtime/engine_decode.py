@@ -39,8 +39,10 @@ class BatchedDecode:
         self.device = model.embed.weight.device
         self.steps = 0
 
-    def wants(self, n_rows: int) -> bool:
-        return n_rows >= self.min_rows
+    def wants(self, slots: Sequence[int]) -> bool:
+        """Whether a one-token step of these slots should run here: enough rows, and none at position 0 (a
+        one-token prompt's prefill, which initialises the compressor states: the eager forward's job)."""
+        return len(slots) >= self.min_rows and int(self.cache.lengths[list(slots)].min()) >= 1
 
     def step(self, tokens: Tensor, slots: Sequence[int]) -> Tensor:
         """Logits [B,V] fp32 of tokens [B] fed at the slots' cached lengths (each >= 1: position 0 is a prefill);

@@ -118,11 +118,11 @@ class ModelRunner:
         return self.model(self._tokens(rows), self.cache, slots=slot_index(slots))
 
     def _batched_decode(self, rows: list[list[int]], slots: list[int]) -> Tensor:
-        """A plain decode step of enough rows through engine_decode.BatchedDecode (every row's compressors at once),
-        fewer rows through the eager forward. Logits [B,1,V]."""
+        """A one-token step of enough rows through engine_decode.BatchedDecode (every row's compressors at once);
+        fewer rows, or a one-token prompt at position 0, through the eager forward. Logits [B,1,V]."""
         if self.batched is None:
             self.batched = BatchedDecode(self.model, self.cache, self.batched_decode_min_rows)
-        if not self.batched.wants(len(rows)):
+        if not self.batched.wants(slots):
             return self.model(self._tokens(rows), self.cache, slots=slot_index(slots))
         return self.batched.step(self._tokens(rows)[:, 0], slots)[:, None]
 
