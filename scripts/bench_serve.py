@@ -11,7 +11,8 @@ a time limit per phase (a phase that runs out of time reports what finished).
    while the long prompt had not). Target: TTFT p99 beside the long prompt <= 2x idle.
 
 The server is the real `dsv4 serve` command in its own process on the embedded tiny model; the clients are asyncio +
-httpx in this process on the same machine (their cost competes for the same cores).
+httpx in this process on the same machine (their cost competes for the same cores, so they read raw bytes and count
+SSE events without parsing them).
 
     python scripts/bench_serve.py                           # prints a markdown section
     python scripts/bench_serve.py --markdown BENCHMARKS.md  # also writes it (only this script's section)
@@ -25,6 +26,7 @@ import json
 import os
 import platform
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -62,6 +64,8 @@ def start_server(a: argparse.Namespace) -> tuple[subprocess.Popen, str]:
         argv += ["--long-prefill-chunk", str(a.long_prefill_chunk)]
     if a.compile_decode:
         argv += ["--compile-decode", a.compile_decode]
+    if a.batched_decode_min_rows is not None:
+        argv += ["--batched-decode-min-rows", str(a.batched_decode_min_rows)]
     env = {**os.environ, **({"OMP_NUM_THREADS": str(a.threads)} if a.threads else {})}
     proc = subprocess.Popen(argv, env=env)
     url = f"http://127.0.0.1:{port}"
@@ -77,21 +81,36 @@ def start_server(a: argparse.Namespace) -> tuple[subprocess.Popen, str]:
 
 
 async def one(client: httpx.AsyncClient, url: str, prompt: list[int], max_tokens: int) -> dict:
-    """One streamed completion: start, first-token and per-token arrival times."""
+    """One streamed completion: start, first-token and per-token arrival times. The client shares the server's
+    cores, so it reads raw bytes and only counts the SSE events (`data: ...` blocks, blank-line separated); it
+    parses JSON only for an event that carries an error."""
     t0 = time.perf_counter()
     times: list[float] = []
     body = {"model": NAME, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
             "stream": True}
     async with client.stream("POST", url + "/v1/completions", json=body) as r:
         r.raise_for_status()
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            ev = json.loads(line[6:])
-            if "error" in ev:
-                raise RuntimeError(ev["error"]["message"])
-            times.append(time.perf_counter())
+        buf = b""
+        async for chunk in r.aiter_raw():
+            now = time.perf_counter()
+            buf += chunk
+            *events, buf = buf.split(b"\n\n")
+            for ev in events:
+                if not ev.startswith(b"data: ") or ev == b"data: [DONE]":
+                    continue
+                if b'"error"' in ev and "error" in json.loads(ev[6:]):
+                    raise RuntimeError(json.loads(ev[6:])["error"]["message"])
+                times.append(now)
     return {"start": t0, "times": times}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all threads (Linux /proc; nan elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def prompt_of(n: int, i: int, vocab: int) -> list[int]:
@@ -119,7 +138,7 @@ async def level(url: str, conc: int, n_req: int, a: argparse.Namespace, vocab: i
     ttft = [r["times"][0] - r["start"] for r in results if r["times"]]
     itl = [b - x for r in results for x, b in zip(r["times"], r["times"][1:], strict=False)]
     toks = sum(len(r["times"]) for r in results)
-    return {"conc": conc, "requests": len(results), "asked": n_req, "wall": wall, "tok_s": toks / wall,
+    return {"conc": conc, "requests": len(results), "asked": n_req, "wall": wall, "tokens": toks, "tok_s": toks / wall,
             "req_s": len(results) / wall, "ttft50": pct(ttft, 50), "ttft99": pct(ttft, 99), "itl50": pct(itl, 50),
             "itl99": pct(itl, 99)}
 
@@ -139,35 +158,50 @@ async def interference(url: str, a: argparse.Namespace, vocab: int) -> dict:
             if not long_task.done():  # only those that finished while the long prompt was still prefilling
                 beside.append(r["times"][0] - r["start"])
         long_r = await long_task
-    return {"idle": idle, "beside": beside, "long_ttft": long_r["times"][0] - long_r["start"]}
+        for i in range(a.short_requests):  # idle again: the machine's load drifts, so idle brackets the long phase
+            r = await one(client, url, prompt_of(a.prompt_tokens, 7000 + i, vocab), 1)
+            idle.append(r["times"][0] - r["start"])
+        alone = float("nan")
+        if a.long_alone:  # the same long prompt with nothing beside it: what the short requests cost it
+            r = await one(client, url, prompt_of(a.long_prompt, 9998, vocab), 1)
+            alone = r["times"][0] - r["start"]
+    return {"idle": idle, "beside": beside, "long_ttft": long_r["times"][0] - long_r["start"], "long_alone": alone}
 
 
-def section(a: argparse.Namespace, levels: list[dict], inter: dict, total_s: float) -> str:
-    base = next(x for x in levels if x["conc"] == 1) if any(x["conc"] == 1 for x in levels) else None
+def median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def section(a: argparse.Namespace, rounds: list[dict], total_s: float) -> str:
+    """One run's markdown: per level the median over rounds; each target as the median of its per-round ratios
+    (a ratio is only read within one round, whose levels ran minutes apart under the same machine load)."""
+    concs = list(rounds[0]["levels"])
     rows = []
-    for x in levels:
-        ratio = f"{x['tok_s'] / base['tok_s']:.1f}x" if base else "-"
-        rows.append(f"| {x['conc']} | {x['requests']}/{x['asked']} | {x['tok_s']:.1f} | {ratio} | {x['req_s']:.2f} | "
-                    f"{x['ttft50'] * 1e3:.0f} | {x['ttft99'] * 1e3:.0f} | {x['itl50'] * 1e3:.1f} | "
-                    f"{x['itl99'] * 1e3:.1f} |")
-    c16 = next((x for x in levels if x["conc"] == 16), None)
-    idle99, beside99 = pct(inter["idle"], 99), pct(inter["beside"], 99)
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    for c in concs:
+        xs = [r["levels"][c] for r in rounds]
+        med = {k: median([x[k] for x in xs]) for k in ("tok_s", "req_s", "ttft50", "ttft99", "itl50", "itl99")}
+        ratio = median([r["levels"][c]["tok_s"] / r["levels"][1]["tok_s"] for r in rounds]) if 1 in concs else None
+        done = "/".join(str(v) for v in (min(x["requests"] for x in xs), xs[0]["asked"]))
+        rows.append(f"| {c} | {done} | {med['tok_s']:.1f} | {f'{ratio:.1f}x' if ratio else '-'} | "
+                    f"{med['req_s']:.2f} | {med['ttft50'] * 1e3:.0f} | {med['ttft99'] * 1e3:.0f} | "
+                    f"{med['itl50'] * 1e3:.1f} | {med['itl99'] * 1e3:.1f} |")
+    loads = ", ".join(f"{r['load'][0]:.1f}-{r['load'][1]:.1f}" for r in rounds)
     lines = [
         BEGIN,
         "## Serving: continuous batching under load (scripts/bench_serve.py)",
         "",
         f"Command: `{' '.join(['python scripts/bench_serve.py', *sys.argv[1:]])}`",
         "",
-        f"Setup: `dsv4 serve` (its own process) on 127.0.0.1, streaming clients (asyncio + httpx) in the benchmark's "
-        f"process; embedded {a.config} model (random weights), backend {a.backend}, its default dtype, max_batch "
+        f"Setup: `dsv4 serve` (its own process) on 127.0.0.1, streaming clients (asyncio + httpx, events "
+        f"counted from raw bytes) in the benchmark's process; embedded {a.config} model (random weights), backend "
+        f"{a.backend}, its default dtype, max_batch "
         f"{a.max_batch}, prefill chunk {a.prefill_chunk} (long prompts {a.long_prefill_chunk}), step budget "
         f"{a.step_tokens or a.prefill_chunk + a.max_batch} tokens; requests: {a.prompt_tokens}-token prompts, "
         f"{a.max_tokens} generated tokens (greedy, ignore_eos); "
         f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, server threads "
-        f"{a.threads or 'default'}; 1-min load average at the end {load:.1f} "
-        f"(the machine is shared: read the ratios, which come from one run; each level is the best of {a.rounds} "
-        f"rounds of the sweep, the interference samples are pooled over the rounds). Total {total_s:.0f} s.",
+        f"{a.threads or 'default'}. {len(rounds)} rounds, each the whole sweep then the interference phase; every "
+        f"number is the median over the rounds, each ratio the median of its per-round ratios. 1-min load average "
+        f"at the start-end of each round: {loads} (the machine is shared). Total {total_s:.0f} s.",
         "",
         "| concurrency | requests done | output tok/s | vs concurrency 1 | req/s | TTFT p50 ms | TTFT p99 ms | "
         "ITL p50 ms | ITL p99 ms |",
@@ -175,25 +209,45 @@ def section(a: argparse.Namespace, levels: list[dict], inter: dict, total_s: flo
         *rows,
         "",
     ]
-    if c16 and base:
-        r = c16["tok_s"] / base["tok_s"]
-        lines.append(f"Target (output tok/s at concurrency 16 >= 8x concurrency 1): {r:.1f}x, "
-                     f"{'met' if r >= 8 else 'NOT met'}.")
+    if 16 in concs and 1 in concs:
+        per = [r["levels"][16]["tok_s"] / r["levels"][1]["tok_s"] for r in rounds]
+        m = median(per)
+        lines.append(f"Target (output tok/s at concurrency 16 >= 8x concurrency 1): {m:.1f}x (rounds: "
+                     f"{', '.join(f'{x:.1f}x' for x in per)}), {'met' if m >= 8 else 'NOT met'}.")
         lines.append("")
-    ratio = beside99 / idle99 if idle99 else float("nan")
-    lines += [
-        f"Interference: {len(inter['idle'])} short requests ({a.prompt_tokens}-token prompts, 1 token) one after "
-        f"another on the idle server, then {len(inter['beside'])} while a {a.long_prompt}-token prompt prefilled "
-        f"beside them (its own TTFT {inter['long_ttft']:.2f} s).",
-        "",
-        "| short-request TTFT | p50 ms | p99 ms |",
-        "|---|---:|---:|",
-        f"| idle | {pct(inter['idle'], 50) * 1e3:.0f} | {idle99 * 1e3:.0f} |",
-        f"| beside the {a.long_prompt}-token prefill | {pct(inter['beside'], 50) * 1e3:.0f} | {beside99 * 1e3:.0f} |",
-        "",
-        f"Target (TTFT p99 beside the long prefill <= 2x idle): {ratio:.2f}x, {'met' if ratio <= 2 else 'NOT met'}.",
-        END,
-    ]
+        cpu = [r["levels"][1]["cpu_per_tok"] / r["levels"][16]["cpu_per_tok"] for r in rounds]
+        per_tok = ", ".join(f"concurrency {c} {median([r['levels'][c]['cpu_per_tok'] for r in rounds]) * 1e3:.1f} ms"
+                            for c in concs)
+        lines.append("The server process's CPU time per output token (all its threads; what other processes on the "
+                     f"machine take does not count): {per_tok}; concurrency 1 over 16: {median(cpu):.1f}x (rounds: "
+                     f"{', '.join(f'{x:.1f}x' for x in cpu)}), the ratio with a core to itself.")
+        lines.append("")
+    if rounds[0].get("inter"):
+        it = [r["inter"] for r in rounds]
+        per = [pct(i["beside"], 99) / pct(i["idle"], 99) for i in it]
+        m = median(per)
+        idle = [x for i in it for x in i["idle"]]
+        beside = [x for i in it for x in i["beside"]]
+        long_t = median([i["long_ttft"] for i in it])
+        alone_t = median([i["long_alone"] for i in it])
+        alone = f"; alone {alone_t:.2f} s" if alone_t == alone_t else ""
+        lines += [
+            f"Interference, per round: {a.short_requests} short requests ({a.prompt_tokens}-token prompts, 1 token) "
+            f"one after another on the idle server before and {a.short_requests} after, and more while a "
+            f"{a.long_prompt}-token prompt prefilled beside "
+            f"them ({len(beside)} in all; the long prompt's own TTFT beside them {long_t:.2f} s{alone}, medians "
+            f"over the rounds). The table pools the rounds' samples; the target is the median of the per-round "
+            f"ratios.",
+            "",
+            "| short-request TTFT | p50 ms | p99 ms |",
+            "|---|---:|---:|",
+            f"| idle | {pct(idle, 50) * 1e3:.0f} | {pct(idle, 99) * 1e3:.0f} |",
+            f"| beside the {a.long_prompt}-token prefill | {pct(beside, 50) * 1e3:.0f} | {pct(beside, 99) * 1e3:.0f} |",
+            "",
+            f"Target (TTFT p99 beside the long prefill <= 2x idle): {m:.2f}x (rounds: "
+            f"{', '.join(f'{x:.2f}x' for x in per)}), {'met' if m <= 2 else 'NOT met'}.",
+        ]
+    lines.append(END)
     return "\n".join(lines) + "\n"
 
 
@@ -219,6 +273,8 @@ def main() -> int:
     p.add_argument("--compile-decode", default=None,
                    help="the server's --compile-decode (eager: the static-shape step uncaptured, all rows at once)")
     p.add_argument("--step-tokens", type=int, default=None)
+    p.add_argument("--batched-decode-min-rows", type=int, default=None,
+                   help="the server's --batched-decode-min-rows (0: decode always through the eager forward)")
     p.add_argument("--concurrency", default="1,4,16,64")
     p.add_argument("--requests-per-level", type=int, default=2, help="requests = this x concurrency ...")
     p.add_argument("--min-requests", type=int, default=8, help="... but at least this many")
@@ -226,9 +282,12 @@ def main() -> int:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--long-prompt", type=int, default=4096)
     p.add_argument("--short-requests", type=int, default=10)
+    p.add_argument("--no-interference", action="store_true", help="only the concurrency levels (quick looks)")
     p.add_argument("--time-limit", type=float, default=300.0, help="seconds per phase")
-    p.add_argument("--rounds", type=int, default=2,
-                   help="repeat the sweep: each level reports its best round, interference pools the rounds' samples")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="repeat the sweep and the interference phase: medians over the rounds, ratios per round")
+    p.add_argument("--no-long-alone", dest="long_alone", action="store_false",
+                   help="skip timing the long prompt alone after the interference phase")
     p.add_argument("--threads", type=int, default=None, help="the server's torch threads (OMP_NUM_THREADS)")
     p.add_argument("--markdown", type=Path, default=None, help="write the section into this file")
     a = p.parse_args()
@@ -237,23 +296,24 @@ def main() -> int:
     t0 = time.perf_counter()
     try:
         asyncio.run(level(url, 1, 2, a, vocab))  # warm-up
-        best: dict[int, dict] = {}
-        inter = {"idle": [], "beside": [], "long_ttft": float("nan")}
-        for rnd in range(a.rounds):  # the machine is shared: each level's best round, interference samples pooled
+        rounds: list[dict] = []
+        for rnd in range(a.rounds):  # the machine is shared: ratios are taken within a round, then the median
+            load0 = os.getloadavg()[0]
+            levels = {}
             for c in [int(x) for x in a.concurrency.split(",")]:
-                x = asyncio.run(level(url, c, max(a.min_requests, a.requests_per_level * c), a, vocab))
-                print(f"round {rnd + 1}, concurrency {c}: {x['tok_s']:.1f} tok/s", file=sys.stderr)
-                if c not in best or x["tok_s"] > best[c]["tok_s"]:
-                    best[c] = x
-            i = asyncio.run(interference(url, a, vocab))
-            inter["idle"] += i["idle"]
-            inter["beside"] += i["beside"]
-            inter["long_ttft"] = i["long_ttft"]
-        levels = list(best.values())
+                cpu0 = cpu_seconds(proc.pid)
+                levels[c] = asyncio.run(level(url, c, max(a.min_requests, a.requests_per_level * c), a, vocab))
+                levels[c]["cpu_per_tok"] = (cpu_seconds(proc.pid) - cpu0) / max(levels[c]["tokens"], 1)
+                print(f"round {rnd + 1}, concurrency {c}: {levels[c]['tok_s']:.1f} tok/s", file=sys.stderr)
+            inter = None if a.no_interference else asyncio.run(interference(url, a, vocab))
+            if inter:
+                print(f"round {rnd + 1}, interference: idle p99 {pct(inter['idle'], 99) * 1e3:.0f} ms, beside p99 "
+                      f"{pct(inter['beside'], 99) * 1e3:.0f} ms, long {inter['long_ttft']:.1f} s", file=sys.stderr)
+            rounds.append({"levels": levels, "inter": inter, "load": (load0, os.getloadavg()[0])})
     finally:
         proc.terminate()
         proc.wait(60)
-    text = section(a, levels, inter, time.perf_counter() - t0)
+    text = section(a, rounds, time.perf_counter() - t0)
     print(text)
     if a.markdown:
         update_markdown(a.markdown, text)

@@ -90,6 +90,7 @@ GEN = ["generate", "--prompt", "hi", "--max-new-tokens", "2"]
 
 # (id, argv, what the one error line must name). "{ck}"/"{ck8}"/"{tmp}" are filled per case.
 CASES = [
+    ("serve-batched-rows", ["serve", "--batched-decode-min-rows", "-1"], "--batched-decode-min-rows"),
     ("device-cuda", GEN + ["--device", "cuda:0"], "--device 'cuda:0'"),
     ("device-npu", GEN + ["--device", "npu:0"], "--device 'npu:0'"),
     ("device-unknown", GEN + ["--device", "tpu"], "--device 'tpu'"),

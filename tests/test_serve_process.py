@@ -96,8 +96,9 @@ class Served:
 
 
 def serve_argv(config: str, port: int) -> list[str]:
+    # decode steps of 2+ rows run batched (common/runtime/engine_decode.py), so the 2-rank test covers it under TP
     return [sys.executable, "-m", "dsv4", "serve", *model_args(config), "--port", str(port),
-            "--served-model-name", NAME, "--max-batch", "4", "--prefill-chunk", "32"]
+            "--served-model-name", NAME, "--max-batch", "4", "--prefill-chunk", "32", "--batched-decode-min-rows", "2"]
 
 
 @pytest.fixture(scope="module")

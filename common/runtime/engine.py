@@ -9,7 +9,9 @@ Requests arrive at any time (`add`, thread-safe) and wait in a bounded queue. Ea
   3. decodes every running request by one token in ONE forward, wherever their slots are and whatever their
      positions (speculative requests verify [token, draft] in a second forward of their own),
   4. spends what is left of the step's token budget on prompt chunks, shortest remaining prompt first, so a long
-     prompt is prefilled a chunk per step beside the decodes and the short prompts instead of stalling them.
+     prompt is prefilled a chunk per step beside the decodes instead of stalling them; a step that prefills short
+     prompts leaves the long prompt's chunk out (at most every other step), so a short request's first token costs
+     its own prefill plus at most one long chunk (_plan_prefill).
 Sampling is per request (its own torch.Generator, seeded), so a request's tokens do not depend on what else is in
 the batch. `dsv4 generate` (runtime/generate.py) and `dsv4 serve` (common/serve) both drive this engine.
 """
@@ -27,6 +29,7 @@ import torch
 from torch import Tensor
 
 from dsv4.common.model.cache import BLOCK_QUANTUM, ContextLengthError
+from dsv4.common.runtime.engine_decode import BATCHED_DECODE_MIN_ROWS
 from dsv4.common.runtime.engine_runner import Mirror, ModelRunner
 from dsv4.common.runtime.engine_sampling import Detokenizer, filtered_probs
 from dsv4.common.runtime.guards import check_logits
@@ -160,7 +163,8 @@ class Engine:
                  mirror: Mirror | None = None, max_logprobs: int = MAX_LOGPROBS,
                  long_prefill_chunk: int | None = None, compile_decode: str | None = None,
                  compile_batch_sizes: tuple[int, ...] = (1, 2, 4, 8), block_tokens: int = BLOCK_QUANTUM,
-                 kv_blocks: int | None = None, prefix_cache: PrefixCacheOptions | None = None) -> None:
+                 kv_blocks: int | None = None, prefix_cache: PrefixCacheOptions | None = None,
+                 batched_decode_min_rows: int | None = BATCHED_DECODE_MIN_ROWS) -> None:
         """max_batch: cache slots (requests running at once); step_tokens: tokens per step, decodes first, the rest
         for prompt chunks of at most prefill_chunk (default: prefill_chunk + max_batch). long_prefill_chunk: the
         chunk per step of a prompt longer than prefill_chunk (default prefill_chunk); smaller keeps the steps short
@@ -170,16 +174,20 @@ class Engine:
         the batch fits one of compile_batch_sizes; eager otherwise. block_tokens / kv_blocks: the KV block pool
         (tokens per block, blocks in all; default: max_seq_len tokens for every slot). prefix_cache: reuse the
         cached blocks of earlier prompts (runtime/prefix_cache.py); a prompt's chunks then end at its snapshot
-        boundaries."""
+        boundaries. batched_decode_min_rows: without compile_decode, plain decode steps of at least this many rows
+        feed every row's compressors at once (engine_decode.py; None: always the eager forward, which groups rows
+        by position)."""
         if max_batch < 1 or prefill_chunk < 1:
             raise ValueError(f"max_batch and prefill_chunk must be >= 1, got {max_batch} and {prefill_chunk}")
+        if batched_decode_min_rows is not None and batched_decode_min_rows < 1:
+            raise ValueError(f"batched_decode_min_rows must be >= 1 (None = off), got {batched_decode_min_rows}")
         self.model, self.args, self.tokenizer = model, model.args, tokenizer
         self.max_seq_len = max_seq_len or model.args.max_seq_len
         self.prefill_chunk, self.max_waiting, self.max_logprobs = prefill_chunk, max_waiting, max_logprobs
         self.step_tokens = step_tokens or prefill_chunk + max_batch
         self.long_prefill_chunk = min(long_prefill_chunk or prefill_chunk, prefill_chunk)
         self.runner = ModelRunner(model, max_batch, self.max_seq_len, mirror, compile_decode, compile_batch_sizes,
-                                  block_tokens, kv_blocks, prefix_cache)
+                                  block_tokens, kv_blocks, prefix_cache, batched_decode_min_rows)
         self.prefix_cache = prefix_cache
         self.block_tokens, self.n_blocks = block_tokens, self.runner.n_blocks
         self.reserved: dict[int, int] = {}  # slot -> KV blocks promised to its request (its worst case)
@@ -190,6 +198,8 @@ class Engine:
         self.active: list[Request] = []  # admitted, in admission order
         self.free = list(range(max_batch))
         self._events: list[Event] = []
+        self._long_yielded = False  # the last step's long prompts yielded to short ones (see _plan_prefill)
+        self.on_forward: Callable[[], None] | None = None  # called after each forward of a step (see _forward_done)
 
     # -- intake --------------------------------------------------------------------------------------------------------
     def check(self, prompt: list[int], params: SamplingParams) -> None:
@@ -272,11 +282,29 @@ class Engine:
             self._guarded(plain, self._decode)
         if spec:
             self._guarded(spec, self._decode_speculative)
+        if plain or spec:
+            self._forward_done()
         budget = max(self.step_tokens - len(plain) - 2 * len(spec), MIN_PREFILL_TOKENS)
-        # shortest remaining prompt first: a short request's only chunk runs (and its first token goes out) before
-        # a long prompt's next chunk, which takes what is left of the budget (at least MIN_PREFILL_TOKENS)
+        for (n, spec), reqs in self._plan_prefill(budget).items():  # one length: one forward (speculative: one each)
+            for group in ([[r] for r in reqs] if spec else [reqs]):
+                self._guarded(group, lambda rs, n=n: self._prefill(rs, n))
+                self._forward_done()
+        return self._events
+
+    def _plan_prefill(self, budget: int) -> dict[tuple[int, bool], list[Request]]:
+        """This step's prompt chunks, {(chunk length, speculative): requests}, within `budget` tokens.
+        Shortest remaining prompt first: a short request's only chunk runs (and its first token goes out) this step.
+        A long prompt (longer than prefill_chunk) takes long_prefill_chunk tokens of what is left, but yields the
+        step to short prompts that prefill in it, never two steps running: the step that carries a short request's
+        prefill then costs that prefill alone, so the short request waits at most one long chunk (the step that was
+        running when it arrived), and the long prompt still advances at least every other step."""
+        order = sorted((r for r in self.active if r.status == PREFILL), key=lambda r: len(r.prompt) - r.n_fed)
+        short = [r for r in order if len(r.prompt) <= self.prefill_chunk]
+        long = [r for r in order if len(r.prompt) > self.prefill_chunk]
+        yielding = bool(short and long) and not self._long_yielded
+        self._long_yielded = yielding
         chunks: dict[tuple[int, bool], list[Request]] = {}
-        for r in sorted((r for r in self.active if r.status == PREFILL), key=lambda r: len(r.prompt) - r.n_fed):
+        for r in short + ([] if yielding else long):
             if budget <= 0:
                 break
             chunk = self.long_prefill_chunk if len(r.prompt) > self.prefill_chunk else self.prefill_chunk
@@ -286,10 +314,13 @@ class Engine:
                 n = min(n, ahead[0] - r.n_fed)
             chunks.setdefault((n, r.params.speculative), []).append(r)
             budget -= n
-        for (n, spec), reqs in chunks.items():  # chunks of one length share a forward (speculative ones: their own)
-            for group in ([[r] for r in reqs] if spec else [reqs]):
-                self._guarded(group, lambda rs, n=n: self._prefill(rs, n))
-        return self._events
+        return chunks
+
+    def _forward_done(self) -> None:
+        """After each forward of a step: hand its events on at once (on_forward, e.g. the server's one wake-up of
+        the HTTP side per forward instead of one per token)."""
+        if self.on_forward is not None:
+            self.on_forward()
 
     def _admit(self) -> None:
         admitted = []

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from dsv4.common.model.cache import BLOCK_QUANTUM, KVCache, check_pool_args
+from dsv4.common.runtime.engine_decode import BatchedDecode
 from dsv4.common.runtime.guards import check_logits
 from dsv4.common.runtime.prefix_cache import PrefixCache, PrefixCacheOptions
 from dsv4.common.runtime.static_decode import CAPTURE_MODES, StaticDecoder
@@ -70,7 +71,7 @@ class ModelRunner:
     def __init__(self, model, max_batch: int, max_seq_len: int, mirror: Mirror | None = None,
                  compile_decode: str | None = None, compile_batch_sizes: tuple[int, ...] = (1, 2, 4, 8),
                  block_tokens: int = BLOCK_QUANTUM, kv_blocks: int | None = None,
-                 prefix_cache: PrefixCacheOptions | None = None) -> None:
+                 prefix_cache: PrefixCacheOptions | None = None, batched_decode_min_rows: int | None = None) -> None:
         """block_tokens / kv_blocks: the KV block pool (common/model/cache.py); kv_blocks None = max_seq_len tokens
         for every slot (the bytes of the per-slot layout). prefix_cache: runtime/prefix_cache.py over that pool."""
         self.model, self.max_batch, self.max_seq_len, self.mirror = model, max_batch, max_seq_len, mirror
@@ -86,6 +87,8 @@ class ModelRunner:
             raise ValueError(f"compile_decode must be one of {', '.join(CAPTURE_MODES)}, got {compile_decode!r}")
         self.compile_decode, self.compile_batch_sizes = compile_decode, compile_batch_sizes
         self.static: StaticDecoder | None = None  # built with the cache, on the first plain decode step
+        self.batched_decode_min_rows = batched_decode_min_rows  # None: plain decodes always run the eager forward
+        self.batched: BatchedDecode | None = None  # built with the cache, on the first batched decode step
         self.following = False
         self.device = model.embed.weight.device
         self._cache: KVCache | None = None  # allocated on first use: validation alone must cost nothing
@@ -148,11 +151,14 @@ class ModelRunner:
     def forward(self, rows: list[list[int]], slots: list[int]) -> Tensor:
         """Logits [B,S,V] of one forward: row i continues slot slots[i] at its own cached length. A plain decode
         step (one token per row) goes through the captured static step when compile_decode is set; that step runs
-        eager itself when the batch or context fits no captured shape."""
+        eager itself when the batch or context fits no captured shape. Otherwise, with batched_decode_min_rows set,
+        a plain decode step of that many rows or more runs every row's compressors at once (engine_decode.py)."""
         if self.compile_decode is not None and all(len(r) == 1 for r in rows):
             if self.static is None:
                 self.static = StaticDecoder(self.model, self.cache, self.compile_batch_sizes, self.compile_decode)
             return self.static.step(self._tokens(rows)[:, 0], slots)[:, None]
+        if self.batched_decode_min_rows is not None and all(len(r) == 1 for r in rows):
+            return self._batched_decode(rows, slots)
         return self.model(self._tokens(rows), self.cache, slots=slot_index(slots))
 
     # -- prefix cache: every rank runs the same calls, so every rank's prefix cache (and LRU order) stays the same ---
@@ -196,6 +202,14 @@ class ModelRunner:
             return 0
         self._prefix.save(opts.path)
         return len(self._prefix.entries)
+    def _batched_decode(self, rows: list[list[int]], slots: list[int]) -> Tensor:
+        """A one-token step of enough rows through engine_decode.BatchedDecode (every row's compressors at once);
+        fewer rows, or a one-token prompt at position 0, through the eager forward. Logits [B,1,V]."""
+        if self.batched is None:
+            self.batched = BatchedDecode(self.model, self.cache, self.batched_decode_min_rows)
+        if not self.batched.wants(slots):
+            return self.model(self._tokens(rows), self.cache, slots=slot_index(slots))
+        return self.batched.step(self._tokens(rows)[:, 0], slots)[:, None]
 
     # -- speculative (MTP) ---------------------------------------------------------------------------------------------
     @mirrored

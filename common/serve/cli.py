@@ -12,6 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from dsv4.common.runtime.engine_decode import BATCHED_DECODE_MIN_ROWS
 from dsv4.common.runtime.generate import (
     add_compile_decode_argument,
     add_kv_pool_arguments,
@@ -43,6 +44,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                         "(others decode plainly)")
     add_compile_decode_argument(g)
     add_kv_pool_arguments(g)
+    g.add_argument("--batched-decode-min-rows", type=int, default=BATCHED_DECODE_MIN_ROWS, metavar="N",
+                   help="without --compile-decode, decode steps of N or more rows feed every row's compressors at once "
+                        f"(default {BATCHED_DECODE_MIN_ROWS}; 0 = always the eager forward, which groups rows by "
+                        "position)")
     g.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds SIGTERM waits for requests in flight before ending them")
     add_prefix_cache_arguments(p.add_argument_group("prefix cache"))
@@ -70,6 +75,8 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     from dsv4.common.runtime.engine_runner import Mirror
     from dsv4.common.runtime.loading import load_model
 
+    if ns.batched_decode_min_rows < 0:
+        raise ValueError(f"--batched-decode-min-rows must be >= 0 (0 = off), got {ns.batched_decode_min_rows}")
     model, tokenizer, source = load_model(ns)
     rank, world, _ = world_from_env()
     block_tokens, kv_blocks = kv_pool_options(ns, model)
@@ -78,7 +85,8 @@ def cmd_serve(ns: argparse.Namespace) -> int:
                     mirror=Mirror() if world > 1 else None, max_logprobs=ns.max_logprobs,
                     long_prefill_chunk=ns.long_prefill_chunk, compile_decode=compile_mode(ns),
                     compile_batch_sizes=capture_batch_sizes(ns.max_batch), block_tokens=block_tokens,
-                    kv_blocks=kv_blocks, prefix_cache=prefix_cache_options(ns, model))
+                    kv_blocks=kv_blocks, prefix_cache=prefix_cache_options(ns, model),
+                    batched_decode_min_rows=ns.batched_decode_min_rows or None)
     loaded = engine.load_prefix_cache()  # every rank reads it (a mirrored call); a refused file stops here
     if rank != 0:
         # rank 0 drains on SIGTERM and then releases this rank; a rank that died on the launcher's SIGTERM at once

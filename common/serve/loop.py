@@ -2,8 +2,8 @@
 
 The engine (and under torchrun, the call broadcast to the other ranks) runs on one dedicated thread that steps
 whenever there is work. Handlers submit requests (Engine.add is thread-safe) and receive their events on an
-asyncio.Queue, filled through loop.call_soon_threadsafe. Cancelling a request only sets a flag; the engine frees
-its slot at the start of the next step.
+asyncio.Queue, filled through loop.call_soon_threadsafe once per forward (all of its events together). Cancelling
+a request only sets a flag; the engine frees its slot at the start of the next step.
 """
 
 from __future__ import annotations
@@ -27,6 +27,10 @@ class EngineLoop:
         self.stopping = False
         self.thread = threading.Thread(target=self._run, name="dsv4-engine", daemon=True)
         self.failed: str | None = None  # a crash of the loop itself (not of a request): /health reports it
+        # events of the forward in progress (engine thread only); flush() hands them to their asyncio loops in one
+        # call_soon_threadsafe per loop, not one per token: each call wakes the loop and takes the GIL from the engine
+        self.outbox: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue, tuple[int, Event]]] = []
+        engine.on_forward = self.flush
 
     def start(self) -> None:
         self.thread.start()
@@ -36,16 +40,30 @@ class EngineLoop:
         """Queue a request; its events arrive on `queue` as (tag, Event). Raises the engine's ParamError,
         ContextLengthError or QueueFull."""
 
-        def deliver(ev: Event) -> None:
+        def deliver(ev: Event) -> None:  # on the engine thread: kept until the forward that made it is done
             if ev.finished and self.metrics is not None:
                 self.metrics.finished(ev.request)
-            loop.call_soon_threadsafe(queue.put_nowait, (tag, ev))
+            self.outbox.append((loop, queue, (tag, ev)))
 
         req = Request(prompt, params, on_event=deliver)
         self.engine.add(req)
         with self.wake:
             self.wake.notify()
         return req
+
+    def flush(self) -> None:
+        """Hand the events so far to their request queues (engine thread: after each forward and each step)."""
+        if not self.outbox:
+            return
+        box, self.outbox = self.outbox, []
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, tuple[int, Event]]]] = {}
+        for loop, queue, item in box:
+            by_loop.setdefault(loop, []).append((queue, item))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # that event loop is closed: nobody is left to read these events
+                log.warning("dropped %d events of a closed event loop", len(items))
 
     def cancel(self, req: Request) -> None:
         if not req.finished:
@@ -73,6 +91,7 @@ class EngineLoop:
                     if self.stopping:
                         break
                 eng.step()
+                self.flush()  # events outside any forward (cancelled or aborted requests)
                 last = time.monotonic()
         except Exception as e:  # noqa: BLE001  a bug in the scheduler itself: report it, fail what is in flight
             log.exception("engine loop failed")
@@ -91,4 +110,10 @@ class EngineLoop:
                         r.finish_reason = FINISH_ABORT
                         r.status = "finished"
                         r.on_event(Event(r, None, "", None, True))
+                self.flush()
                 eng.close()
+
+
+def _put_all(items: list[tuple[asyncio.Queue, tuple[int, Event]]]) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
