@@ -6,7 +6,9 @@
     pool's extra slots (rings and compressor states, per slot) paid out of the same byte budget.
 (b) is the prefix cache's (another benchmark).
 (c) Decode speed: ms per decode step of the embedded tiny model (random weights, fp32, CPU) with rows gathered
-    through block tables vs the per-slot layout, in one run, repetitions interleaved (the CPU is shared), medians.
+    through block tables vs the per-slot layout, in one run, repetitions interleaved (the CPU is shared), medians;
+    and the engine's default for 4+ decode rows beside them: the batched step (runtime/engine_decode.py), which
+    attends through the block table by flat row index and copies no rows.
 
     python scripts/bench_block_pool.py [--config flash] [--max-seq-len 65536] [--slots 8] [--contexts 900,3000]
         [--reps 7] [--write]
@@ -29,6 +31,7 @@ from dsv4.common.model.cache import KVCache
 from dsv4.common.model.cache_dense import SlotKVCache
 from dsv4.common.model.config import load_named_config
 from dsv4.common.model.reference import ReferenceOps
+from dsv4.common.runtime.engine_decode import BatchedDecode
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,7 +98,8 @@ def decode_times(model, ns, ctx: int) -> dict[tuple[str, str], list[float]]:
     seq = torch.randint(2, 512, (B, msl), generator=torch.Generator().manual_seed(0))
     slots_idx = torch.tensor(list(range(B))[::-1])  # the engine's scattered-slot path (an index tensor)
     layouts = {"slot layout": SlotKVCache(args, B, msl, torch.float32),
-               "block pool": KVCache(args, B, msl, torch.float32)}
+               "block pool": KVCache(args, B, msl, torch.float32),
+               "block pool, batched step": KVCache(args, B, msl, torch.float32)}
     for cache in layouts.values():
         for b in range(B):
             model(seq[b:b + 1, :ctx], cache, slots=slice(b, b + 1))
@@ -107,10 +111,14 @@ def decode_times(model, ns, ctx: int) -> dict[tuple[str, str], list[float]]:
                 cache = copy.deepcopy(layouts[name])
                 slots = slice(0, B) if how == "slice" else slots_idx
                 rows = torch.arange(B) if how == "slice" else slots_idx
+                batched = BatchedDecode(model, cache, min_rows=1) if name.endswith("batched step") else None
                 t0 = time.perf_counter()
                 for _ in range(steps):
                     pos = cache.lengths[rows]
-                    model(seq[rows, pos][:, None], cache, slots=slots)
+                    if batched is None:
+                        model(seq[rows, pos][:, None], cache, slots=slots)
+                    else:
+                        batched.step(seq[rows, pos], rows.tolist())
                 times.setdefault((name, how), []).append((time.perf_counter() - t0) / steps * 1e3)
     return times
 
@@ -121,15 +129,17 @@ def decode_speed(ns) -> list[str]:
     model = build_random_model(args, ReferenceOps(), torch.float32, seed=0)
     out = [f"Embedded tiny model (random weights), fp32, 1 thread, {ns.batch} rows decoding, {ns.steps} steps per "
            f"repetition, {ns.reps} repetitions interleaved (layout order alternating); ms per decode step, median "
-           f"(min-max):", "", "| context | slots | slot layout | block pool | pool / slot |", "|---|---|---|---|---|"]
+           f"(min-max):", "",
+           "| context | slots | slot layout | block pool | pool / slot | block pool, batched step (engine default "
+           "from 4 rows) | batched / slot |", "|---|---|---|---|---|---|---|"]
     for ctx in (int(c) for c in ns.contexts.split(",")):
         times = decode_times(model, ns, ctx)
         for how, label in (("slice", "one run (slice; the slot layout writes in place)"),
                            ("index", "scattered (index tensor; both gather)")):
-            d, p = times[("slot layout", how)], times[("block pool", how)]
-            md, mp = statistics.median(d), statistics.median(p)
+            d, p, q = (times[(name, how)] for name in ("slot layout", "block pool", "block pool, batched step"))
+            md, mp, mq = (statistics.median(t) for t in (d, p, q))
             out.append(f"| {ctx} | {label} | {md:.1f} ({min(d):.1f}-{max(d):.1f}) | {mp:.1f} ({min(p):.1f}-"
-                       f"{max(p):.1f}) | {mp / md:.2f} |")
+                       f"{max(p):.1f}) | {mp / md:.2f} | {mq:.1f} ({min(q):.1f}-{max(q):.1f}) | {mq / md:.2f} |")
     return out
 
 

@@ -60,6 +60,7 @@ class StepPlan:
         # compressed entries rotate at their block's first position, with the compressed layers' table
         self.entry_cos_sin = {r: prep(*model.rope_compressed.cos_sin((self.block[r] * r)[:, None])) for r in ratios}
         self._rows: dict[int, Tensor] = {}
+        self._shared: dict[tuple, Tensor] = {}  # write rows and indexer key rows, per store shape
 
     def capacity(self, ratio: int) -> int:
         """Compressed entries a query of this bucket can see (static): context // ratio, within max_seq_len."""
@@ -70,9 +71,23 @@ class StepPlan:
         return self.cache.pool_rows(self.slots, j, per_block, offset)
 
     def write_row(self, per_block: int, offset: int, scratch: int, ratio: int) -> Tensor:
-        """[B] flat row of the entry of each token's compressor block (the scratch row where none is allocated)."""
-        row = self.entry_rows(per_block, offset, self.block[ratio][:, None])[:, 0]
-        return torch.where(row >= 0, row, scratch)
+        """[B] flat row of the entry of each token's compressor block (the scratch row where none is allocated).
+        Cached: every layer of a kind has the same store shape, so the same rows."""
+        key = ("write", per_block, offset, scratch, ratio)
+        if key not in self._shared:
+            row = self.entry_rows(per_block, offset, self.block[ratio][:, None])[:, 0]
+            self._shared[key] = torch.where(row >= 0, row, scratch)
+        return self._shared[key]
+
+    def index_key_rows(self, per_block: int, scratch: int) -> Tensor:
+        """[B, context // 4] flat rows of every indexer key up to the bucket's capacity (unallocated ones, beyond
+        `visible`, read the scratch row), the same for every CSA layer."""
+        key = ("index", per_block, scratch)
+        if key not in self._shared:
+            t = torch.arange(self.capacity(4), device=self.pos.device).expand(self.pos.shape[0], -1)
+            rows = self.entry_rows(per_block, 0, t)
+            self._shared[key] = torch.where(rows >= 0, rows, scratch)
+        return self._shared[key]
 
     def rows(self, st: LayerStore) -> Tensor:
         """Key rows [B,K] of a layer: the window and, for HCA, every entry up to the bucket's capacity; -1 = none.
@@ -125,9 +140,7 @@ def indexer_step(idx: Indexer, ops: Ops, x: Tensor, qr: Tensor, cos: Tensor, sin
                     plan.write_row(per_block, 0, scratch, 4))
     w = idx.head_weights(ops, x)
     visible = plan.visible[4][:, None]  # [B,1]
-    t = torch.arange(plan.capacity(4), device=x.device).expand(x.shape[0], -1)
-    rows = plan.entry_rows(per_block, 0, t)  # [B,cap]; unallocated keys (beyond `visible`) read the scratch row
-    keys = st.flat_index_kv[torch.where(rows >= 0, rows, scratch)]  # [B,cap,D_I]
+    keys = st.flat_index_kv[plan.index_key_rows(per_block, scratch)]  # [B,cap,D_I]
     if idx.tp == 1:
         return ops.indexer_topk(q, keys, w, visible, a.index_topk)
     score = ops.all_reduce(ops.indexer_scores(q, keys, w), "tp")  # heads split over TP ranks (as Indexer.forward)
