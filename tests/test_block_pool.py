@@ -13,13 +13,11 @@ import copy
 
 import pytest
 import torch
+from engine_model import tiny_clamp_model  # tests/ is on sys.path
 
-from dsv4.common.checkpoint.load import build_random_model
 from dsv4.common.model.block_pool import BlockPool, PoolExhausted
 from dsv4.common.model.cache import ContextLengthError, KVCache, SharedBlockWrite
 from dsv4.common.model.cache_dense import SlotKVCache
-from dsv4.common.model.config import load_named_config
-from dsv4.common.model.reference import ReferenceOps
 from dsv4.common.runtime.engine import Engine, Request, SamplingParams
 from dsv4.common.runtime.engine_runner import ModelRunner
 from dsv4.common.runtime.static_decode import StaticDecoder
@@ -32,8 +30,7 @@ STATIC_VS_EAGER = 1e-4
 
 @pytest.fixture(scope="module")
 def model():
-    args = load_named_config("tiny").replace(kv_fp8_sim="clamp")
-    return build_random_model(args, ReferenceOps(), torch.float32, seed=0)
+    return tiny_clamp_model()
 
 
 def seqs(n_rows: int, n: int, seed: int = 0) -> torch.Tensor:

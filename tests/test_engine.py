@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from engine_model import rand_prompt, tiny_clamp_model  # tests/ is on sys.path
 
-from dsv4.common.checkpoint.load import build_random_model
 from dsv4.common.model.cache import ContextLengthError
-from dsv4.common.model.config import load_named_config
-from dsv4.common.model.reference import ReferenceOps
 from dsv4.common.runtime.engine import Engine, ParamError, QueueFull, Request, SamplingParams
 
 MAX_SEQ = 512
@@ -19,12 +17,7 @@ MAX_SEQ = 512
 
 @pytest.fixture(scope="module")
 def model():
-    args = load_named_config("tiny").replace(kv_fp8_sim="clamp")
-    return build_random_model(args, ReferenceOps(), torch.float32, seed=0)
-
-
-def rand_prompt(n: int, seed: int) -> list[int]:
-    return torch.randint(2, 512, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+    return tiny_clamp_model()
 
 
 def greedy(n: int, **kw) -> SamplingParams:

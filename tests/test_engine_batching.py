@@ -9,10 +9,8 @@ import copy
 
 import pytest
 import torch
+from engine_model import rand_prompt, tiny_clamp_model  # tests/ is on sys.path
 
-from dsv4.common.checkpoint.load import build_random_model
-from dsv4.common.model.config import load_named_config
-from dsv4.common.model.reference import ReferenceOps
 from dsv4.common.runtime.engine import Engine, Request, SamplingParams
 from dsv4.common.runtime.engine_decode import BatchedDecode
 from dsv4.common.serve.loop import EngineLoop
@@ -25,12 +23,7 @@ BATCHED_VS_EAGER = 1e-5
 
 @pytest.fixture(scope="module")
 def model():
-    args = load_named_config("tiny").replace(kv_fp8_sim="clamp")
-    return build_random_model(args, ReferenceOps(), torch.float32, seed=0)
-
-
-def rand_prompt(n: int, seed: int) -> list[int]:
-    return torch.randint(2, 512, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+    return tiny_clamp_model()
 
 
 def greedy(n: int) -> SamplingParams:

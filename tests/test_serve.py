@@ -19,11 +19,9 @@ import openai
 import pytest
 import torch
 import uvicorn
+from engine_model import tiny_clamp_model  # tests/ is on sys.path
 
-from dsv4.common.checkpoint.load import build_random_model
 from dsv4.common.checkpoint.tokenizer import TextTokenizer
-from dsv4.common.model.config import load_named_config
-from dsv4.common.model.reference import ReferenceOps
 from dsv4.common.runtime.engine import Engine
 from dsv4.common.runtime.generate import GenerationConfig, generate
 from dsv4.common.serve.app import Server, create_app
@@ -40,8 +38,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def model():
-    args = load_named_config("tiny").replace(kv_fp8_sim="clamp")
-    return build_random_model(args, ReferenceOps(), torch.float32, seed=0)
+    return tiny_clamp_model()
 
 
 @pytest.fixture(scope="module")
