@@ -187,6 +187,10 @@ class KVCache:
         # runtime/prefix_cache.py); None: nothing to reclaim
         self.reclaim: Callable[[int], int] | None = None
         self._memo: _ForwardRows | None = None  # the last forward's row indices (dropped when a table changes)
+        # entry rows of the last slot set, whole blocks of them, kept across forwards until a table changes: a decode
+        # step's rows differ from the previous step's only by the entries its new position completes
+        self._entry_memo: dict[tuple, Tensor] = {}
+        self._entry_slots: tuple | None = None
 
     def _layer(self, ratio: int) -> LayerStore:
         a, B, dev, T = self.args, self.max_batch, self.device, self.block_tokens
@@ -225,7 +229,7 @@ class KVCache:
             raise PoolExhausted(sum(need), self.pool.num_free, self.n_blocks)
         new = [self.pool.alloc(k) for k in need]
         if any(new):
-            self._memo = None
+            self._tables_changed()
         for s, ids in zip(slots, new, strict=True):
             if ids:
                 k0 = len(self._blocks[s])
@@ -233,10 +237,14 @@ class KVCache:
                 self.block_table[s, k0:k0 + len(ids)] = torch.tensor(ids, dtype=torch.long)
         return new
 
+    def _tables_changed(self) -> None:
+        self._memo = None
+        self._entry_memo.clear()
+
     def release(self, slot: int) -> None:
         """The slot forgets its sequence: its holds on its blocks are dropped (freed unless shared), length 0."""
         ids, self._blocks[slot] = self._blocks[slot], []
-        self._memo = None
+        self._tables_changed()
         if ids:
             self.pool.decref(ids)
             self.block_table[slot] = -1
@@ -249,7 +257,7 @@ class KVCache:
         if len(ids) > self.max_blocks_per_seq:
             raise ValueError(f"{len(ids)} blocks exceed max_blocks_per_seq={self.max_blocks_per_seq}")
         self.pool.incref(ids)  # first: re-installing a slot's own blocks must not free them in between
-        self._memo = None
+        self._tables_changed()
         old, self._blocks[slot] = self._blocks[slot], ids
         if old:
             self.pool.decref(old)
@@ -295,6 +303,22 @@ class KVCache:
         k = (jj // per_block).clamp(max=self.max_blocks_per_seq - 1)
         blk = self.block_table[slots[:, None], k]  # [B,K]
         return torch.where((j >= 0) & (blk >= 0), offset + blk * per_block + jj % per_block, -1)
+
+    def entry_rows(self, slots_key: tuple, slots: Tensor, n: int, per_block: int, offset: int, scratch: int) -> Tensor:
+        """[B, n] flat rows of entries 0..n-1 of `slots` (key: the slots as a tuple) in a store with `per_block` rows
+        per block, the scratch row where no block is allocated. pool_rows over whole blocks, cached for the last slot
+        set until a block table changes (`_tables_changed`), so consecutive decode steps only slice it."""
+        if slots_key != self._entry_slots:
+            self._entry_memo.clear()
+            self._entry_slots = slots_key
+        key = (per_block, offset, scratch)
+        rows = self._entry_memo.get(key)
+        if rows is None or rows.shape[1] < n:
+            cap = min(-(-max(n, 1) // per_block), self.max_blocks_per_seq) * per_block
+            j = torch.arange(cap, device=slots.device).expand(slots.numel(), -1)
+            ent = self.pool_rows(slots, j, per_block, offset)
+            rows = self._entry_memo[key] = torch.where(ent >= 0, ent, scratch)
+        return rows[:, :n]
 
     # -- the model's forward -------------------------------------------------------------------------------------------
     def layer_for(self, i: int, slots: slice | Tensor, end: int, start: Tensor | None = None) -> LayerCache:
@@ -405,9 +429,7 @@ class _ForwardRows:
         self._writes: dict[tuple, tuple[Tensor, Tensor]] = {}
 
     def _entries(self, n: int, per_block: int, offset: int, scratch: int) -> Tensor:
-        j = torch.arange(n, device=self.dev).expand(self.slots.numel(), -1)
-        ent = self.cache.pool_rows(self.slots, j, per_block, offset)
-        return torch.where(ent >= 0, ent, scratch)
+        return self.cache.entry_rows(self.key[0], self.slots, n, per_block, offset, scratch)
 
     def kv_rows(self, st: LayerStore) -> Tensor:
         """[B, W + end // r]: the rows' rings, then their entries 0..end//r - 1 (unallocated: the scratch row)."""
