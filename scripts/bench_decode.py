@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from dsv4.common.bench.report import write_marked_section
 from dsv4.common.checkpoint.load import build_random_model
 from dsv4.common.model.cache import KVCache, kv_bytes_per_token
 from dsv4.common.model.config import ModelArgs, load_named_config
@@ -33,7 +34,6 @@ from dsv4.common.model.ops import default_dtype
 from dsv4.common.planner import plan as planner
 from dsv4.common.runtime.backend import select_backend
 
-BEGIN, END = "<!-- bench_decode:begin -->", "<!-- bench_decode:end -->"
 MIB, GIB = 2.0 ** 20, 2.0 ** 30
 
 
@@ -131,19 +131,6 @@ def bytes_section(tiny: ModelArgs, ctx: int) -> list[str]:
     return lines
 
 
-def update_markdown(path: Path, section: str) -> None:
-    """Replace this script's marked section in `path`, or append it; nothing else in the file is touched."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n\nEach section is owned by the script it names.\n"
-    block = f"{BEGIN}\n{section.rstrip()}\n{END}\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        tail = rest.split(END, 1)[1].lstrip("\n")
-        text = head + block + ("\n" + tail if tail else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    path.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--contexts", default="1024,4096,16384,32768", help="comma-separated context lengths")
@@ -203,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     section = "\n".join(out)
     print(section)
     if a.markdown:
-        update_markdown(a.markdown, section)
+        write_marked_section(a.markdown, "bench_decode", section)
         print(f"wrote {a.markdown}", file=sys.stderr)
     return 0
 

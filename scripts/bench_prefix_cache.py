@@ -26,20 +26,12 @@ from pathlib import Path
 
 import torch
 
+from dsv4.common.bench.report import load_average, write_marked_section
 from dsv4.common.checkpoint.load import build_random_model
 from dsv4.common.model.config import load_named_config
 from dsv4.common.model.reference import ReferenceOps
 from dsv4.common.runtime.engine import Engine, Request, SamplingParams
 from dsv4.common.runtime.prefix_cache import PrefixCacheOptions
-
-BEGIN, END = "<!-- bench_prefix_cache:begin -->", "<!-- bench_prefix_cache:end -->"
-
-
-def load_avg() -> str:
-    try:
-        return " / ".join(f"{x:.1f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
 
 
 def ttft(eng: Engine, prompt: list[int], new_tokens: int) -> tuple[float, Request]:
@@ -71,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         opts = PrefixCacheOptions(budget_bytes=1 << 30, snapshot_interval=a.interval) if cache else None
         return Engine(model, max_batch=1, max_seq_len=max_seq, prefill_chunk=a.chunk, prefix_cache=opts)
 
-    load0 = load_avg()
+    load0 = load_average()
     times: dict[str, list[float]] = {"cold": [], "first": [], "hit": [], "partial": []}
     cached = held = partial_cached = 0
     short = doc[:a.prefix - 100] + qb
@@ -90,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"a hit's tokens {hit.output} / {part.output} differ from the cold runs' "
                              f"{cold.output} / {partial_cold.output}")
         cached, held, partial_cached = hit.stats.cached_tokens, eng.prefix_cache_bytes, part.stats.cached_tokens
-    load1 = load_avg()
+    load1 = load_average()
     med = {k: statistics.median(v) for k, v in times.items()}
     host = f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, 1 thread"
     given = sys.argv[1:] if argv is None else argv
@@ -117,14 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     section = "\n".join(out) + "\n"
     print(section)
     if a.markdown:
-        text = a.markdown.read_text() if a.markdown.exists() else "# Benchmarks\n"
-        block = f"{BEGIN}\n{section.rstrip()}\n{END}\n"
-        if BEGIN in text and END in text:
-            head, rest = text.split(BEGIN, 1)
-            text = head + block + rest.split(END, 1)[1].lstrip("\n")
-        else:
-            text = text.rstrip("\n") + "\n\n" + block
-        a.markdown.write_text(text)
+        write_marked_section(a.markdown, "bench_prefix_cache", section)
     return 0
 
 

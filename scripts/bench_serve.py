@@ -35,9 +35,9 @@ from pathlib import Path
 import httpx
 import torch
 
+from dsv4.common.bench.report import write_marked_section
 from dsv4.common.model.config import load_named_config
 
-BEGIN, END = "<!-- bench_serve:begin -->", "<!-- bench_serve:end -->"
 NAME = "bench"
 
 
@@ -187,7 +187,6 @@ def section(a: argparse.Namespace, rounds: list[dict], total_s: float) -> str:
                     f"{med['itl50'] * 1e3:.1f} | {med['itl99'] * 1e3:.1f} |")
     loads = ", ".join(f"{r['load'][0]:.1f}-{r['load'][1]:.1f}" for r in rounds)
     lines = [
-        BEGIN,
         "## Serving: continuous batching under load (scripts/bench_serve.py)",
         "",
         f"Command: `{' '.join(['python scripts/bench_serve.py', *sys.argv[1:]])}`",
@@ -247,18 +246,7 @@ def section(a: argparse.Namespace, rounds: list[dict], total_s: float) -> str:
             f"Target (TTFT p99 beside the long prefill <= 2x idle): {m:.2f}x (rounds: "
             f"{', '.join(f'{x:.2f}x' for x in per)}), {'met' if m <= 2 else 'NOT met'}.",
         ]
-    lines.append(END)
     return "\n".join(lines) + "\n"
-
-
-def update_markdown(path: Path, text: str) -> None:
-    old = path.read_text() if path.exists() else ""
-    if BEGIN in old and END in old:
-        head, rest = old.split(BEGIN, 1)
-        new = head + text.rstrip("\n") + rest.split(END, 1)[1]
-    else:
-        new = old.rstrip("\n") + "\n\n" + text
-    path.write_text(new)
 
 
 def main() -> int:
@@ -316,7 +304,7 @@ def main() -> int:
     text = section(a, rounds, time.perf_counter() - t0)
     print(text)
     if a.markdown:
-        update_markdown(a.markdown, text)
+        write_marked_section(a.markdown, "bench_serve", text)
         print(f"wrote {a.markdown}", file=sys.stderr)
     return 0
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from dsv4.common.bench.report import load_average, write_marked_section
 from dsv4.common.bench.runners import build_nano
 from dsv4.common.checkpoint.layout import random_checkpoint
 from dsv4.common.checkpoint.load import load_state_dict_official
@@ -30,15 +31,6 @@ from dsv4.common.model.config import load_named_config
 from dsv4.common.model.reference import ReferenceOps
 from dsv4.common.model.transformer import Transformer
 from dsv4.common.runtime.static_decode import StaticDecoder
-
-BEGIN, END = "<!-- bench_static_decode:begin -->", "<!-- bench_static_decode:end -->"
-
-
-def load_avg() -> str:
-    try:
-        return " / ".join(f"{x:.1f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     load_state_dict_official(model, tensors, source="random checkpoint (seed 0)")
     nano = None if a.no_nano else build_nano(args, tensors, None, torch.float32, torch.device("cpu"))
     del tensors
-    load0 = load_avg()
+    load0 = load_average()
     toks = torch.randint(2, args.vocab_size, (1, max_seq), generator=torch.Generator().manual_seed(0))
     caches = {}
     t0 = time.perf_counter()
@@ -112,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                 if i >= a.warmup:
                     times[key].append(time.perf_counter() - t)
     med = {k: 1e3 * statistics.median(v) for k, v in times.items()}
-    load1 = load_avg()
+    load1 = load_average()
     cmd = "python scripts/bench_static_decode.py " + " ".join(argv if argv is not None else sys.argv[1:])
     host = f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, 1 torch thread"
     out = ["## Decode step: eager vs static vs compiled, and vs nano-deepseek-v4 (scripts/bench_static_decode.py)", "",
@@ -136,14 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     section = "\n".join(out) + "\n"
     print(section)
     if a.markdown:
-        text = a.markdown.read_text() if a.markdown.exists() else "# Benchmarks\n"
-        block = f"{BEGIN}\n{section.rstrip()}\n{END}\n"
-        if BEGIN in text and END in text:
-            head, rest = text.split(BEGIN, 1)
-            text = head + block + rest.split(END, 1)[1].lstrip("\n")
-        else:
-            text = text.rstrip("\n") + "\n\n" + block
-        a.markdown.write_text(text)
+        write_marked_section(a.markdown, "bench_static_decode", section)
     return 0
 
 

@@ -35,11 +35,11 @@ import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import dsv4.common.model.static as static  # noqa: E402
+from dsv4.common.bench.report import write_marked_section  # noqa: E402
 from dsv4.common.checkpoint.load import build_random_model  # noqa: E402
 from dsv4.common.model.config import load_named_config  # noqa: E402
 from dsv4.common.runtime.static_decode import StaticDecoder  # noqa: E402
 
-BEGIN, END = "<!-- count_decode_ops:begin -->", "<!-- count_decode_ops:end -->"
 VIEW_OPS = {"view", "_unsafe_view", "unsqueeze", "squeeze", "slice", "select", "t", "transpose", "permute", "expand",
             "alias", "as_strided", "detach", "lift_fresh", "unflatten", "unbind", "split", "chunk", "reshape",
             "movedim", "narrow"}  # metadata only: no kernel runs for them in a captured graph
@@ -278,17 +278,6 @@ CASES = [  # (label, backend, chip, dtype, weights[, config changes])
 ]
 
 
-def update_markdown(path: Path, section: str) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{BEGIN}\n{section.rstrip()}\n{END}\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + block + "\n" + rest.split(END, 1)[1].lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    path.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=1)
@@ -336,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     section = "\n".join(out) + "\n" + "".join("\n" + t for t in seam_tables)
     print(section)
     if a.markdown:
-        update_markdown(a.markdown, section)
+        write_marked_section(a.markdown, "count_decode_ops", section)
     return 0
 
 

@@ -1,5 +1,6 @@
 """The report of `dsv4 bench`: the markdown table appended to BENCHMARKS.md, the verdicts against the two targets,
-and the command line that reproduces a run. Importable from common/bench.py too.
+and the command line that reproduces a run. Importable from common/bench.py too. Also what the benchmark scripts
+(scripts/bench_*.py, count_decode_ops.py) share: their marked section of BENCHMARKS.md and the load average.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ import argparse
 import os
 import shlex
 import sys
+from pathlib import Path
 
 from dsv4.common.bench.measure import Agreement, ContextRow, MemoryMeter
 
@@ -106,3 +108,27 @@ def mem_label_text(meter: MemoryMeter) -> str:
     if meter.mod is None:
         return "peak RSS = process RSS sampled every 5 ms while that implementation ran (both models resident)"
     return "peak allocated = torch max_memory_allocated while that implementation ran"
+
+
+def write_marked_section(path: Path, name: str, section: str) -> None:
+    """Put `section` between `<!-- name:begin -->` and `<!-- name:end -->` in `path`: in place of that section if the
+    file has it, else appended (the file is created if missing). Nothing else in the file is touched: each script
+    owns its section."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    text = path.read_text() if path.exists() else "# Benchmarks\n\nEach section is owned by the script it names.\n"
+    block = f"{begin}\n{section.rstrip()}\n{end}\n"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        tail = rest.split(end, 1)[1].lstrip("\n")
+        text = head + block + ("\n" + tail if tail else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + block
+    path.write_text(text)
+
+
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages, "n/a" where the OS has none (a shared machine's timings need them)."""
+    try:
+        return " / ".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
