@@ -214,7 +214,8 @@ def failure(req: Request) -> APIError | None:
 
 
 async def collect(server: Server, raw: HTTPRequest, reqs: list[Request], queue: asyncio.Queue) -> dict[int, str]:
-    """Wait for every request to finish (cancelling them all if the client goes away); the text of each tag."""
+    """Wait for every request to finish (cancelling them all if the client goes away); the text of each tag. A
+    request that failed in the engine fails the response: its APIError (the first such request's) is raised."""
     texts = {i: "" for i in range(len(reqs))}
     left = len(reqs)
     try:
@@ -230,6 +231,10 @@ async def collect(server: Server, raw: HTTPRequest, reqs: list[Request], queue: 
     finally:
         for r in reqs:
             server.loop.cancel(r)  # no-op for finished ones
+    for r in reqs:
+        err = failure(r)
+        if err is not None:
+            raise err
     return texts
 
 
@@ -374,9 +379,6 @@ def create_app(server: Server, max_body_bytes: int = 1 << 20) -> FastAPI:
         texts = await collect(server, raw, reqs, queue)
         choices = []
         for tag, r in enumerate(reqs):
-            err = failure(r)
-            if err is not None:
-                raise err
             echo = echo_text(tag)
             c: dict[str, Any] = {"index": tag, "text": echo + texts[tag], "logprobs": None,
                                  "finish_reason": r.finish_reason, "stop_reason": r.stop_reason}
@@ -426,9 +428,6 @@ def create_app(server: Server, max_body_bytes: int = 1 << 20) -> FastAPI:
         texts = await collect(server, raw, reqs, queue)
         choices = []
         for tag, r in enumerate(reqs):
-            err = failure(r)
-            if err is not None:
-                raise err
             c: dict[str, Any] = {"index": tag, "message": {"role": "assistant", "content": texts[tag]},
                                  "logprobs": server.chat_logprobs(r.output_logprobs, as_ids) if body.logprobs else None,
                                  "finish_reason": r.finish_reason, "stop_reason": r.stop_reason}
