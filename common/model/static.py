@@ -59,8 +59,7 @@ class StepPlan:
         self.visible = {r: (pos + 1) // r for r in ratios}  # complete blocks the query sees
         # compressed entries rotate at their block's first position, with the compressed layers' table
         self.entry_cos_sin = {r: prep(*model.rope_compressed.cos_sin((self.block[r] * r)[:, None])) for r in ratios}
-        self._rows: dict[int, Tensor] = {}
-        self._shared: dict[tuple, Tensor] = {}  # write rows and indexer key rows, per store shape
+        self._shared: dict[tuple, Tensor] = {}  # key, write and indexer-key rows, the same for every layer of a kind
 
     def capacity(self, ratio: int) -> int:
         """Compressed entries a query of this bucket can see (static): context // ratio, within max_seq_len."""
@@ -92,14 +91,15 @@ class StepPlan:
     def rows(self, st: LayerStore) -> Tensor:
         """Key rows [B,K] of a layer: the window and, for HCA, every entry up to the bucket's capacity; -1 = none.
         Cached per ratio (every layer of a ratio has the same rows)."""
-        if st.ratio not in self._rows:
+        key = ("keys", st.ratio)
+        if key not in self._shared:
             idx = [self.window_rows]
             if st.ratio and st.ratio != 4:  # HCA: all complete entries (few: context / 128)
                 t = torch.arange(self.capacity(st.ratio), device=self.pos.device).expand(self.pos.shape[0], -1)
                 t = torch.where(t < self.visible[st.ratio][:, None], t, -1)
                 idx.append(self.entry_rows(st.per_block, st.pool_offset, t))
-            self._rows[st.ratio] = torch.cat(idx, dim=-1)
-        return self._rows[st.ratio]
+            self._shared[key] = torch.cat(idx, dim=-1)
+        return self._shared[key]
 
 
 # -- attention ---------------------------------------------------------------------------------------------------------
