@@ -234,9 +234,8 @@ def test_pool_block_and_fixed_bytes_match_the_runtime_cache(tiny):
     def nbytes(slots: int, blocks: int) -> int:
         return KVCache(tiny, slots, 128, torch.bfloat16, block_tokens=128, n_blocks=blocks).nbytes()
 
-    layers = tiny.compress_ratios[:tiny.n_layers + tiny.n_mtp_layers]
-    assert pool.block_bytes(tiny, 128, "bf16", layers) == nbytes(1, 2) - nbytes(1, 1)
-    assert pool.fixed_bytes_per_sequence(tiny, "bf16", layers) == nbytes(2, 1) - nbytes(1, 1)
+    assert pool.block_bytes(tiny, 128, "bf16") == nbytes(1, 2) - nbytes(1, 1)
+    assert pool.fixed_bytes_per_sequence(tiny, "bf16") == nbytes(2, 1) - nbytes(1, 1)
 
 
 def test_pool_holds_more_of_a_mixed_workload_than_slots(flash):

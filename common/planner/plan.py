@@ -218,8 +218,7 @@ def plan(model: str | Path | ModelArgs, hardware: str | Hardware, tp: int = 8, e
     for n, _ in workload or []:
         if n > args.max_position_embeddings:
             raise PlanError("workload", f"length {n} exceeds max_position_embeddings={args.max_position_embeddings}")
-    layers = args.compress_ratios[:args.n_layers + (args.n_mtp_layers if mtp else 0)]
-    pool = pool_plan(args, free_for_kv, dp, kv_dtype, layers, workload or [(context, 1.0)], block_tokens,
+    pool = pool_plan(args, free_for_kv, dp, kv_dtype, mtp, workload or [(context, 1.0)], block_tokens,
                      ttft_ms, context, cards * peak * 1e12)
 
     return Plan(

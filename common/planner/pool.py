@@ -20,9 +20,7 @@ from dsv4.common.model.config import ModelArgs
 from dsv4.common.planner.sizes import (
     PlanError,
     attention_flops_per_token,
-    compressor_state_bytes,
-    indexer_row_bytes,
-    kv_row_bytes,
+    kv_cache_bytes,
     matmul_flops_per_token,
 )
 
@@ -53,29 +51,16 @@ def parse_workload(text: str) -> list[tuple[int, float]]:
     return [(n, s / total) for n, s in mix]
 
 
-def block_bytes(args: ModelArgs, block_tokens: int, kv_dtype: str, layers: list[int]) -> float:
-    """One block of `block_tokens` tokens across all layers (`layers`: their compression ratios)."""
-    row, irow = kv_row_bytes(args, kv_dtype), indexer_row_bytes(args, kv_dtype)
-    total = 0.0
-    for r in layers:
-        if r:
-            total += block_tokens // r * row
-        if r == 4:
-            total += block_tokens // 4 * irow
-    return total
+def block_bytes(args: ModelArgs, block_tokens: int, kv_dtype: str, mtp: bool = True) -> float:
+    """One block of `block_tokens` tokens across all layers: the per-token rows of kv_cache_bytes, a block's worth
+    (every compression ratio divides a block, so no row is split)."""
+    return kv_cache_bytes(args, 1, kv_dtype, mtp).per_token_marginal * block_tokens
 
 
-def fixed_bytes_per_sequence(args: ModelArgs, kv_dtype: str, layers: list[int]) -> float:
+def fixed_bytes_per_sequence(args: ModelArgs, kv_dtype: str, mtp: bool = True) -> float:
     """The window rings and compressor states of one running sequence: also what a prefix-cache snapshot keeps."""
-    row = kv_row_bytes(args, kv_dtype)
-    total = 0.0
-    for r in layers:
-        total += args.window_size * row
-        if r:
-            total += compressor_state_bytes(r, args.head_dim)
-        if r == 4:
-            total += compressor_state_bytes(4, args.index_head_dim)
-    return total
+    kv = kv_cache_bytes(args, 1, kv_dtype, mtp)
+    return kv.window + kv.state
 
 
 def prefill_seconds(args: ModelArgs, start: int, end: int, peak_flops: float, samples: int = 64) -> float:
@@ -135,15 +120,15 @@ class PoolPlan:
     hit: HitRate | None
 
 
-def pool_plan(args: ModelArgs, kv_bytes_per_card: float, dp: int, kv_dtype: str, layers: list[int],
+def pool_plan(args: ModelArgs, kv_bytes_per_card: float, dp: int, kv_dtype: str, mtp: bool,
               workload: list[tuple[int, float]], block_tokens: int = DEFAULT_BLOCK_TOKENS,
               ttft_ms: float | None = None, prompt: int | None = None,
               peak_flops: float | None = None) -> PoolPlan:
     """`kv_bytes_per_card`: memory one card has for KV (after weights and reserve); every card of a DP group holds
     all of its group's sequences (MQA: TP does not split the KV)."""
     check_block_tokens(block_tokens)
-    blk = block_bytes(args, block_tokens, kv_dtype, layers)
-    fixed = fixed_bytes_per_sequence(args, kv_dtype, layers)
+    blk = block_bytes(args, block_tokens, kv_dtype, mtp)
+    fixed = fixed_bytes_per_sequence(args, kv_dtype, mtp)
     # mean bytes of one sequence of the mix; integer counts per length follow the shares
     mean = sum(share * (fixed + math.ceil(n / block_tokens) * blk) for n, share in workload)
     per_group = int(kv_bytes_per_card // mean)
