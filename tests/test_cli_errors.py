@@ -91,6 +91,7 @@ GEN = ["generate", "--prompt", "hi", "--max-new-tokens", "2"]
 # (id, argv, what the one error line must name). "{ck}"/"{ck8}"/"{tmp}" are filled per case.
 CASES = [
     ("serve-batched-rows", ["serve", "--batched-decode-min-rows", "-1"], "--batched-decode-min-rows"),
+    ("serve-port-out-of-range", ["serve", "--port", "70000"], "--port must be in 0..65535"),
     ("device-cuda", GEN + ["--device", "cuda:0"], "--device 'cuda:0'"),
     ("device-npu", GEN + ["--device", "npu:0"], "--device 'npu:0'"),
     ("device-unknown", GEN + ["--device", "tpu"], "--device 'tpu'"),
@@ -161,6 +162,20 @@ def test_bad_input_ends_with_one_line(case_id, argv, names, paths, capsys):
     assert len(errors) == 1 and names in errors[0], f"{case_id}: expected one error line naming {names!r}:\n{err}"
 
 
+def test_serve_on_a_taken_port_fails_before_loading(capsys):
+    """The port is bound before the model loads: a port in use is one line at once, naming the address, not an
+    uvicorn error after minutes of loading a real checkpoint."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        rc = main(["serve", "--port", str(port)])
+    err = capsys.readouterr().err
+    assert rc != 0 and "Traceback" not in err
+    assert f"--host 127.0.0.1 --port {port}: cannot listen there (Address already in use)" in err, err
+    assert "model:" not in err, f"failed only after loading: {err}"  # the line printed once the model is up
+
+
 def test_overflow_names_the_first_layer(paths, capsys):
     """Huge finite attn_norm weights in layer 0: the replay names layer 0's attention, not just 'NaN somewhere'."""
     assert main(GEN + ["--model", paths["huge"]]) != 0
@@ -203,17 +218,11 @@ def test_closed_pipe_is_no_traceback():
     assert "Traceback" not in err and "BrokenPipe" not in err, err
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_killed_rank_is_named_by_rank0(tmp_path):
     """A rank killed (SIGKILL) mid-generation under torchrun: rank 0 ends with one line naming that rank, not a
     gloo traceback."""
     log = tmp_path / "run.log"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "dsv4", "generate", "--tp", "2", "--prompt", "hi", "--max-new-tokens", "3000",
            "--max-seq-len", "4000", "--ignore-eos"]
     with log.open("w") as f:

@@ -30,19 +30,21 @@ NAME = "dsv4-tiny"
 NEW_TOKENS = "8"  # a short continuation: the emulated W8A8 server decodes slowly on CPU
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def bound_socket() -> socket.socket:
+    """A socket on a free port, handed to uvicorn as it is: no port is picked here and bound again later."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    return s
 
 
 def start_server(model):
     tok = TextTokenizer.byte_level(model.args)
     engine = Engine(model, max_batch=2, max_seq_len=256, prefill_chunk=16, max_waiting=8, tokenizer=tok)
-    port = free_port()
+    sock = bound_socket()
+    port = sock.getsockname()[1]
     uv = uvicorn.Server(uvicorn.Config(serve_app.create_app(serve_app.Server(engine, tok, NAME)), host="127.0.0.1",
                                        port=port, log_level="warning"))
-    th = threading.Thread(target=uv.run, daemon=True)
+    th = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
     th.start()
     deadline = time.monotonic() + 30
     while not uv.started:

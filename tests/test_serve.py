@@ -30,10 +30,11 @@ MAX_SEQ = 256
 NAME = "tiny-test"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def bound_socket() -> socket.socket:
+    """A socket on a free port, handed to uvicorn as it is: no port is picked here and bound again later."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    return s
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +51,11 @@ def tok(model):
 def served(model, tok):
     engine = Engine(model, max_batch=4, max_seq_len=MAX_SEQ, prefill_chunk=32, max_waiting=16, tokenizer=tok)
     server = Server(engine, tok, NAME)
-    port = free_port()
+    sock = bound_socket()
+    port = sock.getsockname()[1]
     uv = uvicorn.Server(uvicorn.Config(create_app(server, max_body_bytes=64 * 1024), host="127.0.0.1", port=port,
                                        log_level="warning"))
-    th = threading.Thread(target=uv.run, daemon=True)
+    th = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
     th.start()
     deadline = time.monotonic() + 30
     while not uv.started:

@@ -8,8 +8,8 @@ compared for equality across batchings and across the TP split (tests/test_gener
 from __future__ import annotations
 
 import os
+import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,12 +24,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 MAX_SEQ = "256"
 NAME = "tiny-clamp"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -49,17 +43,26 @@ def model_args(config: str) -> list[str]:
 
 
 class Served:
-    def __init__(self, argv: list[str], port: int) -> None:
-        self.port, self.url = port, f"http://127.0.0.1:{port}"
+    """A `dsv4 serve --port 0` process: it binds a free port before loading and names it in its 'serving' line, so
+    no port is chosen here and then taken by someone else (a gloo connection did, once) before the server binds."""
+
+    def __init__(self, argv: list[str]) -> None:
         self.proc = subprocess.Popen(argv, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True, start_new_session=True)
         self.log: list[str] = []
         self.reader = threading.Thread(target=lambda: self.log.extend(self.proc.stdout), daemon=True)
         self.reader.start()
         deadline = time.monotonic() + 60
+        self.url = None
         while True:
             assert self.proc.poll() is None, f"server exited: {''.join(self.log)}"
             assert time.monotonic() < deadline, f"server did not come up: {''.join(self.log)}"
+            if self.url is None:
+                found = re.search(r"serving '[^']*' on (http://127\.0\.0\.1:\d+)/v1", "".join(self.log))
+                if found is None:
+                    time.sleep(0.2)
+                    continue
+                self.url = found.group(1)
             try:
                 if httpx.get(self.url + "/health", timeout=1).status_code == 200:
                     break
@@ -95,20 +98,21 @@ class Served:
             return False
 
 
-def serve_argv(config: str, port: int) -> list[str]:
+def serve_argv(config: str) -> list[str]:
     # decode steps of 2+ rows run batched (common/runtime/engine_decode.py), so the 2-rank test covers it under TP
-    return [sys.executable, "-m", "dsv4", "serve", *model_args(config), "--port", str(port),
+    return [sys.executable, "-m", "dsv4", "serve", *model_args(config), "--port", "0",
             "--served-model-name", NAME, "--max-batch", "4", "--prefill-chunk", "32", "--batched-decode-min-rows", "2"]
 
 
 @pytest.fixture(scope="module")
 def single(config):
-    port = free_port()
-    s = Served(serve_argv(config, port), port)
+    s = Served(serve_argv(config))
     yield s
     s.stop()
 
 
+# --standalone: the launcher's rendezvous store binds a free port itself (torch/distributed/run.py, localhost:0)
+TORCHRUN_2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 PROMPTS = ["Hello world", "The quick brown fox", "x" * 70]
 
 
@@ -138,10 +142,8 @@ def test_served_greedy_text_equals_dsv4_generate(single, config):
 
 
 def test_two_gloo_ranks_serve_what_one_process_serves(single, config):
-    port = free_port()
-    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-            "--master-port", str(free_port()), "-m", "dsv4", *serve_argv(config, port)[3:], "--tp", "2"]
-    tp2 = Served(argv, port)
+    argv = [*TORCHRUN_2, "-m", "dsv4", *serve_argv(config)[3:], "--tp", "2"]
+    tp2 = Served(argv)
     try:
         got = answers(tp2.client)
     finally:
@@ -154,12 +156,10 @@ def test_two_gloo_ranks_resume_from_the_prefix_cache_alike(single, config, tmp_p
     """--prefix-cache under torchrun: rank 0 decides the hit and every rank installs the same blocks and snapshot
     (mirrored calls); if rank 1 did not, its half of the TP split would read another cache and the answer change.
     After the drain the cache is on disk (--prefix-cache-dir)."""
-    port = free_port()
-    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-            "--master-port", str(free_port()), "-m", "dsv4", *serve_argv(config, port)[3:], "--tp", "2",
+    argv = [*TORCHRUN_2, "-m", "dsv4", *serve_argv(config)[3:], "--tp", "2",
             "--prefix-cache-dir", str(tmp_path), "--prefix-snapshot-interval", "128"]
     doc = "A shared document, long enough to fill one KV block of 128 tokens. " * 2  # 138 byte tokens
-    tp2 = Served(argv, port)
+    tp2 = Served(argv)
     try:
         got = [ask(tp2.client, doc + q) for q in ("Question one?", "Question two?")]
         metrics = httpx.get(tp2.url + "/metrics", timeout=10).text

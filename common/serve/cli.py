@@ -9,6 +9,7 @@ end with an error), the other ranks are released and the process exits.
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
 from pathlib import Path
 
@@ -25,7 +26,9 @@ from dsv4.common.runtime.prefix_cache import add_prefix_cache_arguments, prefix_
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("serving")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
-    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--port", type=int, default=8000,
+                   help="port to listen on (default: 8000; 0 = a free one, printed in the 'serving' line); it is bound "
+                        "before the model loads, so a port in use fails at once")
     g.add_argument("--served-model-name", default=None,
                    help="the name clients pass as `model` (default: the checkpoint folder's name, or dsv4-<config>)")
     g.add_argument("--max-batch", type=int, default=16, help="cache slots: requests running at once")
@@ -53,6 +56,23 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     add_prefix_cache_arguments(p.add_argument_group("prefix cache"))
 
 
+def listen_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound (not yet listening) before the model loads: a taken port is one line at once, not
+    after minutes of loading, and nothing can take the port between loading and serving (under torchrun the ranks'
+    gloo connections draw ephemeral ports from the same range as --port 0)."""
+    if not 0 <= port < 65536:
+        raise ValueError(f"--port must be in 0..65535, got {port}")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as uvicorn's Config.bind_socket chooses
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart need not wait out TIME_WAIT
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ValueError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e})") from None
+    return sock
+
+
 def capture_batch_sizes(max_batch: int) -> tuple[int, ...]:
     """The batch sizes a server captures its decode step at: powers of two up to max_batch, and max_batch (a
     batch is padded up to the next one, so every running batch has a captured shape)."""
@@ -77,8 +97,9 @@ def cmd_serve(ns: argparse.Namespace) -> int:
 
     if ns.batched_decode_min_rows < 0:
         raise ValueError(f"--batched-decode-min-rows must be >= 0 (0 = off), got {ns.batched_decode_min_rows}")
-    model, tokenizer, source = load_model(ns)
     rank, world, _ = world_from_env()
+    sock = listen_socket(ns.host, ns.port) if rank == 0 else None  # only rank 0 serves HTTP
+    model, tokenizer, source = load_model(ns)
     block_tokens, kv_blocks = kv_pool_options(ns, model)
     engine = Engine(model, max_batch=ns.max_batch, max_seq_len=ns.max_seq_len, prefill_chunk=ns.prefill_chunk,
                     step_tokens=ns.step_tokens, max_waiting=ns.max_waiting, tokenizer=tokenizer,
@@ -108,14 +129,16 @@ def cmd_serve(ns: argparse.Namespace) -> int:
             server.draining = True  # new requests get 503 while those in flight finish
             super().handle_exit(sig, frame)
 
-    config = uvicorn.Config(app, host=ns.host, port=ns.port, log_level="warning",
+    host, port = sock.getsockname()[:2]
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning",
                             timeout_graceful_shutdown=ns.drain_timeout)
     print(f"[dsv4] model: {source}; backend: {model.ops.name}; ranks: {world}", file=sys.stderr)
     if engine.prefix_cache is not None:
         opts = engine.prefix_cache
         print(f"[dsv4] prefix cache: {opts.budget_bytes / 2**20:.0f} MiB"
               + (f", {loaded} blocks loaded from {opts.path}" if opts.path else ""), file=sys.stderr)
-    print(f"[dsv4] serving {name!r} on http://{ns.host}:{ns.port}/v1 (Ctrl-C or SIGTERM drains and stops)",
+    url_host = f"[{host}]" if ":" in host else host
+    print(f"[dsv4] serving {name!r} on http://{url_host}:{port}/v1 (Ctrl-C or SIGTERM drains and stops)",
           file=sys.stderr, flush=True)
     # uvicorn drains on SIGTERM/SIGINT, then re-raises the signal to the handler that was there before it ran
     # (uvicorn/server.py, capture_signals): that handler is this no-op, so a drained server exits with status 0
@@ -123,7 +146,8 @@ def cmd_serve(ns: argparse.Namespace) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    DrainingServer(config).run()  # returns once the requests in flight are done and the engine loop stopped
+    # returns once the requests in flight are done and the engine loop stopped
+    DrainingServer(config).run(sockets=[sock])
     if engine.save_prefix_cache():
         print(f"[dsv4] prefix cache written to {engine.prefix_cache.path}", file=sys.stderr)
     print(f"[dsv4] drained and stopped ({server.metrics.total_requests()} requests served)", file=sys.stderr)
