@@ -165,9 +165,22 @@ def test_two_gloo_ranks_resume_from_the_prefix_cache_alike(single, config, tmp_p
         metrics = httpx.get(tp2.url + "/metrics", timeout=10).text
     finally:
         tp2.stop()
-    assert got == [ask(single.client, doc + q) for q in ("Question one?", "Question two?")]
+    want = [ask(single.client, doc + q) for q in ("Question one?", "Question two?")]
+    assert got == want
     assert "dsv4_prefix_cache_hits_total 1.0" in metrics and "dsv4_prefix_cache_hit_tokens_total 128.0" in metrics
     assert (tmp_path / "prefix-cache.safetensors").stat().st_size > 0, "".join(tp2.log)
+
+    # a second 2-rank server reads that file on every rank: its first request already hits, with the same answer
+    again = Served(argv)
+    try:
+        log = "".join(again.log)
+        resumed = ask(again.client, doc + "Question three?")
+        metrics = httpx.get(again.url + "/metrics", timeout=10).text
+    finally:
+        again.stop()
+    assert "blocks loaded from" in log, log
+    assert "dsv4_prefix_cache_hits_total 1.0" in metrics and "dsv4_prefix_cache_hit_tokens_total 128.0" in metrics
+    assert resumed == ask(single.client, doc + "Question three?")
 
 
 def test_sigterm_drains_the_request_in_flight_and_exits(single):
