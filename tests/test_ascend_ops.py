@@ -128,14 +128,27 @@ def test_linear_fp8_path_on_950(make):
     torch.testing.assert_close(yb.float(), ref, rtol=BF16_ULP, atol=BF16_ULP * ref.abs().max().item())
 
 
+def block_varying_fp8_weight(out: int, inp: int, seed: int = 11) -> LinearWeight:
+    """An FP8 weight whose 128x128 blocks all have different scales (a magnitude per block spread over 2^-6..2^6),
+    so a block scale read in the wrong layout changes the output (N(0, 1) weights give most blocks one scale)."""
+    g = torch.Generator().manual_seed(seed)
+    R, C = -(-out // 128), -(-inp // 128)
+    mag = torch.exp2(torch.linspace(-6, 6, R * C)[torch.randperm(R * C, generator=g)]).view(R, C)
+    full = mag.repeat_interleave(128, 0).repeat_interleave(128, 1)[:out, :inp]
+    q, s = quantize_fp8(randn(out, inp, seed=seed) * full)
+    return LinearWeight(q, s, "fp8")
+
+
 def test_linear_fp8_gemm_odd_k_blocks_and_fallback_on_950():
-    """K = 384 (three 128-blocks: the MX scale's even padding is dropped) takes the G-B form; N = 200 (a partial
-    weight block) is not run on it and takes the fused activation quantisation + torch GEMM. Both within 1 bf16 ulp
-    of the output magnitude (same FP8 codes and scales as the reference, one bf16 rounding)."""
+    """K = 384 (three 128-blocks: the MX scale's even padding is dropped) takes the G-B form, for square and
+    non-square block grids; N = 200 (a partial weight block) is not run on it and takes the fused activation
+    quantisation + torch GEMM. All within 1 bf16 ulp of the output magnitude (same FP8 codes and scales as the
+    reference, one bf16 rounding)."""
     ops = ops_for("950dt")
     x = randn(4, 384, seed=9).bfloat16()
-    for w, path in ((fp8_weight(out=256, inp=384), "npu_dynamic_mx_quant + npu_quant_matmul (FP8 G-B"),
-                    (fp8_weight(out=200, inp=384), "npu_dynamic_mx_quant activation + torch GEMM (weight")):
+    for w, path in ((block_varying_fp8_weight(256, 384), "npu_dynamic_mx_quant + npu_quant_matmul (FP8 G-B"),
+                    (block_varying_fp8_weight(384, 384), "npu_dynamic_mx_quant + npu_quant_matmul (FP8 G-B"),
+                    (block_varying_fp8_weight(200, 384), "npu_dynamic_mx_quant activation + torch GEMM (weight")):
         y = ops.linear(x, w).float()
         assert ops.last_path["linear"].startswith(path), ops.last_path["linear"]
         ref = REF.linear(x, w).float()
