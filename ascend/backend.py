@@ -580,7 +580,7 @@ class AscendOps(Ops):
         elif self.fp8_native:
             lin = "torch FP8-simulated GEMM (npu_dynamic_mx_quant / npu_quant_matmul not present)"
         else:
-            lin = fused("npu_quant_matmul", "W8A8: npu_dynamic_quant + npu_quant_matmul (FP8/FP4 weights converted "
+            lin = fused("npu_dynamic_quant", "W8A8: npu_dynamic_quant + npu_quant_matmul (FP8/FP4 weights converted "
                         "to int8)", "W8A8 composed")
         if not self.has("npu_moe_init_routing_v2"):
             moe = "torch reference experts (npu_moe_init_routing_v2 / npu_grouped_matmul not documented on " + c + ")"
