@@ -3,8 +3,9 @@
 Every function takes the chip it emulates as its first argument (bound by emulation.make_torch_npu); the rest is the
 op's torch_npu 2.14.0 schema, argument for argument (ascend/schemas/torch_npu-2.14.0.yaml: the emulation registers
 these functions under that schema, so the dispatcher binds every call exactly as torch_npu would). Checks cite the
-op's doc in the same file ("doc:"); what the doc does not state is marked ASSUMED. Written from the op contracts,
-independent of dsv4.common.model.reference.
+op's doc in the same file ("doc:"); what the doc does not state is marked ASSUMED. npu_quant_matmul's FP8 form on
+950 cites the wheel's meta function and TorchAir converter instead ("meta"): its docstring predates that form.
+Written from the op contracts, independent of dsv4.common.model.reference.
 """
 
 from __future__ import annotations
