@@ -24,10 +24,11 @@ from . import compose
 from .capability import A5, custom_op, op_available, release_supported
 from .convert import dequant_any, fp4_to_fp8, to_w4a8, to_w8a8
 from .emulation.attention import A5_INDEXER_HEADS, _valid_sparse_count
+from .emulation.basic import FP8_GB_GROUPS
 from .schemas import PINNED_RELEASE
 
 HALF = (torch.float16, torch.bfloat16)
-FP8_CHIPS = A5  # chips whose checkpoints keep FP8 weights (no FP8 GEMM op in 2.14.0: the GEMM itself runs in torch)
+FP8_CHIPS = A5  # chips whose checkpoints keep FP8 weights (their GEMM: npu_quant_matmul's FP8 G-B form)
 WEIGHT_POLICIES = ("auto", "w8a8", "bf16")
 FP8_BLOCK = 128  # the FP8 GEMM's activation blocks (1 x 128 along K)
 MX_E4M3 = 292  # npu_dynamic_mx_quant's dst_type code of torch_npu.float8_e4m3fn (its doc)
@@ -210,17 +211,57 @@ class AscendOps(Ops):
         return y if x.dim() == 2 else y.reshape(*lead, -1)
 
     def _linear_fp8(self, x2: Tensor, w: LinearWeight) -> Tensor:
-        # 2.14.0's npu_quant_matmul documents int8/int4 tables on A2/A3 only (no FP8 row, 950 not in its products):
-        # the FP8 GEMM is the reference math in torch (activation FP8 simulation, dequantised weight); on 950 the
-        # activation's quantisation is the fused MX op
+        # 950: npu_quant_matmul's FP8 G-B form (the 2.14.0 wheel's meta function + TorchAir converter; its docstring
+        # predates it: capability.UNVERIFIED). The activation is quantised per token per 128 of K by the fused MX op,
+        # exactly V4's ue8m0 FP8 simulation; elsewhere the same math runs in torch
+        why = self._fp8_gemm_misfit(x2, w)
+        if why is None:
+            self._took("linear", "npu_dynamic_mx_quant + npu_quant_matmul (FP8 G-B, group_sizes [1,128,128])")
+            xq, x_scale = self._mx_fp8_codes(x2, FP8_BLOCK)
+            return self.npu.npu_quant_matmul(xq, w.weight.t(), self._block_scale_kn(w), pertoken_scale=x_scale,
+                                             output_dtype=x2.dtype, group_sizes=FP8_GB_GROUPS)
         if self._mx_fp8_fits(x2, FP8_BLOCK):
-            self._took("linear", "npu_dynamic_mx_quant activation + torch GEMM (npu_quant_matmul has no documented "
-                       "FP8 form in 2.14.0)")
+            self._took("linear", f"npu_dynamic_mx_quant activation + torch GEMM ({why})")
             xq = self._mx_fp8(x2, FP8_BLOCK)
         else:
-            self._took("linear", "torch FP8-simulated (npu_quant_matmul has no documented FP8 form in 2.14.0)")
+            self._took("linear", f"torch FP8-simulated ({why})")
             xq = compose.fp8_sim(x2.float(), FP8_BLOCK)
         return F.linear(xq, self._dequant_fp8(w)).to(x2.dtype)
+
+    def _fp8_gemm_misfit(self, x2: Tensor, w: LinearWeight) -> str | None:
+        """Why npu_quant_matmul's FP8 G-B form cannot take this call (None: it can)."""
+        if not self.has("npu_quant_matmul") or not self.has("npu_dynamic_mx_quant"):
+            return f"no FP8 npu_quant_matmul on {self.chip}"
+        if x2.dtype not in HALF:
+            return "fp32 activations: the FP8 GEMM's activation quantisation takes bf16/fp16 with 128-blocks"
+        N, K = w.weight.shape[-2:]
+        if w.weight.dim() != 2 or K % FP8_BLOCK or N % FP8_BLOCK:
+            return f"weight {tuple(w.weight.shape)}: the G-B form is run on 2-D weights with 128-multiple K and N"
+        if w.scale is None or tuple(w.scale.shape) != (N // FP8_BLOCK, K // FP8_BLOCK):
+            return "the weight scale is not one per 128x128 block"
+        return None
+
+    def _mx_fp8_codes(self, x2: Tensor, block: int) -> tuple[Tensor, Tensor]:
+        """x2 [M, K] -> (e4m3 codes [M, K], fp32 scales [M, K/block]) through npu_dynamic_mx_quant (scale_alg 1: V4's
+        ue8m0 round-up scale, see _mx_fp8). Its scale bytes come [M, ceil(nb / 2), 2], the block axis padded to
+        even (meta function): flattened and cut to nb, read as 2^(byte - 127) exactly in fp32."""
+        y, mx = self.npu.npu_dynamic_mx_quant(x2, dst_type=MX_E4M3, block_size=block, scale_alg=1,
+                                              max_low_bound=FP8_AMAX_FLOOR)
+        nb = x2.shape[-1] // block
+        # ASSUMED on the device: torch_npu takes torch.float8_e8m0fnu views (exact: a byte b is 2^(b - 127))
+        scale = mx.view(torch.float8_e8m0fnu).float().flatten(-2)  # [M, 2 * ceil(nb / 2)]
+        return y, scale if nb % 2 == 0 else scale[..., :nb]
+
+    def _block_scale_kn(self, w: LinearWeight) -> Tensor:
+        """The weight's 128x128 block scales as npu_quant_matmul's G-B form takes them for x2 = weight.t() [K, N]:
+        fp32 [K/128, N/128] (quant_matmul_group_sizes_check: scale.size(-1) = ceil(N / 128), scale.size(-2) the
+        K blocks of pertoken_scale). Transposed and made contiguous once per weight tensor, then cached."""
+        key = ("scale_kn", id(w.weight))
+        hit = self._converted.get(key)
+        if hit is None or hit[0]() is not w.weight:
+            kn = LinearWeight(w.weight, w.scale.float().t().contiguous(), "fp8")
+            self._converted[key] = hit = (weakref.ref(w.weight), kn)
+        return hit[1].scale
 
     def _dequant_fp8(self, w: LinearWeight) -> Tensor:
         """fp32 [out, in] of an FP8 weight (the reference's dequant_weight products). Whole 128x128 blocks: the
@@ -532,13 +573,14 @@ class AscendOps(Ops):
 
         if self.weights == "bf16":
             lin = "bf16 dequantised weights, torch matmul"
-        elif self.fp8_native and self.has("npu_dynamic_mx_quant"):
-            lin = ("npu_dynamic_mx_quant FP8 activation (scale_alg 1) + torch GEMM on the dequantised weight "
-                   "(npu_quant_matmul documents no FP8 form, nor 950)")
+        elif self.fp8_native and self.has("npu_dynamic_mx_quant") and self.has("npu_quant_matmul"):
+            lin = ("npu_dynamic_mx_quant FP8 activation (scale_alg 1, ue8m0 scale as fp32 per token per 128) + "
+                   "npu_quant_matmul FP8 G-B (group_sizes [1,128,128], the weight's 128x128 block scale) for 2-D "
+                   "weights with 128-multiple K and N; else the fused activation quantisation + torch GEMM")
         elif self.fp8_native:
-            lin = "torch FP8-simulated GEMM (npu_quant_matmul documents no FP8 form, nor 950)"
+            lin = "torch FP8-simulated GEMM (npu_dynamic_mx_quant / npu_quant_matmul not present)"
         else:
-            lin = fused("npu_quant_matmul", "W8A8: npu_dynamic_quant + npu_quant_matmul (FP8/FP4 weights converted "
+            lin = fused("npu_dynamic_quant", "W8A8: npu_dynamic_quant + npu_quant_matmul (FP8/FP4 weights converted "
                         "to int8)", "W8A8 composed")
         if not self.has("npu_moe_init_routing_v2"):
             moe = "torch reference experts (npu_moe_init_routing_v2 / npu_grouped_matmul not documented on " + c + ")"

@@ -6,7 +6,10 @@ ascend/schemas/torch_npu-<release>.yaml (generated from the wheel; see scripts/e
 - where an op's doc names its supported products (支持的型号), `chips` IS that list (a test keeps them equal);
 - where the doc names none, `chips` says what we run and `doc` quotes the line the choice rests on;
 - `doc` is a verbatim fragment of the op's doc in the schema file (tests check it is really there), `why` the
-  English reading. Ops whose doc says nothing about a chip stay enabled there and are listed in UNVERIFIED.
+  English reading. Ops whose doc says nothing about a chip stay enabled there and are listed in UNVERIFIED;
+- where the wheel's CODE (meta function, TorchAir converter) gives a chip a form its older docstring omits, the
+  code wins (the release's own contract): those chips are `code_chips`, with `code` a verbatim fragment of the
+  op's meta function in the schema file (tests check it), and an UNVERIFIED entry saying the form is code-only.
 Where a doc forbids what V4 needs, LEGAL_PATHS says which legal path the backend takes instead (shown by
 `dsv4 doctor`).
 """
@@ -30,6 +33,8 @@ class OpCap:
     chips: tuple[str, ...]
     doc: str  # verbatim fragment of the op's doc in the schema file ("" where the wheel ships no doc)
     why: str
+    code_chips: tuple[str, ...] = ()  # chips given the op by the wheel's code, beyond the doc's products
+    code: str = ""  # verbatim fragment of the op's meta_source in the schema file that those chips rest on
 
 
 CAPABILITIES: dict[str, OpCap] = {
@@ -41,8 +46,12 @@ CAPABILITIES: dict[str, OpCap] = {
     "npu_dynamic_quant": OpCap(A2A3, "Atlas A3 训练系列产品", "supported products: A2, A3"),
     "npu_dynamic_mx_quant": OpCap(A5, "Ascend 950PR/Ascend 950DT",
                                   "supported products: 950 (FP8 with scale_alg 1 = V4's ue8m0 round-up scale)"),
-    "npu_quant_matmul": OpCap(A2A3, "Atlas A3 训练系列产品",
-                              "supported products: A2, A3 (int8/int4 tables only; no FP8 row in this release)"),
+    # the docstring lists A2/A3 with int8/int4 tables; the same wheel's meta function takes FP8 operands with block
+    # scales (group_sizes), and its TorchAir converter lets non-integer x1/x2 through only on A5 (950): "In soc
+    # versions prior to A5, x1 and x2 only supports int8 or int32" (ge_converter/custom/quantmatmul.py line 94)
+    "npu_quant_matmul": OpCap(A2A3 + A5, "Atlas A3 训练系列产品",
+                              "doc products: A2, A3 (int8/int4 tables); 950: the FP8 G-B form of the meta + converter",
+                              code_chips=A5, code="is_a8w4_float = x1.dtype == torch.float8_e4m3fn"),
     "npu_lightning_indexer": OpCap(CHIPS, "数据类型支持bfloat16和float16，支持输入shape[B,S1,N1]",
                                    "no product list; weights (shape [B,S1,N1]) bf16/fp16 only"),
     "npu_sparse_flash_attention": OpCap(CHIPS, "sparse_indices（Tensor）：必选参数",
@@ -87,8 +96,10 @@ LEGAL_PATHS: dict[str, tuple[str, str, str]] = {
                      "scales=None (V4 weights before w2), so k is passed"),
     "hc_pre": ("npu_mhc_sinkhorn", "Atlas A5 训练系列产品", "910B/910C: no mHC op: torch"),
     "linear": ("npu_quant_matmul", "Atlas A3 训练系列产品",
-               "950 is not in npu_quant_matmul's products and no FP8 table exists in 2.14.0: FP8 GEMMs run in "
-               "torch on 950 (dequantised weight; the activation quantised by npu_dynamic_mx_quant, scale_alg 1)"),
+               "950's FP8 GEMM is npu_quant_matmul's G-B form (from the wheel's meta + TorchAir converter, not its "
+               "docstring): activation FP8 per token per 128 of K by npu_dynamic_mx_quant (scale_alg 1, the ue8m0 "
+               "scale as fp32), the checkpoint's FP8 weight as x2 [K, N] with its 128x128 block scale; shapes off "
+               "128-multiples or fp32 activations run the same math in torch"),
 }
 
 # what the CPU emulation cannot establish: listed here and in the README, each with the doc line (or its absence)
@@ -112,6 +123,13 @@ UNVERIFIED: dict[str, str] = {
                                       "vllm-ascend runs it on A3",
     "npu_rotary_mul on 950": "absent from the doc's products: torch on 950",
     "npu_swiglu on 910C/950": "products list A2 only: torch on 910C/950",
+    "npu_quant_matmul FP8 G-B on 950": "the 2.14.0 docstring has no FP8 row and no 950; the form comes from the "
+                                       "wheel's code: npu_quant_matmul_meta + quant_matmul_group_sizes_check "
+                                       "(op_plugin/meta/_meta_registrations.py) accept float8_e4m3fn x1/x2, fp32 "
+                                       "pertoken_scale [M, K/128] and scale [K/128, N/128], group_sizes "
+                                       "[1,128,128]; the TorchAir converter maps them to QuantBatchMatmulV4 on A5 "
+                                       "only. Exact scale shapes and the half-precision output are the "
+                                       "emulation's reading, not tried on a 950",
     "npu_dynamic_mx_quant scale_alg 1": "the wheel's doc names scale_alg 1 (CuBALS Scale算法) without a formula; the "
                                         "emulated one (S = max(amax, max_low_bound) / 448, exponent rounded up) is "
                                         "hicann/ops-nn aclnnDynamicMxQuantV3.md's; its uint8 scale bytes are read "
@@ -178,11 +196,12 @@ def op_available(npu: object, op: str, chip: str) -> bool:
 
 
 def products_match_docs(release: str = PINNED_RELEASE) -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
-    """Ops whose table chips differ from the products their doc lists: {op: (table, doc)} (empty = consistent)."""
+    """Ops whose table chips (less those the wheel's code adds, `code_chips`) differ from the products their doc
+    lists: {op: (table, doc)} (empty = consistent)."""
     out = {}
     for op, cap in CAPABILITIES.items():
         documented = documented_products(op, release)
-        if documented is not None and set(documented) != set(cap.chips):
+        if documented is not None and set(documented) != set(cap.chips) - set(cap.code_chips):
             out[op] = (cap.chips, documented)
     return out
 

@@ -58,8 +58,8 @@ def test_950dt_picks_fused_mhc_and_fp8():
     ops.hc_pre(x, torch.randn(24, 256) * 0.05, torch.ones(3), torch.zeros(24), 20, 1e-6, 1e-6)
     assert ops.last_path["hc_pre"] == "npu_mhc_pre + npu_mhc_sinkhorn"
     ops.linear(torch.randn(3, 256).bfloat16(), fp8w())
-    # no FP8 quant_matmul documented in 2.14.0: the GEMM is torch, the activation's FP8 quantisation the fused op
-    assert ops.last_path["linear"].startswith("npu_dynamic_mx_quant activation + torch GEMM")
+    # the FP8 GEMM is npu_quant_matmul's G-B form (wheel meta + TorchAir converter), its activation the fused MX op
+    assert ops.last_path["linear"].startswith("npu_dynamic_mx_quant + npu_quant_matmul (FP8 G-B")
     ops.linear(torch.randn(3, 256), fp8w())  # fp32 activations: the op takes fp32 with 32-blocks only
     assert ops.last_path["linear"].startswith("torch FP8-simulated")
 

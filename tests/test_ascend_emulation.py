@@ -67,13 +67,71 @@ def test_dynamic_quant_and_quant_matmul_hand():
     y = A2.npu_quant_matmul(q, w, torch.tensor([0.5, 2.0]), pertoken_scale=s, output_dtype=torch.bfloat16)
     want = torch.tensor([[64 - 381 + 160, 128 - 508 + 192], [0, 0]]) * torch.tensor([0.5, 2.0]) * s[:, None]
     assert torch.allclose(y.float(), want, rtol=8e-3)
-    # 2.14.0's doc has no FP8 table, no group_sizes, and no 950 among the products
+    # A2/A3: FP8 operands are refused (the TorchAir converter: "In soc versions prior to A5, x1 and x2 only
+    # supports int8 or int32"), and the doc's int8 table has no group_sizes
     f8 = torch.ones(2, 128).to(torch.float8_e4m3fn)
-    with pytest.raises(NpuOpError, match="int8"):
-        A2.npu_quant_matmul(f8, f8.t(), torch.ones(1), pertoken_scale=torch.ones(2), output_dtype=torch.bfloat16)
+    for chip in ("910b", "910c"):
+        with pytest.raises(NpuOpError, match="prior to A5"):
+            make_torch_npu(chip).npu_quant_matmul(f8, f8.t(), torch.ones(1, 1), pertoken_scale=torch.ones(2, 1),
+                                                  output_dtype=torch.bfloat16, group_sizes=[1, 128, 128])
     with pytest.raises(NpuOpError, match="group_sizes"):
         A2.npu_quant_matmul(q, w, torch.ones(2), pertoken_scale=s, output_dtype=torch.bfloat16, group_sizes=[1, 1, 1])
-    assert not hasattr(A5, "npu_quant_matmul")
+
+
+def gb_operands(M=3, K=256, N=384, seed=0):
+    """FP8 G-B operands: x1 [M, K] e4m3, x2 = the transposed view of an [N, K] weight, pertoken_scale [M, K/128],
+    scale [K/128, N/128], every scale a different power of two so a block mixed up shows."""
+    g = torch.Generator().manual_seed(seed)
+    x1 = (torch.randn(M, K, generator=g) * 4).to(torch.float8_e4m3fn)
+    wt = (torch.randn(N, K, generator=g) * 4).to(torch.float8_e4m3fn)
+    kb, nb = K // 128, N // 128
+    ps = torch.exp2(torch.randint(-4, 4, (M, kb), generator=g).float())
+    sc = torch.exp2(torch.randint(-4, 4, (kb, nb), generator=g).float())
+    return x1, wt.t(), ps, sc
+
+
+def test_quant_matmul_fp8_gb_on_950_by_hand():
+    """y[m, n] = sum_kb (x1[m, kb-block] . x2[kb-block, n]) * pertoken_scale[m, kb] * scale[kb, n // 128]: checked
+    against both operands dequantised element by element in fp64, to the bf16 output rounding (the NPU sums in
+    another order: fp32 noise, far below half a bf16 ulp)."""
+    x1, x2, ps, sc = gb_operands()
+    for chip in ("950dt", "950pr"):
+        y = make_torch_npu(chip).npu_quant_matmul(x1, x2, sc, pertoken_scale=ps, output_dtype=torch.bfloat16,
+                                                  group_sizes=[1, 128, 128])
+        assert y.dtype == torch.bfloat16 and y.shape == (3, 384)
+        a = x1.double() * ps.double().repeat_interleave(128, 1)  # [M, K]
+        b = x2.double() * sc.double().repeat_interleave(128, 0).repeat_interleave(128, 1)  # [K, N]
+        want = (a @ b).float()
+        torch.testing.assert_close(y.float(), want, rtol=2.0 ** -8, atol=0)  # within half a bf16 ulp, relative
+    # fp16 output too; x2 given as a contiguous [K, N] tensor is the same call (the meta reads x2 by shape)
+    y16 = A5.npu_quant_matmul(x1, x2.contiguous(), sc, pertoken_scale=ps, output_dtype=torch.float16,
+                              group_sizes=[1, 128, 128])
+    assert y16.dtype == torch.float16
+
+
+def test_quant_matmul_fp8_gb_rejects_what_the_meta_rejects():
+    x1, x2, ps, sc = gb_operands()
+    kw = dict(pertoken_scale=ps, output_dtype=torch.bfloat16, group_sizes=[1, 128, 128])
+    cases = [  # (call arguments, a fragment of the wheel's meta message)
+        ((x1[:, :128], x2, sc), kw, "k dim of x1 and x2 need be same"),
+        ((x1, x2, sc), {**kw, "group_sizes": [1, 128]}, "group_sizes's length must be 3"),
+        ((x1, x2, sc), {**kw, "pertoken_scale": None}, "pertoken_scale is None"),
+        ((x1, x2, sc), {**kw, "group_sizes": [1, 128, 64]}, "must be equal to 32 or 128"),
+        ((x1, x2, sc.t().contiguous()), kw, "scale's size\\(-1\\)"),  # the [N/128, K/128] checkpoint orientation
+        ((x1, x2, sc[:1]), kw, "k dimension of scale and pertoken_scale must be equal"),
+        ((x1, x2, sc[:, :2]), {**kw, "group_sizes": [1, 256, 128]}, "must be equal to 128"),  # N blocks fit
+    ]
+    for args, kwargs, msg in cases:
+        with pytest.raises(NpuOpError, match=msg):
+            A5.npu_quant_matmul(*args, **kwargs)
+    # forms the meta accepts but the emulation does not implement say so (never a silent wrong answer)
+    with pytest.raises(NpuOpError, match="only FP8"):
+        A5.npu_quant_matmul(torch.ones(2, 128, dtype=torch.int8), torch.ones(128, 128, dtype=torch.int8),
+                            torch.ones(128), pertoken_scale=torch.ones(2), output_dtype=torch.bfloat16)
+    with pytest.raises(NpuOpError, match="G-B form"):  # B-B
+        A5.npu_quant_matmul(x1, x2, sc, pertoken_scale=ps, output_dtype=torch.bfloat16, group_sizes=[128, 128, 128])
+    with pytest.raises(NpuOpError, match="without group_sizes"):
+        A5.npu_quant_matmul(x1, x2, torch.ones(384), pertoken_scale=torch.ones(3), output_dtype=torch.bfloat16)
 
 
 def test_init_routing_v2_three_tokens():

@@ -120,12 +120,39 @@ def test_linear_fp8_path_on_950(make):
     torch.testing.assert_close(ops.linear(x, w), REF.linear(x, w), atol=1e-5, rtol=1e-5)
     assert ops.last_path["linear"].startswith("torch FP8-simulated")  # fp32 activations: the op wants bf16/fp16
     yb = ops.linear(x.bfloat16(), w)
-    # 2.14.0: no documented FP8 npu_quant_matmul (no FP8 table, 950 not among its products): the GEMM is torch, the
-    # activation's FP8 quantisation the 950's fused MX op
-    assert ops.last_path["linear"].startswith("npu_dynamic_mx_quant activation")
-    # bf16: the same FP8 codes and scales, the same math -> at most 1 ulp of the output magnitude
+    # 950: npu_quant_matmul's FP8 G-B form (the 2.14.0 wheel's meta + TorchAir converter), the activation quantised
+    # per token per 128 of K by the fused MX op: the reference's FP8 codes and scales, the same products summed in
+    # another order, rounded once to bf16 -> at most 1 ulp of the output magnitude
+    assert ops.last_path["linear"].startswith("npu_dynamic_mx_quant + npu_quant_matmul (FP8 G-B")
     ref = REF.linear(x.bfloat16(), w).float()
     torch.testing.assert_close(yb.float(), ref, rtol=BF16_ULP, atol=BF16_ULP * ref.abs().max().item())
+
+
+def block_varying_fp8_weight(out: int, inp: int, seed: int = 11) -> LinearWeight:
+    """An FP8 weight whose 128x128 blocks all have different scales (a magnitude per block spread over 2^-6..2^6),
+    so a block scale read in the wrong layout changes the output (N(0, 1) weights give most blocks one scale)."""
+    g = torch.Generator().manual_seed(seed)
+    R, C = -(-out // 128), -(-inp // 128)
+    mag = torch.exp2(torch.linspace(-6, 6, R * C)[torch.randperm(R * C, generator=g)]).view(R, C)
+    full = mag.repeat_interleave(128, 0).repeat_interleave(128, 1)[:out, :inp]
+    q, s = quantize_fp8(randn(out, inp, seed=seed) * full)
+    return LinearWeight(q, s, "fp8")
+
+
+def test_linear_fp8_gemm_odd_k_blocks_and_fallback_on_950():
+    """K = 384 (three 128-blocks: the MX scale's even padding is dropped) takes the G-B form, for square and
+    non-square block grids; N = 200 (a partial weight block) is not run on it and takes the fused activation
+    quantisation + torch GEMM. All within 1 bf16 ulp of the output magnitude (same FP8 codes and scales as the
+    reference, one bf16 rounding)."""
+    ops = ops_for("950dt")
+    x = randn(4, 384, seed=9).bfloat16()
+    for w, path in ((block_varying_fp8_weight(256, 384), "npu_dynamic_mx_quant + npu_quant_matmul (FP8 G-B"),
+                    (block_varying_fp8_weight(384, 384), "npu_dynamic_mx_quant + npu_quant_matmul (FP8 G-B"),
+                    (block_varying_fp8_weight(200, 384), "npu_dynamic_mx_quant activation + torch GEMM (weight")):
+        y = ops.linear(x, w).float()
+        assert ops.last_path["linear"].startswith(path), ops.last_path["linear"]
+        ref = REF.linear(x, w).float()
+        torch.testing.assert_close(y, ref, rtol=BF16_ULP, atol=BF16_ULP * ref.abs().max().item())
 
 
 def test_linear_w8a8_on_910b():

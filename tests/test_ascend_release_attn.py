@@ -45,7 +45,7 @@ REACHED = {
     ("910c", "dequantized"): A2A3_ATTN | {"npu_moe_init_routing_v2"},
     ("910c", "quantized"): A2A3_ATTN | W8A8 | {"npu_moe_init_routing_v2"},
     ("950dt", "dequantized"): A5_ATTN,
-    ("950dt", "quantized"): A5_ATTN,
+    ("950dt", "quantized"): A5_ATTN | {"npu_quant_matmul"},  # the FP8 G-B GEMM (wheel meta + TorchAir converter)
 }
 
 

@@ -98,6 +98,9 @@ def test_capability_table_rests_on_the_docs():
             assert c.doc in schemas.doc(op), f"{op}: {c.doc!r} is not in its 2.14.0 doc"
         else:
             assert not schemas.doc(op), f"{op} has a doc: cite it"
+        if c.code_chips:  # chips the wheel's code adds beyond the doc: cited from its meta function, flagged
+            assert set(c.code_chips) <= set(c.chips) and c.code in (schemas.op(op)["meta_source"] or ""), op
+            assert any(k.startswith(op) for k in cap.UNVERIFIED), f"{op}: a code-only form needs an UNVERIFIED entry"
     for name, (op, fragment, _) in cap.LEGAL_PATHS.items():
         assert fragment in schemas.doc(op), f"{name}: {fragment!r} not in {op}'s doc"
     assert cap.UNVERIFIED
@@ -184,7 +187,13 @@ def meta_function(name: str):
     env = {"torch": torch, "math": __import__("math"), "ops_error": lambda *a: "",
            "ErrCode": types.SimpleNamespace(VALUE="", TYPE="", NOT_SUPPORT="", PARAM=""),
            "torch_npu": types.SimpleNamespace(int4=object(), float4_e2m1fn_x2=object(), hifloat8=object()),
-           "get_cann_version": lambda: "9.9.9", "TORCH_DTYPE_ENUM_VALUE_TO_SCALAR_TYPE_MAP": {1: torch.int8}}
+           "get_cann_version": lambda: "9.9.9", "TORCH_DTYPE_MAP": {BF: BF, torch.float16: torch.float16},
+           "TORCH_DTYPE_ENUM_VALUE_TO_SCALAR_TYPE_MAP": {1: torch.int8, BF: BF, torch.float16: torch.float16},
+           # npu_quant_matmul's checks live outside its meta function (not in the schema file): their conditions are
+           # the emulation's (tests/test_ascend_emulation.py); here only the output shape is compared
+           **{f"quant_matmul_{c}_check": lambda *a: None for c in ("shape", "dtype", "extra_dtype",
+                                                                  "scale_offset_out", "group_sizes")},
+           "bias_shape_check": lambda *a: None, "is_transpose_last_two_dims": lambda t: False}
     exec(compile(src, f"<meta {name}>", "exec"), env)  # noqa: S102 - the wheel's own shape function, as data
     return next(v for k, v in env.items() if callable(v) and k.endswith(("_meta", "_forward", name)))
 
@@ -231,7 +240,12 @@ META_CASES = {
                                    {"query_rope": torch.randn(1, 2, 2, 64, dtype=BF),
                                     "key_rope": torch.randn(1, 6, 1, 64, dtype=BF), "sparse_mode": 0,
                                     "attention_mode": 2, "sinks": torch.zeros(2)}),
-    # npu_grouped_matmul's meta function calls helpers outside itself (gmm_get_dtype): not executable alone
+    # npu_grouped_matmul's meta function calls helpers outside itself (gmm_get_dtype): not executable alone.
+    # npu_quant_matmul's calls its quant_matmul_*_check helpers (stubbed in meta_function: shapes only), here in the
+    # FP8 G-B form the 950 linear takes (x2 the transposed view of an [N, K] weight)
+    "npu_quant_matmul": (("950dt",), (torch.randn(3, 256).to(torch.float8_e4m3fn),
+                                      torch.randn(384, 256).to(torch.float8_e4m3fn).t(), torch.ones(2, 3)),
+                         {"pertoken_scale": torch.ones(3, 2), "output_dtype": BF, "group_sizes": [1, 128, 128]}),
 }
 
 

@@ -3,8 +3,9 @@
 Every function takes the chip it emulates as its first argument (bound by emulation.make_torch_npu); the rest is the
 op's torch_npu 2.14.0 schema, argument for argument (ascend/schemas/torch_npu-2.14.0.yaml: the emulation registers
 these functions under that schema, so the dispatcher binds every call exactly as torch_npu would). Checks cite the
-op's doc in the same file ("doc:"); what the doc does not state is marked ASSUMED. Written from the op contracts,
-independent of dsv4.common.model.reference.
+op's doc in the same file ("doc:"); what the doc does not state is marked ASSUMED. npu_quant_matmul's FP8 form on
+950 cites the wheel's meta function and TorchAir converter instead ("meta"): its docstring predates that form.
+Written from the op contracts, independent of dsv4.common.model.reference.
 """
 
 from __future__ import annotations
@@ -162,11 +163,20 @@ def npu_quant_matmul(chip: str, x1: Tensor, x2: Tensor, scale: Tensor, *, offset
                      output_dtype: int | None = None, x1_dtype: int | None = None, x2_dtype: int | None = None,
                      pertoken_scale_dtype: int | None = None, scale_dtype: int | None = None,
                      group_sizes: list[int] | None = None, y_scale: Tensor | None = None) -> Tensor:
-    """(x1 @ x2) * scale[n] * pertoken_scale[m] (+ bias) -> output_dtype. doc (A2/A3 table): int8 x1/x2, scale
-    fp32/bf16 1-D (t,) t=1 or n, pertoken_scale fp32 (m,) with bf16/fp16 output; output_dtype None = int8
-    (requantised, no pertoken_scale). The doc has no FP8 row and no group_sizes: both are rejected."""
+    """A2/A3 (the doc's int8 table): (x1 @ x2) * scale[n] * pertoken_scale[m] (+ bias) -> output_dtype; int8 x1/x2,
+    scale fp32/bf16 1-D (t,) t=1 or n, pertoken_scale fp32 (m,) with bf16/fp16 output; output_dtype None = int8
+    (requantised, no pertoken_scale). FP8 operands are refused there, as the TorchAir converter refuses them
+    (ge_converter/custom/quantmatmul.py, conveter_npu_npu_quant_matmul: "In soc versions prior to A5, x1 and x2
+    only supports int8 or int32"). 950 (A5): the FP8 block-scaled "G-B" form (quant_matmul_fp8_blocks), which
+    the wheel's meta function and converter accept although the docstring has no FP8 row."""
     op = "npu_quant_matmul"
     check(offset is None and y_scale is None, op, "offset / y_scale are not emulated")
+    if is_a5(chip):
+        return quant_matmul_fp8_blocks(x1, x2, scale, pertoken_scale, bias, output_dtype, x1_dtype, x2_dtype,
+                                       pertoken_scale_dtype, scale_dtype, group_sizes)
+    check(x1.dtype in (torch.int8, torch.int32) or x2.dtype in (torch.int8, torch.int32), op,
+          "In soc versions prior to A5, x1 and x2 only supports int8 or int32 (TorchAir converter), got "
+          f"{x1.dtype} x {x2.dtype}")
     check(group_sizes is None, op, "group_sizes (block-wise scales) is in the schema but not in the 2.14.0 doc")
     check(all(v is None for v in (x1_dtype, x2_dtype, pertoken_scale_dtype, scale_dtype)), op,
           "the *_dtype overrides are not in the 2.14.0 doc")
@@ -183,6 +193,80 @@ def npu_quant_matmul(chip: str, x1: Tensor, x2: Tensor, scale: Tensor, *, offset
         check(pertoken_scale is None, op, "int8 output cannot take a pertoken_scale (doc table)")
         return torch.round(out).clamp(-128, 127).to(torch.int8)
     check(out_dt in HALF_ACT, op, f"output_dtype must be fp16/bf16 (or int8), got {out_dt}")
+    return out.to(out_dt)
+
+
+# The FP8 "G-B" form of npu_quant_matmul on 950, from the 2.14.0 wheel's CODE (its docstring predates it):
+# op_plugin/meta/_meta_registrations.py npu_quant_matmul_meta (line 4481) and the checks it calls,
+# quant_matmul_group_sizes_check (4388), quant_matmul_shape_check (4085), quant_matmul_extra_dtype_check (4258);
+# on A5 the TorchAir converter passes x1/x2/pertoken_scale/scale straight to QuantBatchMatmulV4 as x1, x2,
+# x1_scale, x2_scale with group_size = (gm << 32) + (gn << 16) + gk (ge_converter/custom/quantmatmul.py, lines
+# 173-187 and 251-267). Here: x1 [M, K] and x2 [K, N] FP8, pertoken_scale fp32 [M, ceil(K/128)] (one scale per
+# token per 128 of K), scale fp32 [ceil(K/128), ceil(N/128)] (one per 128x128 block of x2), group_sizes
+# [1, 128, 128]. Not emulated (rejected with a message): the B-B form (group_sizes[0] = 128), mx [1, 1, 32] with e8m0
+# scales, hifloat8 / FP4 operands (x1_dtype / x2_dtype), A8W4, per-tensor / per-channel FP8 (no group_sizes).
+FP8_GB_GROUPS = [1, 128, 128]
+
+
+def quant_matmul_fp8_blocks(x1: Tensor, x2: Tensor, scale: Tensor, pertoken_scale: Tensor | None,
+                            bias: Tensor | None, output_dtype: int | None, x1_dtype: int | None,
+                            x2_dtype: int | None, pertoken_scale_dtype: int | None, scale_dtype: int | None,
+                            group_sizes: list[int] | None) -> Tensor:
+    """y[m, n] = sum over K-blocks kb of (x1[m, kb] . x2[kb, n]) * pertoken_scale[m, kb] * scale[kb, n // 128],
+    in fp32, rounded once to output_dtype. The NPU accumulates in its own order (cube units, fp32), so a device
+    result differs from this by fp32 summation noise: the bound a test can hold it to is the output's bf16 rounding.
+    Checks in the meta's order, with its messages; what the meta leaves to the kernel is marked ASSUMED."""
+    op = "npu_quant_matmul"
+    check(x1.dtype in FP8 and x2.dtype in FP8, op, f"950: only FP8 x FP8 (the G-B form) is emulated, got {x1.dtype} "
+          f"x {x2.dtype} (int8 x int8 is the A2/A3 doc table; A8W4 / hifloat8 / FP4 are not emulated)")
+    check(all(v is None for v in (x1_dtype, x2_dtype, scale_dtype, pertoken_scale_dtype)), op,
+          "x1_dtype / x2_dtype (hifloat8, FP4) and e8m0 scale dtypes (the mx form) are not emulated")
+    check(2 <= x1.dim() <= 6, op, "x1 dim num should be 2 ~ 6 (meta: quant_matmul_shape_check)")
+    check(2 <= x2.dim() <= 6, op, "x2 dim num should be 2 ~ 6 (meta: quant_matmul_shape_check)")
+    check(x1.dim() == 2 and x2.dim() == 2, op, "batched FP8 operands are not emulated: x1 [M, K], x2 [K, N]")
+    (M, K), N = x1.shape, x2.shape[1]
+    # the meta takes x2 as [K, N] by shape alone (transpose_x2 = x1.size(-1) == x2.size(-2)): a transposed view
+    # of the checkpoint's [N, K] weight is that shape
+    check(K == x2.shape[0], op, "k dim of x1 and x2 need be same (meta: quant_matmul_shape_check), got "
+          f"x1 {tuple(x1.shape)}, x2 {tuple(x2.shape)}")
+    check(group_sizes is not None, op, "FP8 without group_sizes (per-tensor / per-channel scales) is not emulated: "
+          f"pass group_sizes={FP8_GB_GROUPS}")
+    check(len(group_sizes) == 3, op, "group_sizes's length must be 3 (meta: quant_matmul_group_sizes_check)")
+    check(pertoken_scale is not None, op, "when the pertoken_scale is None, group_sizes's value must be 0 (meta: "
+          "quant_matmul_group_sizes_check); the G-B form needs pertoken_scale")
+    gm, gn, gk = group_sizes
+    check(scale.dtype == torch.float32 or pertoken_scale.dtype == torch.float32, op,
+          "When group_sizes's value is not 0, scale_dtype and pertoken_scale_dtype are None, dtype of scale and "
+          "pertoken_scale must be both float32 (meta: quant_matmul_group_sizes_check)")
+    check(gk in (32, 128), op, f"When group_sizes[2] > 1, group_sizes[2] must be equal to 32 or 128, got {gk}")
+    check(gn <= 1 or (scale.dim() >= 2 and scale.shape[-1] == -(-N // gn)), op,
+          f"ceil(x2.size(-1) / group_sizes[1]) must be equal to scale's size(-1) (meta), got scale "
+          f"{tuple(scale.shape)} for N = {N}")
+    check(gn <= 1 or gn == gk == 128, op, "When group_sizes[1] > 1, group_sizes[1] must be equal to group_sizes[2] "
+          "and must be equal to 128 (meta)")
+    check(pertoken_scale.dim() < 2 or scale.dim() < 2 or pertoken_scale.shape[-1] == scale.shape[-2], op,
+          "In mx, B-B, G-B quantification, k dimension of scale and pertoken_scale must be equal (meta), got "
+          f"pertoken_scale {tuple(pertoken_scale.shape)}, scale {tuple(scale.shape)}")
+    check(list(group_sizes) == FP8_GB_GROUPS, op, f"only the G-B form group_sizes={FP8_GB_GROUPS} is emulated, got "
+          f"{list(group_sizes)} (B-B [128,128,128] and mx [1,1,32] are not)")
+    kb, nb = -(-K // 128), -(-N // 128)
+    # ASSUMED (the kernel's, not the meta's checks): both scales fp32, exactly [M, ceil(K/128)] and
+    # [ceil(K/128), ceil(N/128)] (the meta checks only the N blocks and that the two K-block counts agree)
+    check(scale.dtype == torch.float32 and pertoken_scale.dtype == torch.float32, op,
+          f"G-B scales must be float32, got scale {scale.dtype}, pertoken_scale {pertoken_scale.dtype}")
+    check(tuple(pertoken_scale.shape) == (M, kb) and tuple(scale.shape) == (kb, nb), op,
+          f"G-B wants pertoken_scale [M, ceil(K/128)] = {(M, kb)} and scale [ceil(K/128), ceil(N/128)] = {(kb, nb)}, "
+          f"got {tuple(pertoken_scale.shape)} and {tuple(scale.shape)}")
+    check(bias is None, op, "bias with the FP8 G-B form is not emulated")
+    out_dt = as_dtype(output_dtype)
+    check(out_dt in (torch.bfloat16, torch.float16), op, f"output_dtype: bf16/fp16 emulated for the G-B form, got "
+          f"{out_dt}")  # ASSUMED: the meta allocates any dtype of its map (int8 when None); FP8 GEMMs return half
+    col_scale = scale.float().repeat_interleave(128, dim=1)[:, :N]  # [kb, N]: each weight block's scale per column
+    out = torch.zeros(M, N, dtype=torch.float32, device=x1.device)
+    for b in range(kb):  # one fp32 partial product per 128 of K, scaled by its token and block scales
+        k0, k1 = b * 128, min(K, b * 128 + 128)
+        part = x1[:, k0:k1].float() @ x2[k0:k1].float()  # [M, N]
+        out += part * pertoken_scale[:, b:b + 1] * col_scale[b]
     return out.to(out_dt)
 
 

@@ -41,13 +41,16 @@ REACHABLE = ("npu_rms_norm", "npu_rotary_mul", "npu_swiglu", "npu_dynamic_quant"
 
 def expected_fused(ops: Any, weights: str) -> set[str]:
     """The fused ops `ops` (an AscendOps) must reach at the release shape in bf16: those its chip has per the
-    capability table (ops.has), less the two documented exceptions: SFA with attention sinks is 950-only
-    (capability.UNVERIFIED), and the W8A8 GEMMs run only on quantised weights of chips without FP8 weights."""
+    capability table (ops.has), less the documented exceptions: SFA with attention sinks is 950-only
+    (capability.UNVERIFIED); npu_quant_matmul runs only on quantised weights (W8A8 on 910B / 910C, the FP8 G-B
+    form on 950, from the wheel's meta + TorchAir converter), and npu_dynamic_quant only for W8A8."""
     out = {op for op in REACHABLE if ops.has(op)}
     if ops.chip not in A5:
         out.discard("npu_sparse_flash_attention")
-    if weights != "quantized" or getattr(ops, "fp8_native", False):
+    if weights != "quantized":
         out -= {"npu_dynamic_quant", "npu_quant_matmul"}
+    elif getattr(ops, "fp8_native", False):
+        out.discard("npu_dynamic_quant")
     return out
 
 
