@@ -11,7 +11,7 @@
     attends through the block table by flat row index and copies no rows.
 
     python scripts/bench_block_pool.py [--config flash] [--max-seq-len 65536] [--slots 8] [--contexts 900,3000]
-        [--reps 7] [--write]
+        [--reps 7] [--parts a,c] [--write]
 """
 
 from __future__ import annotations
@@ -155,12 +155,18 @@ def main() -> int:
     p.add_argument("--contexts", default="900,3000", help="(c): tokens in each row before timing, comma-separated")
     p.add_argument("--steps", type=int, default=12, help="(c): decode steps per repetition")
     p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--parts", default="a,c", help="which parts to run, comma-separated: a (capacity), c (decode)")
     p.add_argument("--write", action="store_true", help="append the section to BENCHMARKS.md")
     ns = p.parse_args()
     cmd = "python scripts/bench_block_pool.py " + " ".join(sys.argv[1:])
-    lines = ["", "## KV block pool vs the per-slot layout (issue 16: 4a, 4c)", "", f"Command: `{cmd.strip()}`", "",
-             "### (a) Sequences that fit in the same bytes", ""] + capacity(ns) + \
-        ["", "### (c) Decode with block-table gathers vs the per-slot layout", ""] + decode_speed(ns)
+    parts = set(ns.parts.split(","))
+    if not parts or not parts <= {"a", "c"}:
+        p.error(f"--parts takes a comma-separated subset of a,c, got {ns.parts!r}")
+    lines = ["", "## KV block pool vs the per-slot layout (issue 16: 4a, 4c)", "", f"Command: `{cmd.strip()}`", ""]
+    if "a" in parts:
+        lines += ["### (a) Sequences that fit in the same bytes", ""] + capacity(ns) + [""]
+    if "c" in parts:
+        lines += ["### (c) Decode through the block pool vs the per-slot layout", ""] + decode_speed(ns)
     text = "\n".join(lines) + "\n"
     print(text)
     if ns.write:

@@ -102,12 +102,19 @@ class CompressorState:
 
 @dataclass
 class LayerCache:
-    """What one layer's forward sees for its B rows: kv [B, W + n, D] (ring, then compressed entries 0..n-1),
-    index_kv [B, n4, D_I], the compressor states of those rows. From `KVCache.layer_for` it is a gathered copy:
-    `rows` / `index_rows` are the flat store rows it came from and `span` (start, end) [B] the positions the forward
-    feeds, which bound what `write_back` writes."""
+    """What one layer's forward sees for its B rows, in one of two forms; the graph reads and writes the rows only
+    through the methods below, so both forms run the same arithmetic on the same values.
+    Gathered (`kv` set): kv [B, W + n, D] (ring, then compressed entries 0..n-1), index_kv [B, n4, D_I]: the
+    per-slot layout's tensors or views of them (cache_dense.py), or `KVCache.layer_for`'s copy of the rows up to the
+    forward's end, where `rows` / `index_rows` are the flat store rows it came from and `span` (start, end) [B] the
+    positions the forward feeds, which bound what `write_back` writes.
+    In place (`store` set, kv None: `KVCache.layer_for(in_place=True)`, one-token forwards): nothing is copied; the
+    layer writes into and attends over the flat store, `rows` [B, W + n + 1] translating a gathered column (ring row
+    q, entry W + j; the last column -1) into its flat row and `index_rows` [B, n4] an indexer key into its row of
+    flat_index_kv."""
     ratio: int
-    kv: Tensor
+    window: int
+    kv: Tensor | None
     comp: CompressorState | None = None
     index_kv: Tensor | None = None
     index_comp: CompressorState | None = None
@@ -115,6 +122,61 @@ class LayerCache:
     index_rows: Tensor | None = None
     span: tuple[Tensor, Tensor] | None = None
     plan: _ForwardRows | None = None  # the forward's shared row indices (KVCache internals)
+    store: LayerStore | None = None  # in place: the layer's flat store
+    slots: Tensor | None = None  # in place: [B] the rows' slots, on the store's device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return (self.kv if self.store is None else self.store.flat_kv).dtype
+
+    def write_window(self, pos: Tensor, kv: Tensor) -> None:
+        """The KV rows kv [B,k,D] of positions pos [B,k] (k <= W) into the ring (position p in ring row p % W)."""
+        W = self.window
+        if self.store is None:
+            self.kv[torch.arange(pos.shape[0], device=pos.device)[:, None], pos % W] = kv
+        else:
+            self.store.flat_kv[self.slots[:, None] * W + pos % W] = kv
+
+    def write_entries(self, lo: int, hi: int, first: int, entries: Tensor) -> None:
+        """Compressed entries [hi-lo, nb, D] of rows lo..hi-1 as their entries first..first+nb-1."""
+        nb = entries.shape[1]
+        if not nb:
+            return
+        cols = slice(self.window + first, self.window + first + nb)
+        if self.store is None:
+            self.kv[lo:hi, cols] = entries
+        else:
+            self.store.flat_kv[self.rows[lo:hi, cols]] = entries
+
+    def write_index_entries(self, lo: int, hi: int, first: int, entries: Tensor) -> None:
+        """Indexer keys [hi-lo, nb, D_I] of rows lo..hi-1 as their keys first..first+nb-1."""
+        nb = entries.shape[1]
+        if not nb:
+            return
+        if self.store is None:
+            self.index_kv[lo:hi, first:first + nb] = entries
+        else:
+            self.store.flat_index_kv[self.index_rows[lo:hi, first:first + nb]] = entries
+
+    def index_keys(self, n: int) -> Tensor:
+        """[B, n, D_I] indexer keys 0..n-1 of the rows: a view when gathered, gathered from the store in place (the
+        indexer scores every visible key, so they travel either way)."""
+        if self.store is None:
+            return self.index_kv[:, :n]
+        return _rows_of(self.store.flat_index_kv, self.index_rows[:, :n])
+
+    def attention_inputs(self, q: Tensor, idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """sparse_attention's (q, kv, indices) for queries q [B,S,H,D] attending over the cache's own rows at gathered
+        columns idx [B,S,K] (-1 = none). Gathered: as they are. In place: the static step's form (static.py), every
+        query one row of a single batch over the flat store: q [1, B*S, H, D], kv [1, rows, D], indices [1, B*S, K]
+        translated to flat rows, so the ops contract stays "indices into a flat KV tensor" (the output, reshaped to
+        q's shape, holds the same values: each query's keys are the same rows)."""
+        if self.store is None:
+            return q, self.kv, idx
+        B, S, K = idx.shape
+        # column -1 ("none") wraps around to the table's last column, which holds -1 (`KVCache.column_rows`)
+        rows = self.rows.gather(1, idx.view(B, S * K) % self.rows.shape[1])
+        return q.reshape(1, B * S, *q.shape[2:]), self.store.flat_kv[None], rows.view(1, B * S, K)
 
 
 @dataclass
@@ -304,59 +366,109 @@ class KVCache:
         blk = self.block_table[slots[:, None], k]  # [B,K]
         return torch.where((j >= 0) & (blk >= 0), offset + blk * per_block + jj % per_block, -1)
 
-    def entry_rows(self, slots_key: tuple, slots: Tensor, n: int, per_block: int, offset: int, scratch: int) -> Tensor:
-        """[B, n] flat rows of entries 0..n-1 of `slots` (key: the slots as a tuple) in a store with `per_block` rows
-        per block, the scratch row where no block is allocated. pool_rows over whole blocks, cached for the last slot
-        set until a block table changes (`_tables_changed`), so consecutive decode steps only slice it."""
+    def _rows_memo(self, slots_key: tuple) -> dict[tuple, Tensor]:
+        """Row indices of the last slot set (key: its slots as a tuple), kept until a block table changes
+        (`_tables_changed`): consecutive decode steps of the same sequences reuse them."""
         if slots_key != self._entry_slots:
             self._entry_memo.clear()
             self._entry_slots = slots_key
-        key = (per_block, offset, scratch)
-        rows = self._entry_memo.get(key)
+        return self._entry_memo
+
+    def entry_rows(self, slots_key: tuple, slots: Tensor, n: int, per_block: int, offset: int, scratch: int) -> Tensor:
+        """[B, n] flat rows of entries 0..n-1 of `slots` (key: the slots as a tuple) in a store with `per_block` rows
+        per block, the scratch row where no block is allocated."""
+        return self._block_rows(slots_key, slots, n, per_block, offset, scratch)[:, :n]
+
+    def _block_rows(self, slots_key: tuple, slots: Tensor, n: int, per_block: int, offset: int,
+                    scratch: int) -> Tensor:
+        """entry_rows over whole blocks (at least n columns): pool_rows, computed once per slot set and table."""
+        memo = self._rows_memo(slots_key)
+        key = ("entries", per_block, offset, scratch)
+        rows = memo.get(key)
         if rows is None or rows.shape[1] < n:
             cap = min(-(-max(n, 1) // per_block), self.max_blocks_per_seq) * per_block
             j = torch.arange(cap, device=slots.device).expand(slots.numel(), -1)
             ent = self.pool_rows(slots, j, per_block, offset)
-            rows = self._entry_memo[key] = torch.where(ent >= 0, ent, scratch)
-        return rows[:, :n]
+            rows = memo[key] = torch.where(ent >= 0, ent, scratch)
+        return rows
+
+    def column_rows(self, slots_key: tuple, slots: Tensor, st: LayerStore, n: int) -> Tensor:
+        """[B, W + n' + 1] (n' >= n) the flat row of each column of the gathered layout [ring | entries] of layer
+        store st: ring row q of slot b at b*W + q, entry j at column W + j through the block table (`pool_rows`; the
+        scratch row where no block is allocated), and a last column -1. The in-place forward's translation table,
+        kept like entry_rows."""
+        memo = self._rows_memo(slots_key)
+        key = ("columns", st.ratio, st.scratch)
+        rows = memo.get(key)
+        if rows is None or rows.shape[1] - 1 < st.window + n:
+            parts = [slots[:, None] * st.window + torch.arange(st.window, device=slots.device)]
+            if st.ratio:
+                parts.append(self._block_rows(slots_key, slots, n, st.per_block, st.pool_offset, st.scratch))
+            parts.append(torch.full_like(parts[0][:, :1], -1))  # where column -1 ("none") wraps to: stays -1
+            rows = memo[key] = torch.cat(parts, dim=1)
+        return rows
 
     # -- the model's forward -------------------------------------------------------------------------------------------
-    def layer_for(self, i: int, slots: slice | Tensor, end: int, start: Tensor | None = None) -> LayerCache:
+    def layer_for(self, i: int, slots: slice | Tensor, end: int, start: Tensor | None = None,
+                  in_place: bool = False) -> LayerCache:
         """Layer i's rows for a forward over `slots` that feeds positions [start[b], start[b] + S) of each row and
-        ends before position `end` (= max(start) + S); start defaults to the cached lengths."""
+        ends before position `end` (= max(start) + S); start defaults to the cached lengths. in_place (the model's
+        one-token forwards): the layer reads and writes the flat store through translated rows, nothing is copied;
+        otherwise a gathered copy of the rows up to `end`, which `write_back` writes back."""
         st = self.layers[i]
         idx = _slot_tensor(slots)
-        start = (self.lengths[idx] if start is None else start.to("cpu", torch.long)).clone()
-        plan = self._plan(idx, end, start)
-        rows = plan.kv_rows(st)
-        lc = LayerCache(st.ratio, _rows_of(st.flat_kv, rows), rows=rows, span=(plan.start, plan.stop), plan=plan)
+        if in_place:
+            lc = self._in_place(st, idx, end)
+        else:
+            start = (self.lengths[idx] if start is None else start.to("cpu", torch.long)).clone()
+            plan = self._plan(idx, end, start)
+            rows = plan.kv_rows(st)
+            lc = LayerCache(st.ratio, st.window, _rows_of(st.flat_kv, rows), rows=rows, span=(plan.start, plan.stop),
+                            plan=plan)
+            if st.flat_index_kv is not None:
+                lc.index_rows = plan.index_rows(st)
+                lc.index_kv = _rows_of(st.flat_index_kv, lc.index_rows)
         # compressor states are per slot: a slice of slots is a view the layer updates in place, an index tensor a copy
         state = (lambda s: s.view(slots)) if isinstance(slots, slice) else (lambda s: s.gather(idx))
         if st.comp is not None:
             lc.comp = state(st.comp)
-        if st.flat_index_kv is not None:
-            lc.index_rows = plan.index_rows(st)
-            lc.index_kv = _rows_of(st.flat_index_kv, lc.index_rows)
+        if st.index_comp is not None:
             lc.index_comp = state(st.index_comp)
+        return lc
+
+    def _in_place(self, st: LayerStore, idx: Tensor, end: int) -> LayerCache:
+        """An in-place LayerCache of store st for slots idx [B] (host) and a forward ending before `end`: only the
+        translation tables, kept across decode steps of the same slots (`_rows_memo`)."""
+        key = tuple(idx.tolist())
+        memo = self._rows_memo(key)
+        slots = memo.get(("slots",))
+        if slots is None:
+            slots = memo[("slots",)] = idx.to(self.device)
+        lc = LayerCache(st.ratio, st.window, None, store=st, slots=slots,
+                        rows=self.column_rows(key, slots, st, end // st.ratio if st.ratio else 0))
+        if st.flat_index_kv is not None:
+            lc.index_rows = self._block_rows(key, slots, end // 4, self.block_tokens // 4, 0,
+                                             st.flat_index_kv.shape[0] - 1)
         return lc
 
     def write_back(self, i: int, slots: slice | Tensor, part: LayerCache) -> None:
         """Scatter a forward's changes back: the ring rows of the positions fed, the entries of blocks completed
         inside the span (those only: every other pool row is unchanged, and shared blocks lie before the span),
-        the compressor states."""
+        the compressor states. In place, only the states of an index tensor of slots (the rows are written)."""
         st = self.layers[i]
-        idx = _slot_tensor(slots)
+        if not isinstance(slots, slice):  # a slice's states were views, already written
+            idx = _slot_tensor(slots)
+            for full, state in ((st.comp, part.comp), (st.index_comp, part.index_comp)):
+                if full is not None:
+                    full.scatter_(idx, state)
+        if part.store is not None:
+            return
         plan = part.plan
         tgt, cols = plan.kv_writes(st, part.rows)
         st.flat_kv[tgt] = part.kv.gather(1, cols[..., None].expand(-1, -1, part.kv.shape[-1]))
-        copied = not isinstance(slots, slice)  # a slice's states were views, already written
-        if st.comp is not None and copied:
-            st.comp.scatter_(idx, part.comp)
         if st.flat_index_kv is not None:
             tgt, cols = plan.index_writes(st, part.index_rows)
             st.flat_index_kv[tgt] = part.index_kv.gather(1, cols[..., None].expand(-1, -1, part.index_kv.shape[-1]))
-            if copied:
-                st.index_comp.scatter_(idx, part.index_comp)
 
     def _plan(self, idx: Tensor, end: int, start: Tensor) -> _ForwardRows:
         """The row indices of one forward, shared by its layers (computed once per ratio, not once per layer)."""
