@@ -16,9 +16,9 @@ Storage per attention layer (`LayerStore`):
                  unmasked). Ratio-0 layers have rings only (+ the scratch row).
   flat_index_kv  [n_blocks*T/4 + 1, D_I] (CSA layers): indexer keys, Hadamard-rotated and FP4-simulated; + scratch.
 Entry j of slot b in a ratio-r layer sits at flat row Bmax*W + block_table[b, j // (T/r)] * (T/r) + j % (T/r)
-(`pool_rows`). That translation is the only place where positions become pool rows: the eager path gathers through
-it (`layer_for`), the static decode step (common/model/static.py) builds its flat row indices with it, so the ops
-contract stays "indices into a flat KV tensor" everywhere.
+(`pool_rows`). That translation is the only place where positions become pool rows: the eager one-token path and the
+static decode step (common/model/static.py) attend through flat row indices built with it, the eager multi-token path
+gathers through it (`layer_for`), so the ops contract stays "indices into a flat KV tensor" everywhere.
 
 API (the serving engine and the prefix cache build on it):
   KVCache(args, max_batch, max_seq_len, dtype, device, with_mtp, block_tokens=128, n_blocks=None)
@@ -35,9 +35,15 @@ API (the serving engine and the prefix cache build on it):
   copy_slot(src, dst)               deep copy of a sequence (fresh blocks).
   layer_for / write_back / check_room: the model's forward (below); reset(slots), nbytes(), pool_stats().
 A forward names its sequences by a slice or an index tensor of slots; `check_room` (once per forward) allocates
-the blocks the new positions need, `layer_for` gathers each layer's rows up to the forward's end position into
-[B, W + end // r, D] tensors (so the model's arithmetic sees the same tensors as with per-slot storage) and
-`write_back` scatters back the ring and the entries the forward can have changed.
+the blocks the new positions need. Then, per layer, one of two forms (`LayerCache`), the same arithmetic on the same
+values either way:
+  in place (one-token forwards: decode, MTP's one-token step): `layer_for(in_place=True)` hands the layer the flat
+      store and translation tables ([B, W + n] gathered column -> flat row; kept across decode steps until a block
+      table changes); the layer writes its ring row, entries and indexer keys straight into the store and attends
+      over it by translated rows; nothing is copied but the indexer keys it scores;
+  gathered (multi-token chunks): `layer_for` copies each layer's rows up to the forward's end position into
+      [B, W + end // r, D] tensors (what the chunk's attention concatenates its own rows to) and `write_back`
+      scatters back the ring and the entries the forward can have changed.
 """
 
 from __future__ import annotations
@@ -537,29 +543,16 @@ class _ForwardRows:
         self.slots = idx.to(self.dev)
         self.start = start
         self.stop = start + (end - int(start.max())) if start.numel() else start
-        self._rows: dict[tuple, Tensor] = {}
         self._writes: dict[tuple, tuple[Tensor, Tensor]] = {}
-
-    def _entries(self, n: int, per_block: int, offset: int, scratch: int) -> Tensor:
-        return self.cache.entry_rows(self.key[0], self.slots, n, per_block, offset, scratch)
 
     def kv_rows(self, st: LayerStore) -> Tensor:
         """[B, W + end // r]: the rows' rings, then their entries 0..end//r - 1 (unallocated: the scratch row)."""
-        key = ("kv", st.ratio, st.scratch)
-        if key not in self._rows:
-            rows = self.slots[:, None] * self.W + torch.arange(self.W, device=self.dev)
-            if st.ratio:
-                ent = self._entries(self.end // st.ratio, st.per_block, st.pool_offset, st.scratch)
-                rows = torch.cat([rows, ent], dim=1)
-            self._rows[key] = rows
-        return self._rows[key]
+        n = self.end // st.ratio if st.ratio else 0
+        return self.cache.column_rows(self.key[0], self.slots, st, n)[:, :self.W + n]
 
     def index_rows(self, st: LayerStore) -> Tensor:
-        key = ("index", st.flat_index_kv.shape[0])
-        if key not in self._rows:
-            self._rows[key] = self._entries(self.end // 4, self.cache.block_tokens // 4, 0,
-                                            st.flat_index_kv.shape[0] - 1)
-        return self._rows[key]
+        return self.cache.entry_rows(self.key[0], self.slots, self.end // 4, self.cache.block_tokens // 4, 0,
+                                     st.flat_index_kv.shape[0] - 1)
 
     def _span_cols(self, lo: Tensor, hi: Tensor, first_col: int) -> tuple[Tensor, Tensor] | None:
         """Columns first_col + j for lo[b] <= j < hi[b] as [B, K] (K = the widest span) and which are real."""

@@ -2,8 +2,10 @@
 
 Reads like the official inference/model.py (shared/spec/dsv4-architecture.md), with three differences of form,
 none of arithmetic: every primitive goes through `ops` (a backend decides how it runs), the KV cache is an object
-passed in (common/cache.py) rather than buffers inside modules, and any chunk of tokens at any start position
-goes through one code path (prefill, chunked prefill and one-token decode alike).
+passed in (common/model/cache.py) rather than buffers inside modules, and any chunk of tokens at any start position
+goes through one code path (prefill, chunked prefill and one-token decode alike). Layers touch their cache rows only
+through `LayerCache`'s write_* / index_keys / attention_inputs, so a one-token forward can run over the block pool
+in place (translated flat rows) and a chunk over a gathered copy with the same arithmetic.
 The captured decode step (common/model/static.py, which says what a capture needs from the graph) reuses the
 modules' `project` / `entries` / `query` / `head_weights` / `output` methods below with static shapes, so the
 arithmetic lives here once; the host reads in this file (uniform_groups, int(...max())) are the eager path's.
