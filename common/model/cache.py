@@ -181,7 +181,7 @@ class LayerCache:
             return q, self.kv, idx
         B, S, K = idx.shape
         # column -1 ("none") wraps around to the table's last column, which holds -1 (`KVCache.column_rows`)
-        rows = self.rows.gather(1, idx.view(B, S * K) % self.rows.shape[1])
+        rows = self.rows.gather(1, idx.reshape(B, S * K) % self.rows.shape[1])
         return q.reshape(1, B * S, *q.shape[2:]), self.store.flat_kv[None], rows.view(1, B * S, K)
 
 
