@@ -5,13 +5,14 @@
     (KVCache.ensure_capacity until PoolExhausted) on the meta device (shapes only: nothing is allocated), with the
     pool's extra slots (rings and compressor states, per slot) paid out of the same byte budget.
 (b) is the prefix cache's (another benchmark).
-(c) Decode speed: ms per decode step of the embedded tiny model (random weights, fp32, CPU) with rows gathered
-    through block tables vs the per-slot layout, in one run, repetitions interleaved (the CPU is shared), medians;
-    and the engine's default for 4+ decode rows beside them: the batched step (runtime/engine_decode.py), which
-    attends through the block table by flat row index and copies no rows.
+(c) Decode speed: ms per decode step of the embedded tiny model (random weights, fp32, CPU) through the block pool
+    (the eager one-token forward writes and attends over the pool in place, through block-table-translated flat
+    rows) vs the per-slot layout, in one run, repetitions interleaved (the CPU is shared), medians; and the engine's
+    default for 4+ decode rows beside them: the batched step (runtime/engine_decode.py), which also attends by flat
+    row index and copies no rows, but feeds every row's compressors at once.
 
     python scripts/bench_block_pool.py [--config flash] [--max-seq-len 65536] [--slots 8] [--contexts 900,3000]
-        [--reps 7] [--write]
+        [--reps 7] [--parts a,c] [--write]
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ import copy
 import statistics
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
+from dsv4.common.bench.report import load_average
 from dsv4.common.checkpoint.load import build_random_model
 from dsv4.common.model.block_pool import PoolExhausted
 from dsv4.common.model.cache import KVCache
@@ -127,6 +130,7 @@ def decode_speed(ns) -> list[str]:
     torch.set_num_threads(1)
     args = load_named_config("tiny").replace(kv_fp8_sim="clamp")
     model = build_random_model(args, ReferenceOps(), torch.float32, seed=0)
+    started, load_before = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), load_average()
     out = [f"Embedded tiny model (random weights), fp32, 1 thread, {ns.batch} rows decoding, {ns.steps} steps per "
            f"repetition, {ns.reps} repetitions interleaved (layout order alternating); ms per decode step, median "
            f"(min-max):", "",
@@ -134,12 +138,14 @@ def decode_speed(ns) -> list[str]:
            "from 4 rows) | batched / slot |", "|---|---|---|---|---|---|---|"]
     for ctx in (int(c) for c in ns.contexts.split(",")):
         times = decode_times(model, ns, ctx)
-        for how, label in (("slice", "one run (slice; the slot layout writes in place)"),
-                           ("index", "scattered (index tensor; both gather)")):
+        for how, label in (("slice", "one run (slice; the slot layout attends through views)"),
+                           ("index", "scattered (index tensor; the slot layout gathers)")):
             d, p, q = (times[(name, how)] for name in ("slot layout", "block pool", "block pool, batched step"))
             md, mp, mq = (statistics.median(t) for t in (d, p, q))
             out.append(f"| {ctx} | {label} | {md:.1f} ({min(d):.1f}-{max(d):.1f}) | {mp:.1f} ({min(p):.1f}-"
                        f"{max(p):.1f}) | {mp / md:.2f} | {mq:.1f} ({min(q):.1f}-{max(q):.1f}) | {mq / md:.2f} |")
+    out += ["", f"Run at {started}; load average (1 / 5 / 15 min) {load_before} at start, {load_average()} at end "
+                f"(a shared machine: the min-max ranges show how much other work moved single repetitions)."]
     return out
 
 
@@ -155,12 +161,18 @@ def main() -> int:
     p.add_argument("--contexts", default="900,3000", help="(c): tokens in each row before timing, comma-separated")
     p.add_argument("--steps", type=int, default=12, help="(c): decode steps per repetition")
     p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--parts", default="a,c", help="which parts to run, comma-separated: a (capacity), c (decode)")
     p.add_argument("--write", action="store_true", help="append the section to BENCHMARKS.md")
     ns = p.parse_args()
     cmd = "python scripts/bench_block_pool.py " + " ".join(sys.argv[1:])
-    lines = ["", "## KV block pool vs the per-slot layout (issue 16: 4a, 4c)", "", f"Command: `{cmd.strip()}`", "",
-             "### (a) Sequences that fit in the same bytes", ""] + capacity(ns) + \
-        ["", "### (c) Decode with block-table gathers vs the per-slot layout", ""] + decode_speed(ns)
+    parts = set(ns.parts.split(","))
+    if not parts or not parts <= {"a", "c"}:
+        p.error(f"--parts takes a comma-separated subset of a,c, got {ns.parts!r}")
+    lines = ["", "## KV block pool vs the per-slot layout (issue 16: 4a, 4c)", "", f"Command: `{cmd.strip()}`", ""]
+    if "a" in parts:
+        lines += ["### (a) Sequences that fit in the same bytes", ""] + capacity(ns) + [""]
+    if "c" in parts:
+        lines += ["### (c) Decode through the block pool vs the per-slot layout", ""] + decode_speed(ns)
     text = "\n".join(lines) + "\n"
     print(text)
     if ns.write:

@@ -101,12 +101,13 @@ def test_cache_accounting_and_sharing(model):
 
 # -- logits through the pool == the slot layout ---------------------------------------------------------------------
 def run_both(model, fn):
-    """fn(cache) -> list of logits, on a fragmented pool and on the per-slot layout; asserts bitwise equality."""
+    """fn(cache) -> list of logits, on a fragmented pool and on the per-slot layout; asserts bitwise equality and
+    returns both caches."""
     pool, dense = fragmented(model, 4), SlotKVCache(model.args, 4, MAX_SEQ, torch.float32)
     got, want = fn(pool), fn(dense)
     for i, (g, w) in enumerate(zip(got, want, strict=True)):
         assert torch.equal(g, w), f"output {i}: max |diff| {(g - w).abs().max().item():.3g}"
-    return pool
+    return pool, dense
 
 
 def test_prefill_chunks_and_scattered_decode_equal_the_slot_layout(model):
@@ -123,7 +124,7 @@ def test_prefill_chunks_and_scattered_decode_equal_the_slot_layout(model):
         out.append(model(torch.stack([s[1, 264:266], s[2, 134:136]]), cache, slots=torch.tensor([0, 3])))  # S=2
         return out
 
-    pool = run_both(model, run)
+    pool, _ = run_both(model, run)
     assert pool.lengths.tolist() == [266, 0, 274, 136]
     assert [len(pool.blocks_of(b)) for b in range(4)] == [3, 0, 3, 2]
     assert sorted(sum((pool.blocks_of(b) for b in range(4)), [])) != list(range(8))  # really scattered
@@ -158,6 +159,58 @@ def test_mtp_layer_through_the_pool_equals_the_slot_layout(model):
         return out
 
     run_both(model, run)
+
+
+def test_one_token_decode_attends_over_the_pool_in_place(model, monkeypatch):
+    """The eager one-token path reads and writes the pool through translated flat rows, nothing gathered: on one
+    contiguous run of slots (a slice) and on scattered slots (an index tensor, rows in another order), across the
+    first ring wrap (W = 128) and block boundaries (positions 127/128 and 255/256: CSA and HCA entries completing on a
+    block's last row, a new block allocated), with the MTP layer's one-token step, and after a slot's blocks are
+    replaced mid-run (the translation tables kept across steps must follow). Logits equal the per-slot layout's bit
+    for bit, and so do the rows the pool holds afterwards."""
+    W = model.args.window_size
+    s = seqs(4, 300, seed=13)
+    lens = [120, 247, 60]
+    in_place = []  # per KVCache.layer_for call: whether the layer got the store itself (no gathered copy)
+    layer_for = KVCache.layer_for
+
+    def spy(self, *args, **kw):
+        lc = layer_for(self, *args, **kw)
+        in_place.append(lc.store is not None and lc.kv is None)
+        return lc
+
+    def run(cache):
+        out = []
+        for b, n in enumerate(lens):
+            model(s[b:b + 1, :n], cache, slots=slice(b, b + 1))
+        for _ in range(12):  # one contiguous run of slots, with the MTP layer's step after each token
+            p = cache.lengths[:3].clone()
+            logits, hidden = model(s[torch.arange(3), p][:, None], cache, slots=slice(0, 3), return_hidden="last")
+            out += [logits, model.mtp_forward(hidden[-1], s[torch.arange(3), p + 1][:, None], cache, slice(0, 3))]
+        order = torch.tensor([2, 0, 1])
+        for _ in range(10):  # scattered: rows of slots 2, 0, 1 at positions 72.., 132.., 259..
+            out.append(model(s[order, cache.lengths[order]][:, None], cache, slots=order))
+        if isinstance(cache, KVCache):  # slot 0 starts another sequence in other blocks
+            cache.release(0)
+        cache.lengths[0] = 0
+        out.append(model(s[3:, :200], cache, slots=slice(0, 1)))
+        for k in range(8):  # the same slot set as before, at 82.., 200.., 269..
+            out.append(model(torch.stack([s[2, 82 + k:83 + k], s[3, 200 + k:201 + k], s[1, 269 + k:270 + k]]), cache,
+                             slots=order))
+        return out
+
+    monkeypatch.setattr(KVCache, "layer_for", spy)
+    pool, dense = run_both(model, run)
+    n_layers = len(pool.layers) - 1  # the MTP layer comes on top in the MTP steps
+    one_token = 12 * (n_layers + 1) + 10 * n_layers + 8 * n_layers
+    assert sum(in_place) == one_token and len(in_place) == one_token + 4 * n_layers  # + 4 prefills, gathered
+    assert pool.lengths.tolist() == dense.lengths.tolist() == [208, 277, 90, 0]
+    for i, st in enumerate(pool.layers):  # every row the decode wrote is where the gathered layout reads it
+        for b, n in enumerate(pool.lengths[:3].tolist()):
+            got, want = pool.layer_for(i, slice(b, b + 1), n), dense.layers[i]
+            assert torch.equal(got.kv[0], want.kv[b, :W + (n // st.ratio if st.ratio else 0)]), (i, b)
+            if st.flat_index_kv is not None:
+                assert torch.equal(got.index_kv[0], want.index_kv[b, :n // 4]), (i, b)
 
 
 def test_static_step_through_block_tables(model):

@@ -16,9 +16,9 @@ Storage per attention layer (`LayerStore`):
                  unmasked). Ratio-0 layers have rings only (+ the scratch row).
   flat_index_kv  [n_blocks*T/4 + 1, D_I] (CSA layers): indexer keys, Hadamard-rotated and FP4-simulated; + scratch.
 Entry j of slot b in a ratio-r layer sits at flat row Bmax*W + block_table[b, j // (T/r)] * (T/r) + j % (T/r)
-(`pool_rows`). That translation is the only place where positions become pool rows: the eager path gathers through
-it (`layer_for`), the static decode step (common/model/static.py) builds its flat row indices with it, so the ops
-contract stays "indices into a flat KV tensor" everywhere.
+(`pool_rows`). That translation is the only place where positions become pool rows: the eager one-token path and the
+static decode step (common/model/static.py) attend through flat row indices built with it, the eager multi-token path
+gathers through it (`layer_for`), so the ops contract stays "indices into a flat KV tensor" everywhere.
 
 API (the serving engine and the prefix cache build on it):
   KVCache(args, max_batch, max_seq_len, dtype, device, with_mtp, block_tokens=128, n_blocks=None)
@@ -35,9 +35,15 @@ API (the serving engine and the prefix cache build on it):
   copy_slot(src, dst)               deep copy of a sequence (fresh blocks).
   layer_for / write_back / check_room: the model's forward (below); reset(slots), nbytes(), pool_stats().
 A forward names its sequences by a slice or an index tensor of slots; `check_room` (once per forward) allocates
-the blocks the new positions need, `layer_for` gathers each layer's rows up to the forward's end position into
-[B, W + end // r, D] tensors (so the model's arithmetic sees the same tensors as with per-slot storage) and
-`write_back` scatters back the ring and the entries the forward can have changed.
+the blocks the new positions need. Then, per layer, one of two forms (`LayerCache`), the same arithmetic on the same
+values either way:
+  in place (one-token forwards: decode, MTP's one-token step): `layer_for(in_place=True)` hands the layer the flat
+      store and translation tables ([B, W + n] gathered column -> flat row; kept across decode steps until a block
+      table changes); the layer writes its ring row, entries and indexer keys straight into the store and attends
+      over it by translated rows; nothing is copied but the indexer keys it scores;
+  gathered (multi-token chunks): `layer_for` copies each layer's rows up to the forward's end position into
+      [B, W + end // r, D] tensors (what the chunk's attention concatenates its own rows to) and `write_back`
+      scatters back the ring and the entries the forward can have changed.
 """
 
 from __future__ import annotations
@@ -102,12 +108,19 @@ class CompressorState:
 
 @dataclass
 class LayerCache:
-    """What one layer's forward sees for its B rows: kv [B, W + n, D] (ring, then compressed entries 0..n-1),
-    index_kv [B, n4, D_I], the compressor states of those rows. From `KVCache.layer_for` it is a gathered copy:
-    `rows` / `index_rows` are the flat store rows it came from and `span` (start, end) [B] the positions the forward
-    feeds, which bound what `write_back` writes."""
+    """What one layer's forward sees for its B rows, in one of two forms; the graph reads and writes the rows only
+    through the methods below, so both forms run the same arithmetic on the same values.
+    Gathered (`kv` set): kv [B, W + n, D] (ring, then compressed entries 0..n-1), index_kv [B, n4, D_I]: the
+    per-slot layout's tensors or views of them (cache_dense.py), or `KVCache.layer_for`'s copy of the rows up to the
+    forward's end, where `rows` / `index_rows` are the flat store rows it came from and `span` (start, end) [B] the
+    positions the forward feeds, which bound what `write_back` writes.
+    In place (`store` set, kv None: `KVCache.layer_for(in_place=True)`, one-token forwards): nothing is copied; the
+    layer writes into and attends over the flat store, `rows` [B, W + n + 1] translating a gathered column (ring row
+    q, entry W + j; the last column -1) into its flat row and `index_rows` [B, n4] an indexer key into its row of
+    flat_index_kv."""
     ratio: int
-    kv: Tensor
+    window: int
+    kv: Tensor | None
     comp: CompressorState | None = None
     index_kv: Tensor | None = None
     index_comp: CompressorState | None = None
@@ -115,6 +128,61 @@ class LayerCache:
     index_rows: Tensor | None = None
     span: tuple[Tensor, Tensor] | None = None
     plan: _ForwardRows | None = None  # the forward's shared row indices (KVCache internals)
+    store: LayerStore | None = None  # in place: the layer's flat store
+    slots: Tensor | None = None  # in place: [B] the rows' slots, on the store's device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return (self.kv if self.store is None else self.store.flat_kv).dtype
+
+    def write_window(self, pos: Tensor, kv: Tensor) -> None:
+        """The KV rows kv [B,k,D] of positions pos [B,k] (k <= W) into the ring (position p in ring row p % W)."""
+        W = self.window
+        if self.store is None:
+            self.kv[torch.arange(pos.shape[0], device=pos.device)[:, None], pos % W] = kv
+        else:
+            self.store.flat_kv[self.slots[:, None] * W + pos % W] = kv
+
+    def write_entries(self, lo: int, hi: int, first: int, entries: Tensor) -> None:
+        """Compressed entries [hi-lo, nb, D] of rows lo..hi-1 as their entries first..first+nb-1."""
+        nb = entries.shape[1]
+        if not nb:
+            return
+        cols = slice(self.window + first, self.window + first + nb)
+        if self.store is None:
+            self.kv[lo:hi, cols] = entries
+        else:
+            self.store.flat_kv[self.rows[lo:hi, cols]] = entries
+
+    def write_index_entries(self, lo: int, hi: int, first: int, entries: Tensor) -> None:
+        """Indexer keys [hi-lo, nb, D_I] of rows lo..hi-1 as their keys first..first+nb-1."""
+        nb = entries.shape[1]
+        if not nb:
+            return
+        if self.store is None:
+            self.index_kv[lo:hi, first:first + nb] = entries
+        else:
+            self.store.flat_index_kv[self.index_rows[lo:hi, first:first + nb]] = entries
+
+    def index_keys(self, n: int) -> Tensor:
+        """[B, n, D_I] indexer keys 0..n-1 of the rows: a view when gathered, gathered from the store in place (the
+        indexer scores every visible key, so they travel either way)."""
+        if self.store is None:
+            return self.index_kv[:, :n]
+        return _rows_of(self.store.flat_index_kv, self.index_rows[:, :n])
+
+    def attention_inputs(self, q: Tensor, idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """sparse_attention's (q, kv, indices) for queries q [B,S,H,D] attending over the cache's own rows at gathered
+        columns idx [B,S,K] (-1 = none). Gathered: as they are. In place: the static step's form (static.py), every
+        query one row of a single batch over the flat store: q [1, B*S, H, D], kv [1, rows, D], indices [1, B*S, K]
+        translated to flat rows, so the ops contract stays "indices into a flat KV tensor" (the output, reshaped to
+        q's shape, holds the same values: each query's keys are the same rows)."""
+        if self.store is None:
+            return q, self.kv, idx
+        B, S, K = idx.shape
+        # column -1 ("none") wraps around to the table's last column, which holds -1 (`KVCache.column_rows`)
+        rows = self.rows.gather(1, idx.reshape(B, S * K) % self.rows.shape[1])
+        return q.reshape(1, B * S, *q.shape[2:]), self.store.flat_kv[None], rows.view(1, B * S, K)
 
 
 @dataclass
@@ -304,59 +372,109 @@ class KVCache:
         blk = self.block_table[slots[:, None], k]  # [B,K]
         return torch.where((j >= 0) & (blk >= 0), offset + blk * per_block + jj % per_block, -1)
 
-    def entry_rows(self, slots_key: tuple, slots: Tensor, n: int, per_block: int, offset: int, scratch: int) -> Tensor:
-        """[B, n] flat rows of entries 0..n-1 of `slots` (key: the slots as a tuple) in a store with `per_block` rows
-        per block, the scratch row where no block is allocated. pool_rows over whole blocks, cached for the last slot
-        set until a block table changes (`_tables_changed`), so consecutive decode steps only slice it."""
+    def _rows_memo(self, slots_key: tuple) -> dict[tuple, Tensor]:
+        """Row indices of the last slot set (key: its slots as a tuple), kept until a block table changes
+        (`_tables_changed`): consecutive decode steps of the same sequences reuse them."""
         if slots_key != self._entry_slots:
             self._entry_memo.clear()
             self._entry_slots = slots_key
-        key = (per_block, offset, scratch)
-        rows = self._entry_memo.get(key)
+        return self._entry_memo
+
+    def entry_rows(self, slots_key: tuple, slots: Tensor, n: int, per_block: int, offset: int, scratch: int) -> Tensor:
+        """[B, n] flat rows of entries 0..n-1 of `slots` (key: the slots as a tuple) in a store with `per_block` rows
+        per block, the scratch row where no block is allocated."""
+        return self._block_rows(slots_key, slots, n, per_block, offset, scratch)[:, :n]
+
+    def _block_rows(self, slots_key: tuple, slots: Tensor, n: int, per_block: int, offset: int,
+                    scratch: int) -> Tensor:
+        """entry_rows over whole blocks (at least n columns): pool_rows, computed once per slot set and table."""
+        memo = self._rows_memo(slots_key)
+        key = ("entries", per_block, offset, scratch)
+        rows = memo.get(key)
         if rows is None or rows.shape[1] < n:
             cap = min(-(-max(n, 1) // per_block), self.max_blocks_per_seq) * per_block
             j = torch.arange(cap, device=slots.device).expand(slots.numel(), -1)
             ent = self.pool_rows(slots, j, per_block, offset)
-            rows = self._entry_memo[key] = torch.where(ent >= 0, ent, scratch)
-        return rows[:, :n]
+            rows = memo[key] = torch.where(ent >= 0, ent, scratch)
+        return rows
+
+    def column_rows(self, slots_key: tuple, slots: Tensor, st: LayerStore, n: int) -> Tensor:
+        """[B, W + n' + 1] (n' >= n) the flat row of each column of the gathered layout [ring | entries] of layer
+        store st: ring row q of slot b at b*W + q, entry j at column W + j through the block table (`pool_rows`; the
+        scratch row where no block is allocated), and a last column -1. The in-place forward's translation table,
+        kept like entry_rows."""
+        memo = self._rows_memo(slots_key)
+        key = ("columns", st.ratio, st.scratch)
+        rows = memo.get(key)
+        if rows is None or rows.shape[1] - 1 < st.window + n:
+            parts = [slots[:, None] * st.window + torch.arange(st.window, device=slots.device)]
+            if st.ratio:
+                parts.append(self._block_rows(slots_key, slots, n, st.per_block, st.pool_offset, st.scratch))
+            parts.append(torch.full_like(parts[0][:, :1], -1))  # where column -1 ("none") wraps to: stays -1
+            rows = memo[key] = torch.cat(parts, dim=1)
+        return rows
 
     # -- the model's forward -------------------------------------------------------------------------------------------
-    def layer_for(self, i: int, slots: slice | Tensor, end: int, start: Tensor | None = None) -> LayerCache:
+    def layer_for(self, i: int, slots: slice | Tensor, end: int, start: Tensor | None = None,
+                  in_place: bool = False) -> LayerCache:
         """Layer i's rows for a forward over `slots` that feeds positions [start[b], start[b] + S) of each row and
-        ends before position `end` (= max(start) + S); start defaults to the cached lengths."""
+        ends before position `end` (= max(start) + S); start defaults to the cached lengths. in_place (the model's
+        one-token forwards): the layer reads and writes the flat store through translated rows, nothing is copied;
+        otherwise a gathered copy of the rows up to `end`, which `write_back` writes back."""
         st = self.layers[i]
         idx = _slot_tensor(slots)
-        start = (self.lengths[idx] if start is None else start.to("cpu", torch.long)).clone()
-        plan = self._plan(idx, end, start)
-        rows = plan.kv_rows(st)
-        lc = LayerCache(st.ratio, _rows_of(st.flat_kv, rows), rows=rows, span=(plan.start, plan.stop), plan=plan)
+        if in_place:
+            lc = self._in_place(st, idx, end)
+        else:
+            start = (self.lengths[idx] if start is None else start.to("cpu", torch.long)).clone()
+            plan = self._plan(idx, end, start)
+            rows = plan.kv_rows(st)
+            lc = LayerCache(st.ratio, st.window, _rows_of(st.flat_kv, rows), rows=rows, span=(plan.start, plan.stop),
+                            plan=plan)
+            if st.flat_index_kv is not None:
+                lc.index_rows = plan.index_rows(st)
+                lc.index_kv = _rows_of(st.flat_index_kv, lc.index_rows)
         # compressor states are per slot: a slice of slots is a view the layer updates in place, an index tensor a copy
         state = (lambda s: s.view(slots)) if isinstance(slots, slice) else (lambda s: s.gather(idx))
         if st.comp is not None:
             lc.comp = state(st.comp)
-        if st.flat_index_kv is not None:
-            lc.index_rows = plan.index_rows(st)
-            lc.index_kv = _rows_of(st.flat_index_kv, lc.index_rows)
+        if st.index_comp is not None:
             lc.index_comp = state(st.index_comp)
+        return lc
+
+    def _in_place(self, st: LayerStore, idx: Tensor, end: int) -> LayerCache:
+        """An in-place LayerCache of store st for slots idx [B] (host) and a forward ending before `end`: only the
+        translation tables, kept across decode steps of the same slots (`_rows_memo`)."""
+        key = tuple(idx.tolist())
+        memo = self._rows_memo(key)
+        slots = memo.get(("slots",))
+        if slots is None:
+            slots = memo[("slots",)] = idx.to(self.device)
+        lc = LayerCache(st.ratio, st.window, None, store=st, slots=slots,
+                        rows=self.column_rows(key, slots, st, end // st.ratio if st.ratio else 0))
+        if st.flat_index_kv is not None:
+            lc.index_rows = self._block_rows(key, slots, end // 4, self.block_tokens // 4, 0,
+                                             st.flat_index_kv.shape[0] - 1)
         return lc
 
     def write_back(self, i: int, slots: slice | Tensor, part: LayerCache) -> None:
         """Scatter a forward's changes back: the ring rows of the positions fed, the entries of blocks completed
         inside the span (those only: every other pool row is unchanged, and shared blocks lie before the span),
-        the compressor states."""
+        the compressor states. In place, only the states of an index tensor of slots (the rows are written)."""
         st = self.layers[i]
-        idx = _slot_tensor(slots)
+        if not isinstance(slots, slice):  # a slice's states were views, already written
+            idx = _slot_tensor(slots)
+            for full, state in ((st.comp, part.comp), (st.index_comp, part.index_comp)):
+                if full is not None:
+                    full.scatter_(idx, state)
+        if part.store is not None:
+            return
         plan = part.plan
         tgt, cols = plan.kv_writes(st, part.rows)
         st.flat_kv[tgt] = part.kv.gather(1, cols[..., None].expand(-1, -1, part.kv.shape[-1]))
-        copied = not isinstance(slots, slice)  # a slice's states were views, already written
-        if st.comp is not None and copied:
-            st.comp.scatter_(idx, part.comp)
         if st.flat_index_kv is not None:
             tgt, cols = plan.index_writes(st, part.index_rows)
             st.flat_index_kv[tgt] = part.index_kv.gather(1, cols[..., None].expand(-1, -1, part.index_kv.shape[-1]))
-            if copied:
-                st.index_comp.scatter_(idx, part.index_comp)
 
     def _plan(self, idx: Tensor, end: int, start: Tensor) -> _ForwardRows:
         """The row indices of one forward, shared by its layers (computed once per ratio, not once per layer)."""
@@ -425,29 +543,16 @@ class _ForwardRows:
         self.slots = idx.to(self.dev)
         self.start = start
         self.stop = start + (end - int(start.max())) if start.numel() else start
-        self._rows: dict[tuple, Tensor] = {}
         self._writes: dict[tuple, tuple[Tensor, Tensor]] = {}
-
-    def _entries(self, n: int, per_block: int, offset: int, scratch: int) -> Tensor:
-        return self.cache.entry_rows(self.key[0], self.slots, n, per_block, offset, scratch)
 
     def kv_rows(self, st: LayerStore) -> Tensor:
         """[B, W + end // r]: the rows' rings, then their entries 0..end//r - 1 (unallocated: the scratch row)."""
-        key = ("kv", st.ratio, st.scratch)
-        if key not in self._rows:
-            rows = self.slots[:, None] * self.W + torch.arange(self.W, device=self.dev)
-            if st.ratio:
-                ent = self._entries(self.end // st.ratio, st.per_block, st.pool_offset, st.scratch)
-                rows = torch.cat([rows, ent], dim=1)
-            self._rows[key] = rows
-        return self._rows[key]
+        n = self.end // st.ratio if st.ratio else 0
+        return self.cache.column_rows(self.key[0], self.slots, st, n)[:, :self.W + n]
 
     def index_rows(self, st: LayerStore) -> Tensor:
-        key = ("index", st.flat_index_kv.shape[0])
-        if key not in self._rows:
-            self._rows[key] = self._entries(self.end // 4, self.cache.block_tokens // 4, 0,
-                                            st.flat_index_kv.shape[0] - 1)
-        return self._rows[key]
+        return self.cache.entry_rows(self.key[0], self.slots, self.end // 4, self.cache.block_tokens // 4, 0,
+                                     st.flat_index_kv.shape[0] - 1)
 
     def _span_cols(self, lo: Tensor, hi: Tensor, first_col: int) -> tuple[Tensor, Tensor] | None:
         """Columns first_col + j for lo[b] <= j < hi[b] as [B, K] (K = the widest span) and which are real."""

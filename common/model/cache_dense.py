@@ -15,14 +15,14 @@ from dsv4.common.model.config import ModelArgs
 
 
 def _view(lc: LayerCache, slots: slice) -> LayerCache:
-    return LayerCache(lc.ratio, lc.kv[slots], None if lc.comp is None else lc.comp.view(slots),
+    return LayerCache(lc.ratio, lc.window, lc.kv[slots], None if lc.comp is None else lc.comp.view(slots),
                       None if lc.index_kv is None else lc.index_kv[slots],
                       None if lc.index_comp is None else lc.index_comp.view(slots))
 
 
 def _gather(lc: LayerCache, idx: Tensor, window: int, end: int) -> LayerCache:
     rows = window + (end // lc.ratio if lc.ratio else 0)
-    return LayerCache(lc.ratio, lc.kv[idx, :rows], None if lc.comp is None else lc.comp.gather(idx),
+    return LayerCache(lc.ratio, window, lc.kv[idx, :rows], None if lc.comp is None else lc.comp.gather(idx),
                       None if lc.index_kv is None else lc.index_kv[idx, :end // 4],
                       None if lc.index_comp is None else lc.index_comp.gather(idx))
 
@@ -41,7 +41,7 @@ class SlotKVCache:
     def _layer(self, ratio: int) -> LayerCache:
         a, B, dev = self.args, self.max_batch, self.device
         rows = a.window_size + (self.max_seq_len // ratio if ratio else 0)
-        lc = LayerCache(ratio, torch.zeros(B, rows, a.head_dim, dtype=self.dtype, device=dev))
+        lc = LayerCache(ratio, a.window_size, torch.zeros(B, rows, a.head_dim, dtype=self.dtype, device=dev))
         if ratio:
             lc.comp = CompressorState.allocate(B, ratio, a.head_dim, dev)
         if ratio == 4:
@@ -49,7 +49,9 @@ class SlotKVCache:
             lc.index_comp = CompressorState.allocate(B, 4, a.index_head_dim, dev)
         return lc
 
-    def layer_for(self, i: int, slots: slice | Tensor, end: int, start: Tensor | None = None) -> LayerCache:
+    def layer_for(self, i: int, slots: slice | Tensor, end: int, start: Tensor | None = None,
+                  in_place: bool = False) -> LayerCache:
+        """A view of a slice of slots, a copy of an index tensor's rows (in_place changes nothing here)."""
         lc = self.layers[i]
         return _view(lc, slots) if isinstance(slots, slice) else _gather(lc, slots, self.args.window_size, end)
 

@@ -2,8 +2,10 @@
 
 Reads like the official inference/model.py (shared/spec/dsv4-architecture.md), with three differences of form,
 none of arithmetic: every primitive goes through `ops` (a backend decides how it runs), the KV cache is an object
-passed in (common/cache.py) rather than buffers inside modules, and any chunk of tokens at any start position
-goes through one code path (prefill, chunked prefill and one-token decode alike).
+passed in (common/model/cache.py) rather than buffers inside modules, and any chunk of tokens at any start position
+goes through one code path (prefill, chunked prefill and one-token decode alike). Layers touch their cache rows only
+through `LayerCache`'s write_* / index_keys / attention_inputs, so a one-token forward can run over the block pool
+in place (translated flat rows) and a chunk over a gathered copy with the same arithmetic.
 The captured decode step (common/model/static.py, which says what a capture needs from the graph) reuses the
 modules' `project` / `entries` / `query` / `head_weights` / `output` methods below with static shapes, so the
 arithmetic lives here once; the host reads in this file (uniform_groups, int(...max())) are the eager path's.
@@ -96,10 +98,11 @@ class Compressor(nn.Module):
         self.wgate = Linear(args.dim, width)
         self.norm = RMSNorm(head_dim)
 
-    def forward(self, ops: Ops, x: Tensor, start: int, state: CompressorState, out: Tensor,
-                rope: RopeTable) -> None:
-        """Feed tokens [start, start+S) of x [B,S,d]; write every block completed by them into out [B, rows, c];
-        keep the incomplete block in `state`. All batch rows share `start`."""
+    def forward(self, ops: Ops, x: Tensor, start: int, state: CompressorState, rope: RopeTable,
+                dtype: torch.dtype) -> Tensor:
+        """Feed tokens [start, start+S) of x [B,S,d]; keep the incomplete block in `state`. Returns the entries
+        [B, nb, c] in `dtype` of the nb blocks completed by them (nb may be 0): entries start // ratio onwards. All
+        batch rows share `start`."""
         B, S, _ = x.shape
         m, c, r = self.ratio, self.head_dim, start % self.ratio
         if start == 0 and self.overlap:  # a new sequence: nothing to look back on
@@ -110,6 +113,7 @@ class Compressor(nn.Module):
         z = torch.cat([state.score[:, :r], z], dim=1)
         nb = (r + S) // m
         first = (start - r) // m  # index of the first block in this span
+        out = k.new_empty(B, 0, c, dtype=dtype)
         if nb:
             kb = k[:, :nb * m].unflatten(1, (nb, m))  # [B,nb,m,w]
             zb = z[:, :nb * m].unflatten(1, (nb, m))
@@ -123,10 +127,11 @@ class Compressor(nn.Module):
             else:
                 kb_pool, zb_pool = kb, zb
             block_pos = ((first + torch.arange(nb, device=x.device)) * m).expand(B, nb)  # each block's first token
-            out[:, first:first + nb] = self.entries(ops, kb_pool, zb_pool, rope.cos_sin(block_pos), out.dtype)
+            out = self.entries(ops, kb_pool, zb_pool, rope.cos_sin(block_pos), dtype)
         rem = r + S - nb * m
         state.kv[:, :rem] = k[:, nb * m:]
         state.score[:, :rem] = z[:, nb * m:]
+        return out
 
     def project(self, ops: Ops, x: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
         """Raw K rows and gate scores (+ the position's ape row) of tokens x [B,S,d] at positions pos ([S] or
@@ -164,11 +169,11 @@ class Indexer(nn.Module):
         a = self.args
         q = self.query(ops, qr, cos, sin)
         for lo, hi_b, start in uniform_groups(pos[:, 0]):
-            self.compressor(ops, x[lo:hi_b], start, cache.index_comp.view(slice(lo, hi_b)),
-                            cache.index_kv[lo:hi_b], rope)
+            new = self.compressor(ops, x[lo:hi_b], start, cache.index_comp.view(slice(lo, hi_b)), rope, cache.dtype)
+            cache.write_index_entries(lo, hi_b, start // 4, new)
         w = self.head_weights(ops, x)
         visible = (pos + 1) // 4  # only fully completed blocks count
-        keys = cache.index_kv[:, :int(visible.max())]
+        keys = cache.index_keys(int(visible.max()))
         if self.tp == 1:
             return ops.indexer_topk(q, keys, w, visible, a.index_topk)
         # heads are split over the TP ranks: sum the partial scores before selecting
@@ -226,15 +231,15 @@ class Attention(nn.Module):
         start = pos[:, 0]
         if self.ratio:
             for lo, hi, s0 in uniform_groups(start):
-                self.compressor(ops, x[lo:hi], s0, cache.comp.view(slice(lo, hi)), cache.kv[lo:hi, W:], rope)
+                entries = self.compressor(ops, x[lo:hi], s0, cache.comp.view(slice(lo, hi)), rope, cache.dtype)
+                cache.write_entries(lo, hi, s0 // self.ratio, entries)
 
         # key rows: [ring (W) | compressed | this chunk (S > 1 only)]; a single token goes straight into its ring slot
         if S == 1:
-            cache.kv[torch.arange(B), pos[:, 0] % W] = kv[:, 0]
-            keys, chunk_row = cache.kv, None
-        else:  # only the rows in use travel with the chunk, not the whole max_seq_len cache
-            used = W + (int(pos[:, -1].max() + 1) // self.ratio if self.ratio else 0)
-            keys, chunk_row = torch.cat([cache.kv[:, :used], kv], dim=1), used
+            cache.write_window(pos, kv)
+            chunk_row = None
+        else:  # the chunk's rows follow the cache rows in use
+            chunk_row = W + (int(pos[:, -1].max() + 1) // self.ratio if self.ratio else 0)
         idx = [self.window_indices(pos, start, chunk_row)]
         if self.ratio == 4:
             sel = self.indexer(ops, x, qr, pos, cos, sin, cache, rope)
@@ -243,11 +248,15 @@ class Attention(nn.Module):
             visible = (pos + 1) // self.ratio  # entries whose block is complete
             t = torch.arange(int(visible.max()), device=x.device)
             idx.append(torch.where(t < visible[..., None], t + W, -1))
-        o = ops.sparse_attention(q, keys, self.attn_sink, torch.cat(idx, dim=-1), D ** -0.5)
+        idx = torch.cat(idx, dim=-1)
+        if S == 1:  # the cache's own rows (in place: the flat store through translated rows, nothing copied)
+            q_in, keys, idx = cache.attention_inputs(q, idx)
+        else:  # only the rows in use travel with the chunk, not the whole max_seq_len cache
+            q_in, keys = q, torch.cat([cache.kv[:, :chunk_row], kv], dim=1)
+        o = ops.sparse_attention(q_in, keys, self.attn_sink, idx, D ** -0.5).reshape(q.shape)
         if S > 1:  # the ring keeps the last W tokens of the chunk
             keep = min(S, W)
-            rows = torch.arange(B, device=x.device)[:, None]
-            cache.kv[rows, pos[:, -keep:] % W] = kv[:, -keep:]
+            cache.write_window(pos[:, -keep:], kv[:, -keep:])
 
         return self.output(ops, o, cos, sin)
 
@@ -466,7 +475,7 @@ class Transformer(nn.Module):
         hidden = []
         end = int(start.max()) + S
         for i, layer in enumerate(self.layers):
-            lc = cache.layer_for(i, slots, end, start=start)
+            lc = cache.layer_for(i, slots, end, start=start, in_place=S == 1)
             X = layer(ops, X, pos, tokens, lc, self.rope_for(i))
             cache.write_back(i, slots, lc)
             if return_hidden and (return_hidden != "last" or i == len(self.layers) - 1):
@@ -510,7 +519,7 @@ class Transformer(nn.Module):
         # the main forward allocated these positions; a window-only MTP layer writes no pool rows, so a prefix's
         # shared blocks under its lagging position do not matter
         cache.check_room(slots, pos[:, 0], S, pool_writes=bool(a.compress_ratios[layer_id]))
-        lc = cache.layer_for(layer_id, slots, int(pos[:, -1].max()) + 1, start=pos[:, 0])
+        lc = cache.layer_for(layer_id, slots, int(pos[:, -1].max()) + 1, start=pos[:, 0], in_place=S == 1)
         X = mtp(ops, X, pos, next_tokens, lc, self.rope_for(layer_id))
         cache.write_back(layer_id, slots, lc)
         return self._head(X, mtp.hc_head_fn, mtp.hc_head_scale, mtp.hc_head_base, mtp.norm)
