@@ -90,15 +90,30 @@ def test_engine_decodes_many_rows_in_one_batched_step_with_the_same_tokens(model
     assert batched.steps * 3 <= total  # each batched step served at least min_rows requests
 
 
-def test_one_token_prompts_prefill_through_the_eager_forward(model):
-    """Four one-token prompts: their prefill is a one-token step at position 0, which the batched step does not
-    take (the eager forward initialises the compressor states there); their decodes then run batched."""
-    prompts = [[7 + i] for i in range(4)]
-    eng = Engine(model, max_batch=4, max_seq_len=MAX_SEQ)
-    reqs = [eng.add(Request(p, greedy(4))) for p in prompts]
+def test_one_token_prompt_prefills_through_the_eager_forward(model):
+    """A one-token prompt's prefill is a one-token step at position 0, which the batched step does not take (the eager
+    forward initialises the compressor states there). Here it shares its forward with another prompt's last token
+    (rows at positions 16 and 0); the decodes after it run batched, their positions differing."""
+    long_p, short_p = rand_prompt(17, 61), [7]
+    eng = Engine(model, max_batch=4, max_seq_len=MAX_SEQ, prefill_chunk=32, step_tokens=16, batched_decode_min_rows=2)
+    a = eng.add(Request(long_p, greedy(4)))
+    eng.step()  # the step budget (16) takes a's first 16 tokens
+    b = eng.add(Request(short_p, greedy(4)))
     list(eng.run_until_idle())
-    assert [r.output for r in reqs] == [alone(model, p, 4) for p in prompts]
-    assert [r.finish_reason for r in reqs] == ["length"] * 4 and eng.runner.batched.steps == 3
+    assert [a.output, b.output] == [alone(model, long_p, 4), alone(model, short_p, 4)]
+    assert eng.runner.batched.steps == 3
+
+
+def test_rows_at_one_position_decode_through_the_eager_forward(model):
+    """Requests that started together with equal prompt lengths decode at one position: the eager forward runs the
+    compressors once for all of them and is the cheaper path there (scripts/bench_decode_rows.py), so the batched
+    step is not taken; the tokens equal each request's run alone."""
+    prompts = [rand_prompt(12, 70 + i) for i in range(4)]
+    eng = Engine(model, max_batch=4, max_seq_len=MAX_SEQ, batched_decode_min_rows=2)
+    reqs = [eng.add(Request(p, greedy(3))) for p in prompts]
+    list(eng.run_until_idle())
+    assert [r.output for r in reqs] == [alone(model, p, 3) for p in prompts]
+    assert eng.runner.batched is not None and eng.runner.batched.steps == 0
 
 
 def test_engine_without_batched_decode_keeps_the_eager_forward(model):
@@ -185,7 +200,7 @@ def test_loop_hands_events_on_once_per_forward(model):
         eng.step()
         loop.flush()
     assert fake.calls == forwards == 5  # one prefill forward (4 rows of 16), then 4 decode forwards
-    assert eng.runner.batched.steps == 4  # 4 rows: the batched step
+    assert eng.runner.batched.steps == 0  # 4 rows at one position: the eager forward (see above)
     for tag, (r, q) in enumerate(zip(reqs, queues, strict=True)):
         assert [t for t, _ in q.items] == [tag] * 5
         assert [ev.token_id for _, ev in q.items] == r.output == alone(model, prompts[tag], 5)

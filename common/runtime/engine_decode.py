@@ -12,8 +12,10 @@ constraints, so this runner:
   - sizes the step's context to the batch's longest position (max position + 1) instead of a power-of-two bucket,
     so the indexer and HCA scan only rows that can be visible (padding more rows changes no result, only time).
 One row (or a few) stays on the eager forward, which is faster there (measured 31 ms eager against 35 ms static at
-one row; equal at two, static faster from four). Numerics: equal to the eager forward up to GEMM batch-shape rounding
-(measured max 2e-6 on logits, asserted within tests/test_static_decode.py's 1e-5); greedy tokens are the same.
+one row; equal at two, static faster from four). Rows all at one position also stay eager: its compressors then run
+once for the batch, and it is 5-10% cheaper (scripts/bench_decode_rows.py). Numerics: equal to the eager forward up
+to GEMM batch-shape rounding (measured max 2e-6 on logits, asserted within tests/test_static_decode.py's 1e-5);
+greedy tokens are the same.
 """
 
 from __future__ import annotations
@@ -40,9 +42,14 @@ class BatchedDecode:
         self.steps = 0
 
     def wants(self, slots: Sequence[int]) -> bool:
-        """Whether a one-token step of these slots should run here: enough rows, and none at position 0 (a
-        one-token prompt's prefill, which initialises the compressor states: the eager forward's job)."""
-        return len(slots) >= self.min_rows and int(self.cache.lengths[list(slots)].min()) >= 1
+        """Whether a one-token step of these slots should run here: enough rows, none at position 0 (a one-token
+        prompt's prefill, which initialises the compressor states: the eager forward's job), and not all at one
+        position: there the eager forward runs its compressors once for all rows and is the cheaper of the two
+        (scripts/bench_decode_rows.py; such batches are requests that started together with equal prompt lengths)."""
+        if len(slots) < self.min_rows:
+            return False
+        pos = self.cache.lengths[list(slots)]
+        return int(pos.min()) >= 1 and int(pos.max()) > int(pos.min())
 
     def step(self, tokens: Tensor, slots: Sequence[int]) -> Tensor:
         """Logits [B,V] fp32 of tokens [B] fed at the slots' cached lengths (each >= 1: position 0 is a prefill);

@@ -50,7 +50,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batched-decode-min-rows", type=int, default=BATCHED_DECODE_MIN_ROWS, metavar="N",
                    help="without --compile-decode, decode steps of N or more rows feed every row's compressors at once "
                         f"(default {BATCHED_DECODE_MIN_ROWS}; 0 = always the eager forward, which groups rows by "
-                        "position)")
+                        "position; rows all at one position always take it)")
     g.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds SIGTERM waits for requests in flight before ending them")
     add_prefix_cache_arguments(p.add_argument_group("prefix cache"))
