@@ -8,8 +8,9 @@
 (c) Decode speed: ms per decode step of the embedded tiny model (random weights, fp32, CPU) through the block pool
     (the eager one-token forward writes and attends over the pool in place, through block-table-translated flat
     rows) vs the per-slot layout, in one run, repetitions interleaved (the CPU is shared), medians; and the engine's
-    default for 4+ decode rows beside them: the batched step (runtime/engine_decode.py), which also attends by flat
-    row index and copies no rows, but feeds every row's compressors at once.
+    default for 4+ decode rows at different positions beside them: the batched step (runtime/engine_decode.py),
+    which also attends by flat row index and copies no rows, but feeds every row's compressors at once (the rows
+    here share one position, where the engine takes the eager forward: the column shows the batched step's cost).
 
     python scripts/bench_block_pool.py [--config flash] [--max-seq-len 65536] [--slots 8] [--contexts 900,3000]
         [--reps 7] [--parts a,c] [--write]
@@ -135,7 +136,7 @@ def decode_speed(ns) -> list[str]:
            f"repetition, {ns.reps} repetitions interleaved (layout order alternating); ms per decode step, median "
            f"(min-max):", "",
            "| context | slots | slot layout | block pool | pool / slot | block pool, batched step (engine default "
-           "from 4 rows) | batched / slot |", "|---|---|---|---|---|---|---|"]
+           "from 4 rows at different positions) | batched / slot |", "|---|---|---|---|---|---|---|"]
     for ctx in (int(c) for c in ns.contexts.split(",")):
         times = decode_times(model, ns, ctx)
         for how, label in (("slice", "one run (slice; the slot layout attends through views)"),
