@@ -52,6 +52,7 @@ class AscendOps(Ops):
         self.use_custom_ops = use_custom_ops
         self.last_path: dict[str, str] = {}
         self._converted: dict[object, tuple[weakref.ref, LinearWeight]] = {}
+        self._tables: dict[tuple, Tensor] = {}  # small constant index tensors, per device
         # where no fused operator fits, the plain-torch reference runs (it uses only stock torch ops, so it runs on
         # the NPU too); Ascend-specific compositions (no FP8 dtype on A2/A3, int8 quantisation) live in compose.py
         self._torch = ReferenceOps(self.device)
@@ -127,8 +128,8 @@ class AscendOps(Ops):
         else:
             r1, r2 = self.prepare_rope(cos, sin)
         B, S, H, r = x.shape
-        xf = x if x.dtype == torch.float32 else x.float()
         if self.has("npu_rotary_mul"):
+            xf = x if x.dtype == torch.float32 else x.float()
             if inverse:
                 r2 = -r2
             if H < 1000 and r % 2 == 0 and r < 896:
@@ -143,11 +144,21 @@ class AscendOps(Ops):
             rot = torch.stack([-pairs[..., 1], pairs[..., 0]], -1).flatten(-2)
             return (xf * r1 + rot * r2).to(x.dtype)
         # 950 (npu_rotary_mul's products are A2/A3): pair (a, b) -> (a c - b s, b c + a s) as x * cos + swap(x) * sin
-        # with swap(a, b) = (b, a) and the sign in the table: the reference's products and sums, bit for bit
+        # with swap(a, b) = (b, a) and the sign in the table: the reference's products and sums, bit for bit. x stays
+        # in its dtype: a product with the fp32 table promotes it to fp32 exactly (what x.float() did, one op less),
+        # and the swap is one index_select by a stored permutation (not a view, flip and view)
         self._took("rope", "torch (prepared tables: npu_rotary_mul is A2/A3 only)")
-        swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
-        out = xf * r1 - swapped * r2 if inverse else xf * r1 + swapped * r2
+        swapped = x.index_select(-1, self._pair_swap(r, x.device))
+        out = x * r1 - swapped * r2 if inverse else x * r1 + swapped * r2
         return out.to(x.dtype)
+
+    def _pair_swap(self, r: int, device: torch.device) -> Tensor:
+        """[r] int64 permutation (1, 0, 3, 2, ...): swaps each pair; made once per (r, device) and kept."""
+        key = ("pair_swap", r, str(device))
+        perm = self._tables.get(key)
+        if perm is None:
+            perm = self._tables[key] = torch.arange(r, device=device).view(-1, 2).flip(-1).flatten()
+        return perm
 
     # -- simulated quantisation (no torch_npu op: QAT-matching simulations, composed in torch) ----------------------
     def fp8_sim(self, x: Tensor, block: int, mode: str = "e4m3") -> Tensor:
