@@ -164,7 +164,7 @@ class AscendOps(Ops):
     def fp8_sim(self, x: Tensor, block: int, mode: str = "e4m3") -> Tensor:
         if mode == "e4m3" and self._mx_fp8_fits(x, block):
             self._took("fp8_sim", "npu_dynamic_mx_quant (e4m3, scale_alg 1) + dequantise")
-            return self._mx_fp8(x, block).to(x.dtype)
+            return self._mx_fp8(x, block, x.dtype)
         self._took("fp8_sim", "torch (arithmetic e4m3 rounding: A2/A3 have no FP8 dtype)")
         return compose.fp8_sim(x, block, mode)
 
@@ -174,8 +174,8 @@ class AscendOps(Ops):
         return (self.has("npu_dynamic_mx_quant") and x.dtype in HALF and 1 <= x.dim() <= 7 and block % 32 == 0
                 and block <= 1024 and x.shape[-1] % block == 0)
 
-    def _mx_fp8(self, x: Tensor, block: int) -> Tensor:
-        """fp32 e4m3-rounded x (FP8 quantise-dequantise in blocks along the last dim) through the 950's fused MX
+    def _mx_fp8(self, x: Tensor, block: int, dtype: torch.dtype = torch.float32) -> Tensor:
+        """e4m3-rounded x (FP8 quantise-dequantise in blocks along the last dim) through the 950's fused MX
         quantisation: scale_alg 1 computes S = max(amax, max_low_bound) / 448 with the exponent rounded up to a
         power of two (hicann/ops-nn aclnnDynamicMxQuantV3.md, scenario 2), which is V4's 2^ceil(log2(max(amax,
         1e-4) / 448)); y = e4m3(x / S) round-to-nearest-even. The e8m0 scale bytes come even-padded, [..., nb', 2]."""
@@ -184,11 +184,11 @@ class AscendOps(Ops):
         lead, K = x.shape[:-1], x.shape[-1]
         nb = K // block
         # ASSUMED on the device: torch_npu takes torch.float8_e8m0fnu views (exact: a byte b is 2^(b - 127))
-        scale = mx.view(torch.float8_e8m0fnu).float()  # [..., ceil(nb / 2), 2]
+        scale = mx.view(torch.float8_e8m0fnu).to(dtype)  # [..., ceil(nb / 2), 2]
         if nb % 2 == 0:  # the scale pairs line up with pairs of blocks: no padding to drop
-            return (y.float().view(*lead, nb // 2, 2, block) * scale.unsqueeze(-1)).view(*lead, K)
+            return (y.to(dtype).view(*lead, nb // 2, 2, block) * scale.unsqueeze(-1)).view(*lead, K)
         scale = scale.flatten(-2)[..., :nb]  # drop the even padding
-        return (y.float().view(*lead, nb, block) * scale.unsqueeze(-1)).view(*lead, K)
+        return (y.to(dtype).view(*lead, nb, block) * scale.unsqueeze(-1)).view(*lead, K)
 
     def fp4_sim(self, x: Tensor, block: int) -> Tensor:
         # npu_dynamic_mx_quant's FP4 scales are not V4's (scale_alg 0/2: floor-based or without the amax floor,
