@@ -203,11 +203,11 @@ class AscendOps(Ops):
     # -- linear -----------------------------------------------------------------------------------------------------
     def linear(self, x: Tensor, w: LinearWeight) -> Tensor:
         w = self.native_weight(w)
-        lead, K = x.shape[:-1], x.shape[-1]
-        x2 = x if x.dim() == 2 else x.reshape(-1, K)
         if w.fmt == "none":
             self._took("linear", "torch matmul")
             return F.linear(x, w.weight.to(x.dtype))
+        lead, K = x.shape[:-1], x.shape[-1]
+        x2 = x if x.dim() == 2 else x.reshape(-1, K)  # the quantised GEMMs take 2-D activations
         if w.fmt == "fp8":
             y = self._linear_fp8(x2, w)
         elif w.fmt == "w8a8":
