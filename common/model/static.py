@@ -120,8 +120,9 @@ def compressor_step(comp: Compressor, ops: Ops, x: Tensor, plan: StepPlan, state
     prefill)."""
     m, c, slots = comp.ratio, comp.head_dim, plan.slots
     k, z = comp.project(ops, x, plan.pos_col)  # [B,1,w] fp32
-    state.kv[plan.slot_col, plan.phase[m]] = k
-    state.score[plan.slot_col, plan.phase[m]] = z
+    # index_put_ rather than `t[i] = v`: the same write, without the view Python indexing makes of the value
+    state.kv.index_put_((plan.slot_col, plan.phase[m]), k)
+    state.score.index_put_((plan.slot_col, plan.phase[m]), z)
     kv_rows, score_rows = state.kv[slots], state.score[slots]  # [B,m,w]: the block, complete or not
     if comp.overlap:
         prev_k, prev_z = state.prev_kv[slots], state.prev_score[slots]  # [B,m,w]
@@ -129,11 +130,11 @@ def compressor_step(comp: Compressor, ops: Ops, x: Tensor, plan: StepPlan, state
         zb = torch.cat([prev_z[..., :c], score_rows[..., c:]], dim=1)[:, None]
     else:
         kb, zb = kv_rows[:, None], score_rows[:, None]  # [B,1,m,c]
-    flat_out[out_row] = comp.entries(ops, kb, zb, plan.entry_cos_sin[m], flat_out.dtype)  # [B,1,c]
+    flat_out.index_put_((out_row,), comp.entries(ops, kb, zb, plan.entry_cos_sin[m], flat_out.dtype))  # [B,1,c]
     if comp.overlap:  # the completed block becomes the next block's look-back half
         done = plan.complete[m]
-        state.prev_kv[slots] = torch.where(done, kv_rows, prev_k)
-        state.prev_score[slots] = torch.where(done, score_rows, prev_z)
+        state.prev_kv.index_put_((slots,), torch.where(done, kv_rows, prev_k))
+        state.prev_score.index_put_((slots,), torch.where(done, score_rows, prev_z))
 
 
 def indexer_step(idx: Indexer, ops: Ops, x: Tensor, xf: Tensor, qr: Tensor, cos: Tensor, sin: Tensor,
@@ -161,7 +162,7 @@ def attention_step(attn: Attention, ops: Ops, x: Tensor, st: LayerStore, rope: R
     if attn.ratio:
         xf = x.float()  # both compressors of a CSA layer project it (Compressor.project's own upcast is then a no-op)
         compressor_step(attn.compressor, ops, xf, plan, st.comp, flat, plan.entry_row[(attn.ratio, "kv")])
-    flat[plan.ring_row] = kv  # [B,1,D] at rows [B,1]
+    flat.index_put_((plan.ring_row,), kv)  # [B,1,D] at rows [B,1]
     idx = plan.keys[attn.ratio]  # [1,B,K]
     if attn.ratio == 4:
         sel = indexer_step(attn.indexer, ops, x, xf, qr, cos, sin, st, plan)  # [B,1,topk] entry indices
