@@ -229,7 +229,8 @@ class AscendOps(Ops):
         if why is None:
             self._took("linear", "npu_dynamic_mx_quant + npu_quant_matmul (FP8 G-B, group_sizes [1,128,128])")
             xq, x_scale = self._mx_fp8_codes(x2, FP8_BLOCK)
-            return self.npu.npu_quant_matmul(xq, w.weight.t(), self._block_scale_kn(w), pertoken_scale=x_scale,
+            kn = self._gb_weight(w)
+            return self.npu.npu_quant_matmul(xq, kn.weight, kn.scale, pertoken_scale=x_scale,
                                              output_dtype=x2.dtype, group_sizes=FP8_GB_GROUPS)
         if self._mx_fp8_fits(x2, FP8_BLOCK):
             self._took("linear", f"npu_dynamic_mx_quant activation + torch GEMM ({why})")
@@ -263,16 +264,17 @@ class AscendOps(Ops):
         scale = mx.view(torch.float8_e8m0fnu).float().flatten(-2)  # [M, 2 * ceil(nb / 2)]
         return y, scale if nb % 2 == 0 else scale[..., :nb]
 
-    def _block_scale_kn(self, w: LinearWeight) -> Tensor:
-        """The weight's 128x128 block scales as npu_quant_matmul's G-B form takes them for x2 = weight.t() [K, N]:
-        fp32 [K/128, N/128] (quant_matmul_group_sizes_check: scale.size(-1) = ceil(N / 128), scale.size(-2) the
-        K blocks of pertoken_scale). Transposed and made contiguous once per weight tensor, then cached."""
-        key = ("scale_kn", id(w.weight))
+    def _gb_weight(self, w: LinearWeight) -> LinearWeight:
+        """The weight as npu_quant_matmul's G-B form takes it for x2 = weight.t() [K, N]: the transposed view and the
+        128x128 block scales as fp32 [K/128, N/128] (quant_matmul_group_sizes_check: scale.size(-1) = ceil(N / 128),
+        scale.size(-2) the K blocks of pertoken_scale). Made once per weight tensor (the scale transposed and made
+        contiguous, the weight a view), then cached."""
+        key = ("gb_kn", id(w.weight))
         hit = self._converted.get(key)
         if hit is None or hit[0]() is not w.weight:
-            kn = LinearWeight(w.weight, w.scale.float().t().contiguous(), "fp8")
+            kn = LinearWeight(w.weight.t(), w.scale.float().t().contiguous(), "fp8")
             self._converted[key] = hit = (weakref.ref(w.weight), kn)
-        return hit[1].scale
+        return hit[1]
 
     def _dequant_fp8(self, w: LinearWeight) -> Tensor:
         """fp32 [out, in] of an FP8 weight (the reference's dequant_weight products). Whole 128x128 blocks: the
