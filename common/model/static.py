@@ -173,15 +173,21 @@ def attention_step(attn: Attention, ops: Ops, x: Tensor, st: LayerStore, rope: R
 
 
 # -- MoE ---------------------------------------------------------------------------------------------------------------
-def _gathered_linear(ops: Ops, x: Tensor, w: LinearWeight, e: Tensor) -> Tensor:
+def _gemm_input(ops: Ops, x: Tensor) -> Tensor:
+    """What the reference linear multiplies a quantised weight with: x FP8-simulated in 1x128 blocks, in fp32."""
+    # bf16 rows go in as they are: their FP8 simulation is exact in bf16 (e4m3 codes times powers of two), so this is
+    # fp8_sim(x.float()) bit for bit, and a backend can use its fused quantisation op (which takes bf16/fp16)
+    return ops.fp8_sim(x, 128).float() if x.dtype == torch.bfloat16 else ops.fp8_sim(x.float(), 128)
+
+
+def _gathered_linear(ops: Ops, x: Tensor, w: LinearWeight, e: Tensor, xq: Tensor | None = None) -> Tensor:
     """x [M,1,in] @ W[e[m]]^T for each row m with the reference linear's numerics (ReferenceOps.linear): dense
-    weights in x.dtype; FP8/FP4 weights dequantised, the activation FP8-simulated in 1x128 blocks, fp32 product."""
+    weights in x.dtype; FP8/FP4 weights dequantised, the activation FP8-simulated in 1x128 blocks (xq: that
+    simulation when the caller has it already), fp32 product."""
     # torch.bmm is the kernel torch.matmul runs for these 3-D operands, called directly (matmul adds expands/views)
     if w.fmt == "none":
         return torch.bmm(x, w.weight[e].to(x.dtype).transpose(1, 2))
-    # bf16 rows go in as they are: their FP8 simulation is exact in bf16 (e4m3 codes times powers of two), so this is
-    # fp8_sim(x.float()) bit for bit, and a backend can use its fused quantisation op (which takes bf16/fp16)
-    xq = ops.fp8_sim(x, 128).float() if x.dtype == torch.bfloat16 else ops.fp8_sim(x.float(), 128)
+    xq = _gemm_input(ops, x) if xq is None else xq
     return torch.bmm(xq, gathered_weight(w, e).transpose(1, 2)).to(x.dtype)
 
 
@@ -222,7 +228,8 @@ def routed_experts(ops: Ops) -> Callable[..., Tensor]:
         mine = ((local >= 0) & (local < n_local)).reshape(T * k, 1, 1)  # other ranks' experts contribute nothing
         e = local.clamp(0, n_local - 1).reshape(T * k)
         xt = x[:, None].expand(T, k, d).reshape(T * k, 1, d)
-        h = ops.swiglu(_gathered_linear(ops, xt, w1, e), _gathered_linear(ops, xt, w3, e), swiglu_limit)
+        xq = _gemm_input(ops, xt) if "none" not in (w1.fmt, w3.fmt) else None  # w1 and w3 take the same rows
+        h = ops.swiglu(_gathered_linear(ops, xt, w1, e, xq), _gathered_linear(ops, xt, w3, e, xq), swiglu_limit)
         h = h * weights.reshape(T * k, 1, 1).float()
         y = torch.where(mine, _gathered_linear(ops, h.to(x.dtype), w2, e).float(), 0.0).view(T, k, d)
         out = y[:, 0]
