@@ -7,7 +7,9 @@ transformer.py (it calls the same modules' `project` / `entries` / `query` / `he
 the same ops, in the same order):
 - no Python value read from a tensor (.item(), .tolist(), int(t), unique, nonzero): positions and slots are device
   tensors, and a row's place in its compressor block (pos % ratio, block complete or not) is a mask, not a branch.
-  Every row computes its block's entry; the write keeps the old row where the block is not complete yet;
+  Every row computes its block's entry; where the block is not complete yet the write goes to the store's scratch
+  row (whose content is undefined: it also takes the writes of unallocated blocks), so the block's own row keeps
+  its value without being read back;
 - index tensors of fixed width, -1 padded: the window (W rows), the indexer's top-k over the bucket's capacity of
   compressed keys (context // 4), every HCA entry up to the bucket's capacity (context // 128);
 - cache writes as index_put at computed rows; each layer's store is one flat tensor [rings | block pool | scratch]
@@ -16,8 +18,9 @@ the same ops, in the same order):
   table (`KVCache.pool_rows`, the one translation); the ops see only indices into a flat KV tensor;
 - MoE without data-dependent shapes: `routed_experts` (the reference's loop over the experts that received tokens
   uses unique/nonzero); backends whose moe_experts keeps its group sizes on the device use their own.
-Values shared by every layer (rope angles at the position, window rows, HCA rows, block completion) are computed
-once per step in `StepPlan`, not once per layer.
+Values shared by every layer of a kind (rope tables at the position, window and HCA key rows, the rows entries are
+written to, the indexer's key rows, the lookup from a selected CSA entry to its row, block completion and phase) are
+computed once per step in `StepPlan`, in the shapes the layers consume, not once per layer.
 
 The context bucket is a static int: positions must be < `context`. Rows beyond the batch are the caller's business
 (common/runtime/static_decode.py pads by repeating a real row: duplicates write identical values to identical rows).
