@@ -36,9 +36,11 @@ def _e2m1_signed_grid() -> tuple[Tensor, Tensor]:
     to the upper neighbour (the even code there) is lowered by one fp32 ulp, so that the midpoint itself lies above it
     and no other fp32 value moves: the hardware cast's round-to-nearest-even, saturating at +-6."""
     mags = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]  # codes 0..7: even codes 0, 2, 4, 6 = 0, 1, 2, 4
-    grid = torch.tensor([-m for m in mags[:0:-1]] + mags, dtype=torch.float32)
+    values = [-m for m in mags[:0:-1]] + mags
+    # from Python constants only (no tensor read back): the first call may come inside a graph capture
+    up = torch.tensor([mags.index(abs(v)) % 2 == 0 for v in values[1:]])  # the upper neighbour's code is even
+    grid = torch.tensor(values, dtype=torch.float32)
     mid = (grid[:-1] + grid[1:]) / 2
-    up = torch.tensor([mags.index(abs(v)) % 2 == 0 for v in grid[1:].tolist()])  # the upper neighbour's code is even
     bounds = torch.where(up, torch.nextafter(mid, torch.tensor(float("-inf"))), mid)
     return grid, bounds
 
