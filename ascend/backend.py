@@ -52,6 +52,7 @@ class AscendOps(Ops):
         self.use_custom_ops = use_custom_ops
         self.last_path: dict[str, str] = {}
         self._converted: dict[object, tuple[weakref.ref, LinearWeight]] = {}
+        self._tables: dict[tuple, Tensor] = {}  # small constant index tensors, per device
         # where no fused operator fits, the plain-torch reference runs (it uses only stock torch ops, so it runs on
         # the NPU too); Ascend-specific compositions (no FP8 dtype on A2/A3, int8 quantisation) live in compose.py
         self._torch = ReferenceOps(self.device)
@@ -127,8 +128,8 @@ class AscendOps(Ops):
         else:
             r1, r2 = self.prepare_rope(cos, sin)
         B, S, H, r = x.shape
-        xf = x if x.dtype == torch.float32 else x.float()
         if self.has("npu_rotary_mul"):
+            xf = x if x.dtype == torch.float32 else x.float()
             if inverse:
                 r2 = -r2
             if H < 1000 and r % 2 == 0 and r < 896:
@@ -143,17 +144,27 @@ class AscendOps(Ops):
             rot = torch.stack([-pairs[..., 1], pairs[..., 0]], -1).flatten(-2)
             return (xf * r1 + rot * r2).to(x.dtype)
         # 950 (npu_rotary_mul's products are A2/A3): pair (a, b) -> (a c - b s, b c + a s) as x * cos + swap(x) * sin
-        # with swap(a, b) = (b, a) and the sign in the table: the reference's products and sums, bit for bit
+        # with swap(a, b) = (b, a) and the sign in the table: the reference's products and sums, bit for bit. x stays
+        # in its dtype: a product with the fp32 table promotes it to fp32 exactly (what x.float() did, one op less),
+        # and the swap is one index_select by a stored permutation (not a view, flip and view)
         self._took("rope", "torch (prepared tables: npu_rotary_mul is A2/A3 only)")
-        swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
-        out = xf * r1 - swapped * r2 if inverse else xf * r1 + swapped * r2
+        swapped = x.index_select(-1, self._pair_swap(r, x.device))
+        out = x * r1 - swapped * r2 if inverse else x * r1 + swapped * r2
         return out.to(x.dtype)
+
+    def _pair_swap(self, r: int, device: torch.device) -> Tensor:
+        """[r] int64 permutation (1, 0, 3, 2, ...): swaps each pair; made once per (r, device) and kept."""
+        key = ("pair_swap", r, str(device))
+        perm = self._tables.get(key)
+        if perm is None:
+            perm = self._tables[key] = torch.arange(r, device=device).view(-1, 2).flip(-1).flatten()
+        return perm
 
     # -- simulated quantisation (no torch_npu op: QAT-matching simulations, composed in torch) ----------------------
     def fp8_sim(self, x: Tensor, block: int, mode: str = "e4m3") -> Tensor:
         if mode == "e4m3" and self._mx_fp8_fits(x, block):
             self._took("fp8_sim", "npu_dynamic_mx_quant (e4m3, scale_alg 1) + dequantise")
-            return self._mx_fp8(x, block).to(x.dtype)
+            return self._mx_fp8(x, block, x.dtype)
         self._took("fp8_sim", "torch (arithmetic e4m3 rounding: A2/A3 have no FP8 dtype)")
         return compose.fp8_sim(x, block, mode)
 
@@ -163,8 +174,8 @@ class AscendOps(Ops):
         return (self.has("npu_dynamic_mx_quant") and x.dtype in HALF and 1 <= x.dim() <= 7 and block % 32 == 0
                 and block <= 1024 and x.shape[-1] % block == 0)
 
-    def _mx_fp8(self, x: Tensor, block: int) -> Tensor:
-        """fp32 e4m3-rounded x (FP8 quantise-dequantise in blocks along the last dim) through the 950's fused MX
+    def _mx_fp8(self, x: Tensor, block: int, dtype: torch.dtype = torch.float32) -> Tensor:
+        """e4m3-rounded x (FP8 quantise-dequantise in blocks along the last dim) through the 950's fused MX
         quantisation: scale_alg 1 computes S = max(amax, max_low_bound) / 448 with the exponent rounded up to a
         power of two (hicann/ops-nn aclnnDynamicMxQuantV3.md, scenario 2), which is V4's 2^ceil(log2(max(amax,
         1e-4) / 448)); y = e4m3(x / S) round-to-nearest-even. The e8m0 scale bytes come even-padded, [..., nb', 2]."""
@@ -173,11 +184,11 @@ class AscendOps(Ops):
         lead, K = x.shape[:-1], x.shape[-1]
         nb = K // block
         # ASSUMED on the device: torch_npu takes torch.float8_e8m0fnu views (exact: a byte b is 2^(b - 127))
-        scale = mx.view(torch.float8_e8m0fnu).float()  # [..., ceil(nb / 2), 2]
+        scale = mx.view(torch.float8_e8m0fnu).to(dtype)  # [..., ceil(nb / 2), 2]
         if nb % 2 == 0:  # the scale pairs line up with pairs of blocks: no padding to drop
-            return (y.float().view(*lead, nb // 2, 2, block) * scale.unsqueeze(-1)).view(*lead, K)
+            return (y.to(dtype).view(*lead, nb // 2, 2, block) * scale.unsqueeze(-1)).view(*lead, K)
         scale = scale.flatten(-2)[..., :nb]  # drop the even padding
-        return (y.float().view(*lead, nb, block) * scale.unsqueeze(-1)).view(*lead, K)
+        return (y.to(dtype).view(*lead, nb, block) * scale.unsqueeze(-1)).view(*lead, K)
 
     def fp4_sim(self, x: Tensor, block: int) -> Tensor:
         # npu_dynamic_mx_quant's FP4 scales are not V4's (scale_alg 0/2: floor-based or without the amax floor,
@@ -192,11 +203,11 @@ class AscendOps(Ops):
     # -- linear -----------------------------------------------------------------------------------------------------
     def linear(self, x: Tensor, w: LinearWeight) -> Tensor:
         w = self.native_weight(w)
-        lead, K = x.shape[:-1], x.shape[-1]
-        x2 = x if x.dim() == 2 else x.reshape(-1, K)
         if w.fmt == "none":
             self._took("linear", "torch matmul")
             return F.linear(x, w.weight.to(x.dtype))
+        lead, K = x.shape[:-1], x.shape[-1]
+        x2 = x if x.dim() == 2 else x.reshape(-1, K)  # the quantised GEMMs take 2-D activations
         if w.fmt == "fp8":
             y = self._linear_fp8(x2, w)
         elif w.fmt == "w8a8":
@@ -218,7 +229,8 @@ class AscendOps(Ops):
         if why is None:
             self._took("linear", "npu_dynamic_mx_quant + npu_quant_matmul (FP8 G-B, group_sizes [1,128,128])")
             xq, x_scale = self._mx_fp8_codes(x2, FP8_BLOCK)
-            return self.npu.npu_quant_matmul(xq, w.weight.t(), self._block_scale_kn(w), pertoken_scale=x_scale,
+            kn = self._gb_weight(w)
+            return self.npu.npu_quant_matmul(xq, kn.weight, kn.scale, pertoken_scale=x_scale,
                                              output_dtype=x2.dtype, group_sizes=FP8_GB_GROUPS)
         if self._mx_fp8_fits(x2, FP8_BLOCK):
             self._took("linear", f"npu_dynamic_mx_quant activation + torch GEMM ({why})")
@@ -252,16 +264,17 @@ class AscendOps(Ops):
         scale = mx.view(torch.float8_e8m0fnu).float().flatten(-2)  # [M, 2 * ceil(nb / 2)]
         return y, scale if nb % 2 == 0 else scale[..., :nb]
 
-    def _block_scale_kn(self, w: LinearWeight) -> Tensor:
-        """The weight's 128x128 block scales as npu_quant_matmul's G-B form takes them for x2 = weight.t() [K, N]:
-        fp32 [K/128, N/128] (quant_matmul_group_sizes_check: scale.size(-1) = ceil(N / 128), scale.size(-2) the
-        K blocks of pertoken_scale). Transposed and made contiguous once per weight tensor, then cached."""
-        key = ("scale_kn", id(w.weight))
+    def _gb_weight(self, w: LinearWeight) -> LinearWeight:
+        """The weight as npu_quant_matmul's G-B form takes it for x2 = weight.t() [K, N]: the transposed view and the
+        128x128 block scales as fp32 [K/128, N/128] (quant_matmul_group_sizes_check: scale.size(-1) = ceil(N / 128),
+        scale.size(-2) the K blocks of pertoken_scale). Made once per weight tensor (the scale transposed and made
+        contiguous, the weight a view), then cached."""
+        key = ("gb_kn", id(w.weight))
         hit = self._converted.get(key)
         if hit is None or hit[0]() is not w.weight:
-            kn = LinearWeight(w.weight, w.scale.float().t().contiguous(), "fp8")
+            kn = LinearWeight(w.weight.t(), w.scale.float().t().contiguous(), "fp8")
             self._converted[key] = hit = (weakref.ref(w.weight), kn)
-        return hit[1].scale
+        return hit[1]
 
     def _dequant_fp8(self, w: LinearWeight) -> Tensor:
         """fp32 [out, in] of an FP8 weight (the reference's dequant_weight products). Whole 128x128 blocks: the

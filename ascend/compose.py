@@ -30,18 +30,36 @@ def fp8_sim(x: Tensor, block: int, mode: str = "e4m3") -> Tensor:
     return (q * s).flatten(-2).to(x.dtype)
 
 
+def _e2m1_signed_grid() -> tuple[Tensor, Tensor]:
+    """The 15 signed e2m1 values in ascending order and the 14 fp32 boundaries between neighbours for
+    torch.bucketize (right=False: a value equal to a boundary takes the lower neighbour). A midpoint whose tie goes
+    to the upper neighbour (the even code there) is lowered by one fp32 ulp, so that the midpoint itself lies above it
+    and no other fp32 value moves: the hardware cast's round-to-nearest-even, saturating at +-6."""
+    mags = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]  # codes 0..7: even codes 0, 2, 4, 6 = 0, 1, 2, 4
+    values = [-m for m in mags[:0:-1]] + mags
+    # from Python constants only (no tensor read back): the first call may come inside a graph capture
+    up = torch.tensor([mags.index(abs(v)) % 2 == 0 for v in values[1:]])  # the upper neighbour's code is even
+    grid = torch.tensor(values, dtype=torch.float32)
+    mid = (grid[:-1] + grid[1:]) / 2
+    bounds = torch.where(up, torch.nextafter(mid, torch.tensor(float("-inf"))), mid)
+    return grid, bounds
+
+
+_E2M1_GRID: dict[str, tuple[Tensor, Tensor]] = {}  # device -> (grid, bounds), kept like reference.hadamard_matrix
+
+
 def fp4_sim(x: Tensor, block: int) -> Tensor:
     """ReferenceOps.fp4_sim (e2m1 quantise-dequantise in blocks, ue8m0 scale 2^ceil(log2(max(amax, 6 * 2^-126) / 6)),
-    round to nearest, ties to the even code) without the code lookup: the e2m1 grid is uniform with step 0.5 below 2,
-    1 below 4 and 2 up to 6, so a magnitude rounds to nearest-even multiple of its step (torch.round ties to even, and
-    an even multiple is an even code). Equal values; a negative value that rounds to zero gives -0 where the reference
-    gives +0."""
+    round to nearest, ties to the even code, saturating at +-6) in fewer ops: one bucketize of the signed scaled
+    values against the boundaries between neighbouring grid values (_e2m1_signed_grid) and one lookup, where the
+    reference rounds magnitudes to codes and re-applies the sign. Equal values, the sign of zero included."""
+    dev = str(x.device)
+    if dev not in _E2M1_GRID:
+        _E2M1_GRID[dev] = tuple(t.to(x.device) for t in _e2m1_signed_grid())
+    grid, bounds = _E2M1_GRID[dev]
     xf = x.float().unflatten(-1, (-1, block))
     s = pow2_scale(xf.abs().amax(-1, keepdim=True), FP4_MAX, FP4_MAX * 2.0 ** -126)
-    v = xf / s
-    a = v.abs().clamp(max=FP4_MAX)
-    step = torch.where(a < 2.0, 0.5, torch.where(a < 4.0, 1.0, 2.0))
-    q = torch.copysign(torch.round(a / step) * step, v)
+    q = grid[torch.bucketize(xf / s, bounds)]
     return (q * s).flatten(-2).to(x.dtype)
 
 

@@ -7,7 +7,9 @@ transformer.py (it calls the same modules' `project` / `entries` / `query` / `he
 the same ops, in the same order):
 - no Python value read from a tensor (.item(), .tolist(), int(t), unique, nonzero): positions and slots are device
   tensors, and a row's place in its compressor block (pos % ratio, block complete or not) is a mask, not a branch.
-  Every row computes its block's entry; the write keeps the old row where the block is not complete yet;
+  Every row computes its block's entry; where the block is not complete yet the write goes to the store's scratch
+  row (whose content is undefined: it also takes the writes of unallocated blocks), so the block's own row keeps
+  its value without being read back;
 - index tensors of fixed width, -1 padded: the window (W rows), the indexer's top-k over the bucket's capacity of
   compressed keys (context // 4), every HCA entry up to the bucket's capacity (context // 128);
 - cache writes as index_put at computed rows; each layer's store is one flat tensor [rings | block pool | scratch]
@@ -16,8 +18,9 @@ the same ops, in the same order):
   table (`KVCache.pool_rows`, the one translation); the ops see only indices into a flat KV tensor;
 - MoE without data-dependent shapes: `routed_experts` (the reference's loop over the experts that received tokens
   uses unique/nonzero); backends whose moe_experts keeps its group sizes on the device use their own.
-Values shared by every layer (rope angles at the position, window rows, HCA rows, block completion) are computed
-once per step in `StepPlan`, not once per layer.
+Values shared by every layer of a kind (rope tables at the position, window and HCA key rows, the rows entries are
+written to, the indexer's key rows, the lookup from a selected CSA entry to its row, block completion and phase) are
+computed once per step in `StepPlan`, in the shapes the layers consume, not once per layer.
 
 The context bucket is a static int: positions must be < `context`. Rows beyond the batch are the caller's business
 (common/runtime/static_decode.py pads by repeating a real row: duplicates write identical values to identical rows).
@@ -41,25 +44,55 @@ from dsv4.common.model.transformer import Attention, Block, Compressor, Indexer,
 class StepPlan:
     """Per-step values shared by all layers. slots/pos [B] int64 on the model's device; context: static bucket.
     Cache rows are global indices into each layer's flat store (common/model/cache.py): ring rows are computed
-    here, compressed entries and indexer keys are translated through the block table by `KVCache.pool_rows`."""
+    here, compressed entries and indexer keys are translated through the block table by `KVCache.pool_rows`.
+    Everything a layer kind shares (every layer of a ratio has the same store shape, so the same rows) is built
+    here once per step, in the shapes the layers consume, so a layer spends no ops on index arithmetic."""
 
     def __init__(self, model: Transformer, cache: KVCache, slots: Tensor, pos: Tensor, context: int) -> None:
         a = model.args
-        W = a.window_size
+        W, B, dev = a.window_size, pos.shape[0], pos.device
         self.cache, self.slots, self.pos, self.context, self.W = cache, slots, pos, context, W
+        self.pos_col = pos[:, None]  # [B,1]: the positions of the step's one token per row
         # rope tables in the backend's own form (Ops.prepare_rope), made once here for every rope call of the step
         prep = model.ops.prepare_rope
-        self.cos_sin = {id(t): prep(*t.cos_sin(pos[:, None])) for t in (model.rope_window, model.rope_compressed)}
-        kpos = pos[:, None] - W + 1 + torch.arange(W, device=pos.device)  # [B,W] positions of the window
-        self.window_rows = torch.where(kpos >= 0, slots[:, None] * W + kpos % W, -1)  # [B,W] flat ring rows
-        self.ring_row = slots * W + pos % W  # [B] where this token's KV goes
-        ratios = sorted({r for r in a.compress_ratios if r})
-        self.complete = {r: (pos + 1) % r == 0 for r in ratios}  # this token completes its block
-        self.block = {r: pos // r for r in ratios}  # index of the block the token belongs to
-        self.visible = {r: (pos + 1) // r for r in ratios}  # complete blocks the query sees
+        self.cos_sin = {id(t): prep(*t.cos_sin(self.pos_col)) for t in (model.rope_window, model.rope_compressed)}
+        kpos = self.pos_col - W + 1 + torch.arange(W, device=dev)  # [B,W] positions of the window
+        window_rows = torch.where(kpos >= 0, slots[:, None] * W + kpos % W, -1)  # [B,W] flat ring rows
+        self.ring_row = (slots * W + pos % W)[:, None]  # [B,1] where this token's KV goes (kv rows come [B,1,D])
+        self.slot_col = slots[:, None]  # [B,1]
+        ratios = sorted({r for r in a.compress_ratios[:a.n_layers] if r})
+        self.phase = {r: (pos % r)[:, None] for r in ratios}  # [B,1] the token's row in its compressor block
+        complete = {r: (pos + 1) % r == 0 for r in ratios}  # this token completes its block
+        self.complete = {r: done[:, None, None] for r, done in complete.items()}  # [B,1,1], as block rows take it
+        block = {r: pos // r for r in ratios}  # index of the block the token belongs to
+        visible = {r: (pos + 1) // r for r in ratios}  # complete blocks the query sees
+        self.index_visible = visible[4][:, None] if 4 in visible else None  # [B,1] the indexer's visible keys
         # compressed entries rotate at their block's first position, with the compressed layers' table
-        self.entry_cos_sin = {r: prep(*model.rope_compressed.cos_sin((self.block[r] * r)[:, None])) for r in ratios}
-        self._shared: dict[tuple, Tensor] = {}  # key, write and indexer-key rows, the same for every layer of a kind
+        self.entry_cos_sin = {r: prep(*model.rope_compressed.cos_sin((block[r] * r)[:, None])) for r in ratios}
+        # per layer kind: key rows [1,B,K] (-1 = none), the [B,1] rows completed entries go to (`entry_row`), and for
+        # CSA the indexer's key rows and the lookup from a selected entry to its row
+        self.keys: dict[int, Tensor] = {0: window_rows[None]}
+        self.entry_row: dict[tuple[int, str], Tensor] = {}
+        stores = {st.ratio: st for st in cache.layers[:a.n_layers]}
+        for r in ratios:
+            st = stores[r]
+            self.entry_row[(r, "kv")] = self._entry_row(st.per_block, st.pool_offset, st.scratch, block[r],
+                                                        complete[r])
+            t = torch.arange(self.capacity(r), device=dev).expand(B, -1)  # [B,cap] every entry of the bucket
+            if r == 4:
+                # sel [B,1,k] -> rows: column 0 is "none" (-1), column j + 1 entry j's row (sel_rows)
+                none = torch.full((B, 1), -1, dtype=torch.long, device=dev)
+                self._csa_rows = torch.cat([none, self.entry_rows(st.per_block, st.pool_offset, t)], dim=-1)
+                self.keys[4] = self.keys[0]
+                iscratch = st.flat_index_kv.shape[0] - 1
+                self.entry_row[(4, "index")] = self._entry_row(st.per_block, 0, iscratch, block[4], complete[4])
+                # unallocated keys, beyond `visible`, read the scratch row
+                rows = self.entry_rows(st.per_block, 0, t)
+                self.index_key_rows = torch.where(rows >= 0, rows, iscratch)  # [B, context // 4]
+            else:  # HCA: all complete entries (few: context / 128)
+                t = torch.where(t < visible[r][:, None], t, -1)
+                self.keys[r] = torch.cat([window_rows, self.entry_rows(st.per_block, st.pool_offset, t)], -1)[None]
+        self.batch_col = torch.arange(B, device=dev)[:, None, None]  # [B,1,1] row index of a per-row lookup
 
     def capacity(self, ratio: int) -> int:
         """Compressed entries a query of this bucket can see (static): context // ratio, within max_seq_len."""
@@ -69,82 +102,57 @@ class StepPlan:
         """Flat rows of the rows' entries j [B,K] (-1 = none) in a store with `per_block` rows per block."""
         return self.cache.pool_rows(self.slots, j, per_block, offset)
 
-    def write_row(self, per_block: int, offset: int, scratch: int, ratio: int) -> Tensor:
-        """[B] flat row of the entry of each token's compressor block (the scratch row where none is allocated).
-        Cached: every layer of a kind has the same store shape, so the same rows."""
-        key = ("write", per_block, offset, scratch, ratio)
-        if key not in self._shared:
-            row = self.entry_rows(per_block, offset, self.block[ratio][:, None])[:, 0]
-            self._shared[key] = torch.where(row >= 0, row, scratch)
-        return self._shared[key]
+    def _entry_row(self, per_block: int, offset: int, scratch: int, block: Tensor, complete: Tensor) -> Tensor:
+        """[B,1] flat row of the entry of each token's compressor block where this token completes it, else the
+        scratch row (as where no block is allocated): an incomplete block's row keeps its value by not being
+        written (the last partial block of a max_seq_len that the ratio does not divide never completes)."""
+        row = self.entry_rows(per_block, offset, block[:, None])
+        return torch.where(complete[:, None] & (row >= 0), row, scratch)
 
-    def index_key_rows(self, per_block: int, scratch: int) -> Tensor:
-        """[B, context // 4] flat rows of every indexer key up to the bucket's capacity (unallocated ones, beyond
-        `visible`, read the scratch row), the same for every CSA layer."""
-        key = ("index", per_block, scratch)
-        if key not in self._shared:
-            t = torch.arange(self.capacity(4), device=self.pos.device).expand(self.pos.shape[0], -1)
-            rows = self.entry_rows(per_block, 0, t)
-            self._shared[key] = torch.where(rows >= 0, rows, scratch)
-        return self._shared[key]
-
-    def rows(self, st: LayerStore) -> Tensor:
-        """Key rows [B,K] of a layer: the window and, for HCA, every entry up to the bucket's capacity; -1 = none.
-        Cached per ratio (every layer of a ratio has the same rows)."""
-        key = ("keys", st.ratio)
-        if key not in self._shared:
-            idx = [self.window_rows]
-            if st.ratio and st.ratio != 4:  # HCA: all complete entries (few: context / 128)
-                t = torch.arange(self.capacity(st.ratio), device=self.pos.device).expand(self.pos.shape[0], -1)
-                t = torch.where(t < self.visible[st.ratio][:, None], t, -1)
-                idx.append(self.entry_rows(st.per_block, st.pool_offset, t))
-            self._shared[key] = torch.cat(idx, dim=-1)
-        return self._shared[key]
+    def sel_rows(self, sel: Tensor) -> Tensor:
+        """Key rows [1,B,k] of the indexer's selected entries sel [B,1,k] (-1 = none) in the CSA layers' store."""
+        return self._csa_rows[self.batch_col, sel + 1].transpose(0, 1)
 
 
 # -- attention ---------------------------------------------------------------------------------------------------------
 def compressor_step(comp: Compressor, ops: Ops, x: Tensor, plan: StepPlan, state: CompressorState, flat_out: Tensor,
                     out_row: Tensor) -> None:
     """Feed one token per row (x [B,1,d] at plan.pos) into `state` (rows plan.slots) and, where it completes a block,
-    write the block's entry into flat_out[out_row] (out_row [B]: `StepPlan.write_row`). Same arithmetic as
-    Compressor.forward with S = 1; needs pos >= 1 (position 0 is always a prefill)."""
-    m, c, slots, pos = comp.ratio, comp.head_dim, plan.slots, plan.pos
-    k, z = comp.project(ops, x, pos[:, None])  # [B,1,w] fp32
-    phase = pos % m
-    state.kv[slots, phase] = k[:, 0]
-    state.score[slots, phase] = z[:, 0]
-    kb, zb = state.kv[slots][:, None], state.score[slots][:, None]  # [B,1,m,w]: the block, complete or not
+    write the block's entry into flat_out[out_row] (out_row [B,1]: `StepPlan.entry_row`, the scratch row where the
+    block is not complete). Same arithmetic as Compressor.forward with S = 1; needs pos >= 1 (position 0 is always a
+    prefill)."""
+    m, c, slots = comp.ratio, comp.head_dim, plan.slots
+    k, z = comp.project(ops, x, plan.pos_col)  # [B,1,w] fp32
+    # index_put_ rather than `t[i] = v`: the same write, without the view Python indexing makes of the value
+    state.kv.index_put_((plan.slot_col, plan.phase[m]), k)
+    state.score.index_put_((plan.slot_col, plan.phase[m]), z)
+    kv_rows, score_rows = state.kv[slots], state.score[slots]  # [B,m,w]: the block, complete or not
     if comp.overlap:
         prev_k, prev_z = state.prev_kv[slots], state.prev_score[slots]  # [B,m,w]
-        kb_pool = torch.cat([prev_k[:, None, :, :c], kb[..., c:]], dim=2)  # [B,1,2m,c]
-        zb_pool = torch.cat([prev_z[:, None, :, :c], zb[..., c:]], dim=2)
+        kb = torch.cat([prev_k[..., :c], kv_rows[..., c:]], dim=1)[:, None]  # [B,1,2m,c]
+        zb = torch.cat([prev_z[..., :c], score_rows[..., c:]], dim=1)[:, None]
     else:
-        kb_pool, zb_pool = kb, zb
-    done = plan.complete[m]
-    entry = comp.entries(ops, kb_pool, zb_pool, plan.entry_cos_sin[m], flat_out.dtype)[:, 0]  # [B,c]
-    # an incomplete block keeps its row (the last partial block of a max_seq_len that `ratio` does not divide never
-    # completes: its row is allocated in the slot's last block and never changes)
-    flat_out[out_row] = torch.where(done[:, None], entry, flat_out[out_row])
+        kb, zb = kv_rows[:, None], score_rows[:, None]  # [B,1,m,c]
+    flat_out.index_put_((out_row,), comp.entries(ops, kb, zb, plan.entry_cos_sin[m], flat_out.dtype))  # [B,1,c]
     if comp.overlap:  # the completed block becomes the next block's look-back half
-        state.prev_kv[slots] = torch.where(done[:, None, None], kb[:, 0], prev_k)
-        state.prev_score[slots] = torch.where(done[:, None, None], zb[:, 0], prev_z)
+        done = plan.complete[m]
+        state.prev_kv.index_put_((slots,), torch.where(done, kv_rows, prev_k))
+        state.prev_score.index_put_((slots,), torch.where(done, score_rows, prev_z))
 
 
-def indexer_step(idx: Indexer, ops: Ops, x: Tensor, qr: Tensor, cos: Tensor, sin: Tensor, st: LayerStore,
-                 plan: StepPlan) -> Tensor:
-    """[B,1,min(topk, cap)] selected compressed entries (-1 = none) over the bucket's capacity cap = context // 4."""
+def indexer_step(idx: Indexer, ops: Ops, x: Tensor, xf: Tensor, qr: Tensor, cos: Tensor, sin: Tensor,
+                 st: LayerStore, plan: StepPlan) -> Tensor:
+    """[B,1,min(topk, cap)] selected compressed entries (-1 = none) over the bucket's capacity cap = context // 4.
+    xf: x in fp32 (what the compressors project; made once per layer)."""
     a = idx.args
     q = idx.query(ops, qr, cos, sin)
-    per_block, scratch = plan.cache.block_tokens // 4, st.flat_index_kv.shape[0] - 1
-    compressor_step(idx.compressor, ops, x, plan, st.index_comp, st.flat_index_kv,
-                    plan.write_row(per_block, 0, scratch, 4))
+    compressor_step(idx.compressor, ops, xf, plan, st.index_comp, st.flat_index_kv, plan.entry_row[(4, "index")])
     w = idx.head_weights(ops, x)
-    visible = plan.visible[4][:, None]  # [B,1]
-    keys = st.flat_index_kv[plan.index_key_rows(per_block, scratch)]  # [B,cap,D_I]
+    keys = st.flat_index_kv[plan.index_key_rows]  # [B,cap,D_I]
     if idx.tp == 1:
-        return ops.indexer_topk(q, keys, w, visible, a.index_topk)
+        return ops.indexer_topk(q, keys, w, plan.index_visible, a.index_topk)
     score = ops.all_reduce(ops.indexer_scores(q, keys, w), "tp")  # heads split over TP ranks (as Indexer.forward)
-    return topk_visible(score, visible, a.index_topk)
+    return topk_visible(score, plan.index_visible, a.index_topk)
 
 
 def attention_step(attn: Attention, ops: Ops, x: Tensor, st: LayerStore, rope: RopeTable, plan: StepPlan) -> Tensor:
@@ -154,29 +162,35 @@ def attention_step(attn: Attention, ops: Ops, x: Tensor, st: LayerStore, rope: R
     cos, sin = plan.cos_sin[id(rope)]
     qr, q, kv = attn.project(ops, x, cos, sin)
     flat = st.flat_kv  # [Bmax*W + pool rows + 1, D]: rings, block pool, scratch
-    idx = plan.rows(st)
     if attn.ratio:
-        compressor_step(attn.compressor, ops, x, plan, st.comp, flat,
-                        plan.write_row(st.per_block, st.pool_offset, st.scratch, attn.ratio))
-    flat[plan.ring_row] = kv[:, 0]
+        xf = x.float()  # both compressors of a CSA layer project it (Compressor.project's own upcast is then a no-op)
+        compressor_step(attn.compressor, ops, xf, plan, st.comp, flat, plan.entry_row[(attn.ratio, "kv")])
+    flat.index_put_((plan.ring_row,), kv)  # [B,1,D] at rows [B,1]
+    idx = plan.keys[attn.ratio]  # [1,B,K]
     if attn.ratio == 4:
-        sel = indexer_step(attn.indexer, ops, x, qr, cos, sin, st, plan)[:, 0]  # [B,topk] entry indices
-        idx = torch.cat([idx, plan.entry_rows(st.per_block, st.pool_offset, sel)], dim=-1)
+        sel = indexer_step(attn.indexer, ops, x, xf, qr, cos, sin, st, plan)  # [B,1,topk] entry indices
+        idx = torch.cat([idx, plan.sel_rows(sel)], dim=-1)
     # every row is one query of a single "batch" over the flat cache: q [1,B,H,D], kv [1, rows, D], idx [1,B,K]
-    o = ops.sparse_attention(q.reshape(1, B, H, D), flat[None], attn.attn_sink, idx[None], D ** -0.5)
+    o = ops.sparse_attention(q.reshape(1, B, H, D), flat[None], attn.attn_sink, idx, D ** -0.5)
     return attn.output(ops, o.reshape(B, 1, H, D), cos, sin)
 
 
 # -- MoE ---------------------------------------------------------------------------------------------------------------
-def _gathered_linear(ops: Ops, x: Tensor, w: LinearWeight, e: Tensor) -> Tensor:
+def _gemm_input(ops: Ops, x: Tensor) -> Tensor:
+    """What the reference linear multiplies a quantised weight with: x FP8-simulated in 1x128 blocks, in fp32."""
+    # bf16 rows go in as they are: their FP8 simulation is exact in bf16 (e4m3 codes times powers of two), so this is
+    # fp8_sim(x.float()) bit for bit, and a backend can use its fused quantisation op (which takes bf16/fp16)
+    return ops.fp8_sim(x, 128).float() if x.dtype == torch.bfloat16 else ops.fp8_sim(x.float(), 128)
+
+
+def _gathered_linear(ops: Ops, x: Tensor, w: LinearWeight, e: Tensor, xq: Tensor | None = None) -> Tensor:
     """x [M,1,in] @ W[e[m]]^T for each row m with the reference linear's numerics (ReferenceOps.linear): dense
-    weights in x.dtype; FP8/FP4 weights dequantised, the activation FP8-simulated in 1x128 blocks, fp32 product."""
+    weights in x.dtype; FP8/FP4 weights dequantised, the activation FP8-simulated in 1x128 blocks (xq: that
+    simulation when the caller has it already), fp32 product."""
     # torch.bmm is the kernel torch.matmul runs for these 3-D operands, called directly (matmul adds expands/views)
     if w.fmt == "none":
         return torch.bmm(x, w.weight[e].to(x.dtype).transpose(1, 2))
-    # bf16 rows go in as they are: their FP8 simulation is exact in bf16 (e4m3 codes times powers of two), so this is
-    # fp8_sim(x.float()) bit for bit, and a backend can use its fused quantisation op (which takes bf16/fp16)
-    xq = ops.fp8_sim(x, 128).float() if x.dtype == torch.bfloat16 else ops.fp8_sim(x.float(), 128)
+    xq = _gemm_input(ops, x) if xq is None else xq
     return torch.bmm(xq, gathered_weight(w, e).transpose(1, 2)).to(x.dtype)
 
 
@@ -217,7 +231,8 @@ def routed_experts(ops: Ops) -> Callable[..., Tensor]:
         mine = ((local >= 0) & (local < n_local)).reshape(T * k, 1, 1)  # other ranks' experts contribute nothing
         e = local.clamp(0, n_local - 1).reshape(T * k)
         xt = x[:, None].expand(T, k, d).reshape(T * k, 1, d)
-        h = ops.swiglu(_gathered_linear(ops, xt, w1, e), _gathered_linear(ops, xt, w3, e), swiglu_limit)
+        xq = _gemm_input(ops, xt) if "none" not in (w1.fmt, w3.fmt) else None  # w1 and w3 take the same rows
+        h = ops.swiglu(_gathered_linear(ops, xt, w1, e, xq), _gathered_linear(ops, xt, w3, e, xq), swiglu_limit)
         h = h * weights.reshape(T * k, 1, 1).float()
         y = torch.where(mine, _gathered_linear(ops, h.to(x.dtype), w2, e).float(), 0.0).view(T, k, d)
         out = y[:, 0]
@@ -258,5 +273,5 @@ def decode_step(model: Transformer, cache: KVCache, tokens: Tensor, slots: Tenso
     h = model.embedding(tokens[:, None])  # [B,1,d]
     X = h.unsqueeze(2).repeat(1, 1, a.hc_mult, 1)  # [B,1,n,d]
     for i, layer in enumerate(model.layers):
-        X = block_step(layer, ops, X, tokens[:, None], cache.layers[i], model.rope_for(i), plan, routed)
+        X = block_step(layer, ops, X, tokens, cache.layers[i], model.rope_for(i), plan, routed)
     return model._head(X, model.hc_head_fn, model.hc_head_scale, model.hc_head_base, model.norm)[:, 0]

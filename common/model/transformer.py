@@ -146,11 +146,13 @@ class Compressor(nn.Module):
         pooled = ops.compress_pool(kb, zb)  # [B,nb,c] fp32
         pooled = ops.rms_norm(pooled.to(dtype), self.norm.weight, self.args.norm_eps)
         cos, sin = cos_sin
-        pooled = torch.cat([pooled[..., :-rd], ops.rope(pooled[..., None, -rd:], cos, sin)[:, :, 0]], dim=-1)
+        pe = pooled[..., None, -rd:]  # [B,nb,1,rd], rotated in place (pooled is this call's own tensor)
+        pe.copy_(ops.rope(pe, cos, sin))
         if self.is_indexer:
             return ops.fp4_sim(ops.hadamard(pooled), FP4_BLOCK)
-        return torch.cat([ops.fp8_sim(pooled[..., :-rd], KV_FP8_BLOCK, self.args.kv_fp8_sim), pooled[..., -rd:]],
-                         dim=-1)
+        nope = pooled[..., :-rd]
+        nope.copy_(ops.fp8_sim(nope, KV_FP8_BLOCK, self.args.kv_fp8_sim))
+        return pooled
 
 
 class Indexer(nn.Module):
@@ -185,7 +187,8 @@ class Indexer(nn.Module):
         B, S, _ = qr.shape
         rd = self.args.rope_head_dim
         q = ops.linear(qr, self.wq_b.lw).view(B, S, self.n_local_heads, self.args.index_head_dim)
-        q = torch.cat([q[..., :-rd], ops.rope(q[..., -rd:], cos, sin)], dim=-1)
+        pe = q[..., -rd:]
+        pe.copy_(ops.rope(pe, cos, sin))  # in place: q is the GEMM's own output
         return ops.fp4_sim(ops.hadamard(q), FP4_BLOCK)
 
     def head_weights(self, ops: Ops, x: Tensor) -> Tensor:
@@ -267,8 +270,9 @@ class Attention(nn.Module):
         B, S, _ = x.shape
         H, D, rd, eps = self.n_local_heads, a.head_dim, a.rope_head_dim, a.norm_eps
         qr = ops.rms_norm(ops.linear(x, self.wq_a.lw), self.q_norm.weight, eps)
-        q = ops.head_rms_norm(ops.linear(qr, self.wq_b.lw).view(B, S, H, D), eps)
-        q = torch.cat([q[..., :-rd], ops.rope(q[..., -rd:], cos, sin)], dim=-1)  # [B,S,H,D]
+        q = ops.head_rms_norm(ops.linear(qr, self.wq_b.lw).view(B, S, H, D), eps)  # [B,S,H,D]
+        pe = q[..., -rd:]
+        pe.copy_(ops.rope(pe, cos, sin))  # rotated in place (q is head_rms_norm's own output)
         kv = ops.rms_norm(ops.linear(x, self.wkv.lw), self.kv_norm.weight, eps)  # [B,S,D]
         kv = torch.cat([ops.fp8_sim(kv[..., :-rd], KV_FP8_BLOCK, a.kv_fp8_sim),
                         ops.rope(kv[:, :, None, -rd:], cos, sin)[:, :, 0]], dim=-1)
@@ -279,12 +283,15 @@ class Attention(nn.Module):
         a = self.args
         B, S, H, D = o.shape
         rd, G = a.rope_head_dim, self.n_local_groups
-        o = torch.cat([o[..., :-rd], ops.rope(o[..., -rd:], cos, sin, inverse=True)], dim=-1)  # undo q's rotation
-        # [G,B,S,H*D/G]: each group's rows contiguous, so its GEMM sees the same layout eager and captured
-        o = o.reshape(B, S, G, H * D // G).movedim(2, 0).contiguous()
+        pe = o[..., -rd:]
+        pe.copy_(ops.rope(pe, cos, sin, inverse=True))  # undo q's rotation, in place (o is attention's own output)
+        # [G,B*S,H*D/G]: each group's rows contiguous, so its GEMM sees the same layout eager and captured
+        o = o.reshape(B * S, G, H * D // G).movedim(1, 0).contiguous()
         wo_a = self.wo_a.weight.view(G, a.o_lora_rank, H * D // G)  # block-diagonal: one [R_o, H*D/G] per group
-        o = torch.stack([ops.linear(o[g], LinearWeight(wo_a[g], None, "none")) for g in range(G)], dim=2)
-        return ops.all_reduce(ops.linear(o.flatten(2), self.wo_b.lw), "tp")  # row-parallel over the groups
+        o = torch.stack([ops.linear(og, LinearWeight(wg, None, "none")) for og, wg in zip(o.unbind(0), wo_a.unbind(0),
+                                                                                          strict=True)], dim=1)
+        y = ops.linear(o.flatten(1), self.wo_b.lw)  # [B*S, d]
+        return ops.all_reduce(y, "tp").view(B, S, -1)  # row-parallel over the groups
 
     def window_indices(self, pos: Tensor, start: Tensor, chunk_row: int | None) -> Tensor:
         """[B,S,W] key rows of the last W positions (including the query's own); -1 before position 0."""
