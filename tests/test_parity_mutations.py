@@ -74,24 +74,45 @@ MUTATIONS = {
 }
 
 
-class PerTensorQuant:
-    """An emulated torch_npu module whose npu_dynamic_quant uses ONE scale for the whole tensor instead of one per
-    token (a quantisation-granularity slip), every other operator unchanged."""
+class OneOpChanged:
+    """An emulated torch_npu module with operator `name` replaced by change(original), every other operator
+    unchanged."""
 
-    def __init__(self, module: object) -> None:
-        self._module = module
+    def __init__(self, module: object, name: str, change) -> None:
+        self._module, self._name, self._change = module, name, change
 
     def __getattr__(self, name: str):
         op = getattr(self._module, name)
-        if name != "npu_dynamic_quant":
-            return op
+        return self._change(op) if name == self._name else op
 
-        def per_tensor(x, **kw):
-            xf = x.float()
-            scale = xf.abs().amax() / 127.0
-            return torch.round(xf / scale).clamp(-127, 127).to(torch.int8), scale.expand(x.shape[:-1]).clone()
 
-        return per_tensor
+def per_tensor_quant(op):  # npu_dynamic_quant with ONE scale for the whole tensor, not one per token
+    def per_tensor(x, **kw):
+        xf = x.float()
+        scale = xf.abs().amax() / 127.0
+        return torch.round(xf / scale).clamp(-127, 127).to(torch.int8), scale.expand(x.shape[:-1]).clone()
+
+    return per_tensor
+
+
+def doubled_mx_scale(op):  # npu_dynamic_mx_quant reports every block's scale one binade high (a wrong exponent)
+    def doubled(x, **kw):
+        y, mx = op(x, **kw)
+        return y, mx + 1
+
+    return doubled
+
+
+def npu_changed(name: str, change):
+    """make_backend, with the Ascend backends' emulated torch_npu module running OneOpChanged(name, change)."""
+
+    def make(label: str):
+        ops = make_backend(label)
+        if label.startswith("ascend"):
+            ops.npu = OneOpChanged(ops.npu, name, change)
+        return ops
+
+    return make
 
 
 def _case(chip: str, weights: str, anchor: str = "reference", pair: str = "reference-ascend_emulated") -> Case:
@@ -141,16 +162,19 @@ def test_planted_ascend_bug_fails_parity_and_bisect_names_op(bug, monkeypatch):
 def test_per_tensor_activation_scale_fails_w8a8_parity():
     """The 910B W8A8 path against the reference running the same integer weights: a per-tensor activation scale
     in npu_dynamic_quant (instead of per token) must fail the tight pair and be blamed on the linear op."""
-
-    def make(label: str):
-        ops = make_backend(label)
-        if label.startswith("ascend"):
-            ops.npu = PerTensorQuant(ops.npu)
-        return ops
-
+    make = npu_changed("npu_dynamic_quant", per_tensor_quant)
     ok, first, summary = _check(_case("910b", "quantized", "reference(w8a8,910b)", "reference-ascend_w8a8"), make)
     assert not ok, "per-tensor activation scale passed the W8A8 parity pair"
     assert first is not None and ("/linear#" in first or "/moe_experts#" in first), summary
+
+
+def test_wrong_mx_scale_fails_parity_and_bisect_names_the_linear():
+    """950DT with FP8 weights (as `dsv4 parity run`'s "FP8 weights (950)" pair): a doubled npu_dynamic_mx_quant
+    scale must fail the reference-ascend_emulated bounds, and bisect must name the first op it reaches (the first
+    FP8 linear of layer 0)."""
+    ok, first, summary = _check(_case("950dt", "quantized"), npu_changed("npu_dynamic_mx_quant", doubled_mx_scale))
+    assert not ok, "a doubled FP8 activation scale passed the parity pair"
+    assert first is not None and "/linear#" in first, summary
 
 
 # -- CUDA (Triton interpreter): few and tiny, the interpreter is ~100x slower than torch --------------------------
