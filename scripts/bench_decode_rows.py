@@ -33,8 +33,9 @@ from dsv4.common.runtime.engine_decode import BatchedDecode
 PROMPT = 32  # the serving benchmark's prompt length (scripts/bench_serve.py)
 
 
-def step_ms(model, rows: int, spread: bool, steps: int, reps: int) -> dict[str, list[float]]:
-    """ms per decode step of `rows` rows, eager forward vs batched step, repetitions interleaved."""
+def step_ms(model, rows: int, spread: bool, steps: int, reps: int) -> tuple[dict[str, list[float]], str]:
+    """ms per decode step of `rows` rows, eager forward vs batched step, repetitions interleaved; and the path the
+    engine takes for these rows (BatchedDecode.wants with the engine's default row threshold)."""
     lengths = [PROMPT + (3 * b if spread else 0) for b in range(rows)]
     msl = max(lengths) + steps * (reps + 1) + 8
     seq = torch.randint(2, 512, (rows, msl), generator=torch.Generator().manual_seed(0))
@@ -42,6 +43,7 @@ def step_ms(model, rows: int, spread: bool, steps: int, reps: int) -> dict[str, 
     for b, n in enumerate(lengths):
         model(seq[b:b + 1, :n], base, slots=slice(b, b + 1))
     slots = torch.arange(rows)
+    takes = "batched step" if BatchedDecode(model, base).wants(slots.tolist()) else "eager forward"
     times: dict[str, list[float]] = {"eager forward": [], "batched step": []}
     for rep in range(reps):
         for name in (list(times) if rep % 2 == 0 else list(times)[::-1]):
@@ -55,7 +57,7 @@ def step_ms(model, rows: int, spread: bool, steps: int, reps: int) -> dict[str, 
                 else:
                     batched.step(tok, slots.tolist())
             times[name].append((time.perf_counter() - t0) / steps * 1e3)
-    return times
+    return times, takes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,10 +81,9 @@ def main(argv: list[str] | None = None) -> int:
            "|---:|---|---:|---:|---:|---|"]
     for rows in (int(r) for r in ns.rows.split(",")):
         for spread in (False, True):
-            t = step_ms(model, rows, spread, ns.steps, ns.reps)
+            t, takes = step_ms(model, rows, spread, ns.steps, ns.reps)
             e, b = (statistics.median(t[k]) for k in ("eager forward", "batched step"))
             cell = {k: f"{statistics.median(v):.1f} ({min(v):.1f}-{max(v):.1f})" for k, v in t.items()}
-            takes = "batched step" if spread and rows >= 4 else "eager forward"
             out.append(f"| {rows} | {'all different' if spread else 'one'} | {cell['eager forward']} | "
                        f"{cell['batched step']} | {b / e:.2f} | {takes} |")
             print(out[-1], file=sys.stderr, flush=True)

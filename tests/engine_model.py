@@ -3,6 +3,8 @@ reference ops with kv_fp8_sim "clamp" (so token equality does not hang on FP8 ne
 
 from __future__ import annotations
 
+import socket
+
 import torch
 
 from dsv4.common.checkpoint.load import build_random_model
@@ -19,3 +21,11 @@ def tiny_clamp_model() -> Transformer:
 def rand_prompt(n: int, seed: int) -> list[int]:
     """n token ids in [2, 512), the same for the same seed."""
     return torch.randint(2, 512, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def bound_socket() -> socket.socket:
+    """A socket bound to a free port on 127.0.0.1, for uvicorn to serve on as it is: no port is picked here and bound
+    again later (where something else could take it in between)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    return s

@@ -8,7 +8,6 @@ forward by summation order (and, through the FP8 KV simulation, by the rounding 
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 
@@ -19,6 +18,8 @@ pytest.importorskip("fastapi", reason="dsv4 serve needs the [serve] extra")
 uvicorn = pytest.importorskip("uvicorn", reason="dsv4 serve needs the [serve] extra")
 serve_app = pytest.importorskip("dsv4.common.serve.app", reason="dsv4 serve (issue 14) is not in this tree")
 
+from engine_model import bound_socket  # noqa: E402  (tests/ is on sys.path)
+
 from dsv4.common.checkpoint.load import build_random_model  # noqa: E402
 from dsv4.common.checkpoint.tokenizer import TextTokenizer  # noqa: E402
 from dsv4.common.cli import main  # noqa: E402
@@ -28,13 +29,6 @@ from dsv4.common.runtime.engine import Engine  # noqa: E402
 
 NAME = "dsv4-tiny"
 NEW_TOKENS = "8"  # a short continuation: the emulated W8A8 server decodes slowly on CPU
-
-
-def bound_socket() -> socket.socket:
-    """A socket on a free port, handed to uvicorn as it is: no port is picked here and bound again later."""
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    return s
 
 
 def start_server(model):

@@ -9,7 +9,6 @@ the FP8 KV simulation differently (tests/test_generate.py). tests/test_serve_pro
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +18,7 @@ import openai
 import pytest
 import torch
 import uvicorn
-from engine_model import tiny_clamp_model  # tests/ is on sys.path
+from engine_model import bound_socket, tiny_clamp_model  # tests/ is on sys.path
 
 from dsv4.common.checkpoint.tokenizer import TextTokenizer
 from dsv4.common.runtime.engine import Engine
@@ -28,13 +27,6 @@ from dsv4.common.serve.app import Server, create_app
 
 MAX_SEQ = 256
 NAME = "tiny-test"
-
-
-def bound_socket() -> socket.socket:
-    """A socket on a free port, handed to uvicorn as it is: no port is picked here and bound again later."""
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    return s
 
 
 @pytest.fixture(scope="module")
