@@ -380,14 +380,11 @@ class KVCache:
             self._entry_slots = slots_key
         return self._entry_memo
 
-    def entry_rows(self, slots_key: tuple, slots: Tensor, n: int, per_block: int, offset: int, scratch: int) -> Tensor:
-        """[B, n] flat rows of entries 0..n-1 of `slots` (key: the slots as a tuple) in a store with `per_block` rows
-        per block, the scratch row where no block is allocated."""
-        return self._block_rows(slots_key, slots, n, per_block, offset, scratch)[:, :n]
-
     def _block_rows(self, slots_key: tuple, slots: Tensor, n: int, per_block: int, offset: int,
                     scratch: int) -> Tensor:
-        """entry_rows over whole blocks (at least n columns): pool_rows, computed once per slot set and table."""
+        """[B, n'] (n' >= n, whole blocks) flat rows of entries 0..n'-1 of `slots` (key: the slots as a tuple) in a
+        store with `per_block` rows per block, the scratch row where no block is allocated: pool_rows, computed once
+        per slot set and block table (`_rows_memo`)."""
         memo = self._rows_memo(slots_key)
         key = ("entries", per_block, offset, scratch)
         rows = memo.get(key)
@@ -402,7 +399,7 @@ class KVCache:
         """[B, W + n' + 1] (n' >= n) the flat row of each column of the gathered layout [ring | entries] of layer
         store st: ring row q of slot b at b*W + q, entry j at column W + j through the block table (`pool_rows`; the
         scratch row where no block is allocated), and a last column -1. The in-place forward's translation table,
-        kept like entry_rows."""
+        kept in `_rows_memo`."""
         memo = self._rows_memo(slots_key)
         key = ("columns", st.ratio, st.scratch)
         rows = memo.get(key)
@@ -453,9 +450,13 @@ class KVCache:
         lc = LayerCache(st.ratio, st.window, None, store=st, slots=slots,
                         rows=self.column_rows(key, slots, st, end // st.ratio if st.ratio else 0))
         if st.flat_index_kv is not None:
-            lc.index_rows = self._block_rows(key, slots, end // 4, self.block_tokens // 4, 0,
-                                             st.flat_index_kv.shape[0] - 1)
+            lc.index_rows = self.index_key_rows(key, slots, st, end // 4)
         return lc
+
+    def index_key_rows(self, slots_key: tuple, slots: Tensor, st: LayerStore, n: int) -> Tensor:
+        """[B, n'] (n' >= n, whole blocks) the flat_index_kv rows of indexer keys 0..n'-1 of a CSA layer store st
+        (the scratch row where no block is allocated), kept in `_rows_memo`."""
+        return self._block_rows(slots_key, slots, n, self.block_tokens // 4, 0, st.flat_index_kv.shape[0] - 1)
 
     def write_back(self, i: int, slots: slice | Tensor, part: LayerCache) -> None:
         """Scatter a forward's changes back: the ring rows of the positions fed, the entries of blocks completed
@@ -551,8 +552,9 @@ class _ForwardRows:
         return self.cache.column_rows(self.key[0], self.slots, st, n)[:, :self.W + n]
 
     def index_rows(self, st: LayerStore) -> Tensor:
-        return self.cache.entry_rows(self.key[0], self.slots, self.end // 4, self.cache.block_tokens // 4, 0,
-                                     st.flat_index_kv.shape[0] - 1)
+        """[B, end // 4]: the rows' indexer keys 0..end//4 - 1 (unallocated: the scratch row)."""
+        n = self.end // 4
+        return self.cache.index_key_rows(self.key[0], self.slots, st, n)[:, :n]
 
     def _span_cols(self, lo: Tensor, hi: Tensor, first_col: int) -> tuple[Tensor, Tensor] | None:
         """Columns first_col + j for lo[b] <= j < hi[b] as [B, K] (K = the widest span) and which are real."""
