@@ -129,7 +129,9 @@ def compile_graph(fn: Any, dynamic: bool = False, fullgraph: bool = True, mode: 
     CUDA-graph analogue, which removes the per-operator launch cost of decode); "max-autotune" is its Ascend IR graph
     mode (torchair user guide, "reduce-overhead模式配置": CompilerConfig().mode; aclgraph requires dynamic=False).
     UNVERIFIED without hardware (GRAPH_MODE_VERIFIED is False); on CPU the same step captures with zero graph breaks
-    under torch.compile (tests/test_static_decode.py)."""
+    under torch.compile, on the reference ops (tests/test_static_decode.py) and on the emulated 950DT torch_npu ops,
+    which trace through their fake implementations as the real ones trace through the wheel's meta functions
+    (tests/test_ascend_fake.py)."""
     if importlib.util.find_spec("torchair") is None:
         raise RuntimeError("graph mode needs torchair (ships with torch_npu on NPU hosts); it is not importable here")
     import torch

@@ -8,6 +8,8 @@ package. `make_torch_npu(chip)` returns a module whose attributes ARE those oper
 keyword, a wrong positional count, a missing required argument or a different number of outputs fails here in CPU
 CI exactly as it would on a device. An emulated chip exposes only the ops the capability table gives it (so
 `hasattr` behaves like a real install), and each op raises NpuOpError where a documented constraint is violated.
+Each op also has a fake (meta) implementation (fake.py), so a step calling them traces under torch.compile as the
+real ops trace under TorchAir.
 This package is an independent small reference of the operator contracts: it never imports dsv4.common.model.reference.
 """
 
@@ -24,6 +26,7 @@ from .. import schemas
 from ..capability import DEFAULT_EMULATED_CHIP, normalise_chip, op_in_table
 from . import attention, basic, mc2, mhc, moe
 from .basic import DTYPE_OF_CODE, NpuOpError
+from .fake import FAKES
 
 KERNELS: dict[str, Callable] = {
     "npu_rms_norm": basic.npu_rms_norm,
@@ -45,6 +48,9 @@ KERNELS: dict[str, Callable] = {
     "npu_moe_distribute_combine": mc2.npu_moe_distribute_combine,
 }
 EMULATED_OPS = tuple(KERNELS)
+# ops without a fake implementation (emulation/fake.py): a traced step that calls one breaks its graph there. The MC2
+# ops exchange tokens between ranks, which the emulation does with host-side collectives
+NO_FAKE = ("npu_moe_distribute_dispatch", "npu_moe_distribute_combine")
 NAMESPACE = "dsv4_npu_emul_{chip}"
 _LIBRARIES: dict[str, torch.library.Library] = {}  # kept alive: a dropped Library unregisters its ops
 _DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16, torch.float32,
@@ -84,6 +90,8 @@ def register(chip: str) -> str:
             lib.define(schema)
             if i == 0:  # the default overload; others (npu_grouped_matmul.List) are defined, not implemented
                 lib.impl(name, _kernel(fn, chip), "CPU")
+                if name not in NO_FAKE:  # traceable by torch.compile, as the wheel's meta functions make the real ops
+                    torch.library.register_fake(f"{ns}::{name}", _kernel(FAKES.get(name, fn), chip), lib=lib)
     _fill_dtype_codes(lib, ns)
     _LIBRARIES[ns] = lib
     return ns
