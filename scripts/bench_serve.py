@@ -25,10 +25,11 @@ import asyncio
 import json
 import os
 import platform
-import socket
+import re
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -49,13 +50,12 @@ def pct(xs: list[float], q: float) -> float:
 
 
 def start_server(a: argparse.Namespace) -> tuple[subprocess.Popen, str]:
-    """The real `dsv4 serve` in its own process (its own GIL: the load generator here does not slow it down)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    """The real `dsv4 serve` in its own process (its own GIL: the load generator here does not slow it down), on
+    --port 0: it binds a free port before loading and names it in its 'serving ... on http://...' line (a port picked
+    here could be taken before the server binds it)."""
     argv = [sys.executable, "-m", "dsv4", "serve", "--config", a.config, "--backend", a.backend,
             "--max-seq-len", str(a.max_seq_len), "--max-batch", str(a.max_batch), "--prefill-chunk",
-            str(a.prefill_chunk), "--max-waiting", "4096", "--port", str(port), "--served-model-name", NAME]
+            str(a.prefill_chunk), "--max-waiting", "4096", "--port", "0", "--served-model-name", NAME]
     if a.device:
         argv += ["--device", a.device]
     if a.step_tokens:
@@ -67,17 +67,23 @@ def start_server(a: argparse.Namespace) -> tuple[subprocess.Popen, str]:
     if a.batched_decode_min_rows is not None:
         argv += ["--batched-decode-min-rows", str(a.batched_decode_min_rows)]
     env = {**os.environ, **({"OMP_NUM_THREADS": str(a.threads)} if a.threads else {})}
-    proc = subprocess.Popen(argv, env=env)
-    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log: list[str] = []
+    threading.Thread(target=lambda: log.extend(proc.stdout), daemon=True).start()  # keeps the pipe drained
     deadline = time.monotonic() + 300
+    url = None
     while True:
         if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"the server did not start ({' '.join(argv)})")
+            raise SystemExit(f"the server did not start ({' '.join(argv)}):\n{''.join(log)}")
+        if url is None:
+            found = re.search(r"serving '[^']*' on (http://127\.0\.0\.1:\d+)/v1", "".join(log))
+            url = found.group(1) if found else None
         try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
+            if url is not None and httpx.get(url + "/health", timeout=1).status_code == 200:
                 return proc, url
         except httpx.TransportError:
-            time.sleep(0.2)
+            pass
+        time.sleep(0.2)
 
 
 async def one(client: httpx.AsyncClient, url: str, prompt: list[int], max_tokens: int) -> dict:
