@@ -83,6 +83,20 @@ def capture_batch_sizes(max_batch: int) -> tuple[int, ...]:
     return (*sizes, max_batch)
 
 
+def build_engine(ns: argparse.Namespace, model, tokenizer, mirror=None):
+    """The serving engine the `serve` arguments describe, over a loaded model (scripts/bench_engine.py builds the
+    same one without HTTP)."""
+    from dsv4.common.runtime.engine import Engine
+
+    block_tokens, kv_blocks = kv_pool_options(ns, model)
+    return Engine(model, max_batch=ns.max_batch, max_seq_len=ns.max_seq_len, prefill_chunk=ns.prefill_chunk,
+                  step_tokens=ns.step_tokens, max_waiting=ns.max_waiting, tokenizer=tokenizer, mirror=mirror,
+                  max_logprobs=ns.max_logprobs, long_prefill_chunk=ns.long_prefill_chunk,
+                  compile_decode=compile_mode(ns), compile_batch_sizes=capture_batch_sizes(ns.max_batch),
+                  block_tokens=block_tokens, kv_blocks=kv_blocks, prefix_cache=prefix_cache_options(ns, model),
+                  batched_decode_min_rows=ns.batched_decode_min_rows or None)
+
+
 def cmd_serve(ns: argparse.Namespace) -> int:
     try:
         import fastapi  # noqa: F401
@@ -91,7 +105,6 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         raise ValueError(f"dsv4 serve needs the [serve] extra ({e.name} is missing): pip install -e '.[serve]'") \
             from None
     from dsv4.common.runtime.distributed import world_from_env
-    from dsv4.common.runtime.engine import Engine
     from dsv4.common.runtime.engine_runner import Mirror
     from dsv4.common.runtime.loading import load_model
 
@@ -100,14 +113,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     rank, world, _ = world_from_env()
     sock = listen_socket(ns.host, ns.port) if rank == 0 else None  # only rank 0 serves HTTP
     model, tokenizer, source = load_model(ns)
-    block_tokens, kv_blocks = kv_pool_options(ns, model)
-    engine = Engine(model, max_batch=ns.max_batch, max_seq_len=ns.max_seq_len, prefill_chunk=ns.prefill_chunk,
-                    step_tokens=ns.step_tokens, max_waiting=ns.max_waiting, tokenizer=tokenizer,
-                    mirror=Mirror() if world > 1 else None, max_logprobs=ns.max_logprobs,
-                    long_prefill_chunk=ns.long_prefill_chunk, compile_decode=compile_mode(ns),
-                    compile_batch_sizes=capture_batch_sizes(ns.max_batch), block_tokens=block_tokens,
-                    kv_blocks=kv_blocks, prefix_cache=prefix_cache_options(ns, model),
-                    batched_decode_min_rows=ns.batched_decode_min_rows or None)
+    engine = build_engine(ns, model, tokenizer, Mirror() if world > 1 else None)
     loaded = engine.load_prefix_cache()  # every rank reads it (a mirrored call); a refused file stops here
     if rank != 0:
         # rank 0 drains on SIGTERM and then releases this rank; a rank that died on the launcher's SIGTERM at once
