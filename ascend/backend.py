@@ -427,22 +427,22 @@ class AscendOps(Ops):
         self._took("swiglu", "torch")
         return F.silu(g) * u
 
-    def _grouped(self, rows: Tensor, w: LinearWeight, ends: Tensor) -> Tensor:
+    def _grouped(self, rows: Tensor, w: LinearWeight, ends: Tensor,
+                 mx_rows: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """Per-expert GEMM of expert-sorted rows [M, K] with stacked weights (native format) on npu_grouped_matmul;
         `ends` [E] int64 on the device: where each expert's rows end (a prefix sum, group_list_type 0: a counts list
         may not have length 1, doc). A2 wants ends[-1] == M (doc); 950 allows fewer (aclnnGroupedMatmulV4, 910_95)
-        and leaves the rows past ends[-1] undefined. Returns [M, N] in rows.dtype."""
+        and leaves the rows past ends[-1] undefined. `mx_rows`: the rows' MX quantisation (_mx_rows) for an "mxfp8"
+        weight. Returns [M, N] in rows.dtype."""
         gm = self.npu.npu_grouped_matmul
         kw = dict(group_list=ends, group_list_type=0, split_item=3, group_type=0)
         half = rows.dtype in HALF
-        if w.fmt == "mxfp8" and half and rows.shape[1] % FP8_BLOCK == 0 and self.has("npu_dynamic_mx_quant"):
+        if mx_rows is not None:
             # 950, the MX form (the wheel's meta: is_fp8 with e8m0 scale dtypes; shapes: aclnnGroupedMatmulV4's
-            # 910_95 mx table): the rows are quantised as V4 does (e4m3 per 128 of K, ue8m0 scale: the fused MX op
-            # with scale_alg 1) and each 128-scale is handed over as four equal per-32 MX scales, exactly; the
-            # weight is the transposed view [E, K, N] of the stored [E, N, K] codes with its [E, N, K/64, 2] scales
+            # 910_95 mx table): the weight is the transposed view [E, K, N] of the stored [E, N, K] codes, with its
+            # [E, N, K/64, 2] scales
             self.last_path["grouped_gemm"] = "npu_dynamic_mx_quant + npu_grouped_matmul (MX FP8, e8m0 scales)"
-            xq, xs = self._mx_fp8_per32(rows)
-            return gm([xq], [w.weight.transpose(1, 2)], scale=[w.scale], per_token_scale=[xs],
+            return gm([mx_rows[0]], [self._kn_view(w)], scale=[w.scale], per_token_scale=[mx_rows[1]],
                       output_dtype=rows.dtype, scale_dtype=NPU_E8M0, per_token_scale_dtype=NPU_E8M0, **kw)[0]
         if w.fmt == "w8a8" and half and self.has("npu_dynamic_quant"):
             # doc table "per-token量化": int8 x, int8 weight, fp32 scale, fp32 per_token_scale, bf16/fp16 out
@@ -469,37 +469,61 @@ class AscendOps(Ops):
         self.last_path["grouped_gemm"] = f"npu_grouped_matmul float ({w.fmt} weight dequantised)"
         return gm([xs_], [wd.transpose(1, 2)], **kw)[0]
 
-    def _mx_fp8_per32(self, rows: Tensor) -> tuple[Tensor, Tensor]:
-        """rows [M, K] (K a multiple of 128) -> (e4m3 codes [M, K], e8m0 bytes [M, K/64, 2] one per 32 of K): V4's
-        per-128 FP8 quantisation (npu_dynamic_mx_quant, scale_alg 1), each scale byte repeated for the four 32-blocks
-        it covers (a per-128 scale IS four equal per-32 scales)."""
+    def _kn_view(self, w: LinearWeight) -> Tensor:
+        """The [E, K, N] transposed view of stacked [E, N, K] weights, made once per weight tensor and kept."""
+        key = ("kn", id(w.weight))
+        hit = self._converted.get(key)
+        if hit is None or hit[0]() is not w.weight:
+            self._converted[key] = hit = (weakref.ref(w.weight), LinearWeight(w.weight.transpose(1, 2), None, w.fmt))
+        return hit[1].weight
+
+    def _table(self, key: tuple, make) -> Tensor:
+        """A small constant index tensor, made once per key (its device in the key) from Python values only."""
+        t = self._tables.get(key)
+        if t is None:
+            t = self._tables[key] = make()
+        return t
+
+    def _mx_rows(self, rows: Tensor, w: LinearWeight) -> tuple[Tensor, Tensor] | None:
+        """rows [M, K] as the MX form takes them, or None where it does not run (another weight format, fp32 rows,
+        K off 128-multiples: the float form then runs the same math). V4's per-128 FP8 quantisation
+        (npu_dynamic_mx_quant, scale_alg 1: e4m3 codes, ue8m0 scale) with each scale byte handed over as the four
+        equal per-32 MX scales it is: e8m0 bytes [M, K/64, 2], one stored index_select (which also drops the even
+        padding of an odd count of 128-blocks)."""
         M, K = rows.shape
+        if not (w.fmt == "mxfp8" and rows.dtype in HALF and K % FP8_BLOCK == 0 and self.has("npu_dynamic_mx_quant")):
+            return None
         nb = K // FP8_BLOCK
         y, mx = self.npu.npu_dynamic_mx_quant(rows, dst_type=MX_E4M3, block_size=FP8_BLOCK, scale_alg=1,
                                               max_low_bound=FP8_AMAX_FLOOR)
-        b = mx.view(M, -1) if nb % 2 == 0 else mx.view(M, -1)[:, :nb]  # drop the even padding of an odd count
-        return y, b.unsqueeze(-1).expand(M, nb, MX_PER_128).reshape(M, nb * MX_PER_128 // 2, 2)
+        dev = rows.device
+        rep = self._table(("mx_per32", nb, str(dev)),
+                          lambda: torch.arange(nb, device=dev).repeat_interleave(MX_PER_128))  # [K/32]
+        return y, mx.view(M, -1).index_select(1, rep).view(M, -1, 2)
+
+    def _grouped_ffn(self, rows: Tensor, ends: Tensor, w1: LinearWeight, w2: LinearWeight, w3: LinearWeight,
+                     swiglu_limit: float, row_weights: Tensor | None) -> Tensor:
+        """w2(swiglu(w1 x, w3 x) * row_weight) of expert-sorted rows [M, d] on npu_grouped_matmul, group ends on the
+        device (see _grouped), row_weights [M, 1] fp32. The reference's roundings: GEMM outputs in rows.dtype,
+        SwiGLU and the weighting in fp32, h rounded to rows.dtype."""
+        xq = self._mx_rows(rows, w1)  # w1 and w3 take the same rows: one quantisation
+        h = self.swiglu(self._grouped(rows, w1, ends, xq), self._grouped(rows, w3, ends, xq), swiglu_limit)
+        if row_weights is not None:
+            h = h * row_weights
+        h = h.to(rows.dtype)
+        return self._grouped(h, w2, ends, self._mx_rows(h, w2))
 
     def expert_ffn(self, rows: Tensor, counts: Tensor, w1: LinearWeight, w2: LinearWeight, w3: LinearWeight,
                    swiglu_limit: float, row_weights: Tensor | None = None) -> tuple[Tensor, str]:
         """w2(swiglu(w1 x, w3 x) * row_weight) of expert-sorted rows [M, d] (native stacked weights, group sizes
-        `counts` [E] adding up to at most M). Returns ([M, d] in rows.dtype, zero past the counted rows; the GEMM
-        path). npu_grouped_matmul where the chip has it (A2, 950), with no host read: the group ends stay on the
-        device, rows past them (another rank's pairs) fold into the last group on A2 (whose doc wants every row in a
-        group) or stay outside every group on 950, and are zeroed by a mask. Elsewhere (910C) one GEMM per expert
-        through `linear` (the W8A8 npu_quant_matmul), one host read of the counts."""
-        M = rows.shape[0]
+        `counts` adding up to M; row_weights [M]). Returns ([M, d] in rows.dtype, the GEMM path).
+        npu_grouped_matmul where the chip has it (A2, 950); elsewhere (910C) one GEMM per expert through `linear`
+        (the W8A8 npu_quant_matmul), one host read of the counts."""
         if self.has("npu_grouped_matmul"):
-            ends = torch.cumsum(counts, 0)
-            counted = torch.arange(M, device=rows.device) < ends[-1:]  # [M]: rows inside the groups
-            if self.chip not in A5:  # doc: the last end is x's row count
-                ends = torch.cat([ends[:-1], ends.new_full((1,), M)])
-            h = self.swiglu(self._grouped(rows, w1, ends), self._grouped(rows, w3, ends), swiglu_limit)
-            if row_weights is not None:
-                h = h * row_weights[:, None]
-            y = self._grouped(h.to(rows.dtype), w2, ends)
-            return torch.where(counted[:, None], y, 0.0).to(rows.dtype), self.last_path["grouped_gemm"]
-        y = torch.zeros(M, w2.weight.shape[-2] if w2.fmt != "w4a8" else w2.scale.shape[-1],
+            rw = None if row_weights is None else row_weights[:, None]
+            y = self._grouped_ffn(rows, torch.cumsum(counts, 0), w1, w2, w3, swiglu_limit, rw)
+            return y, self.last_path["grouped_gemm"]
+        y = torch.zeros(rows.shape[0], w2.weight.shape[-2] if w2.fmt != "w4a8" else w2.scale.shape[-1],
                         dtype=rows.dtype, device=rows.device)
         ends = counts.cumsum(0).tolist()
         for e, (a, b) in enumerate(zip([0] + ends[:-1], ends, strict=False)):
@@ -528,33 +552,51 @@ class AscendOps(Ops):
             self._took("moe_experts", f"torch reference (no npu_moe_init_routing_v2 on {self.chip})")
             return self._torch.moe_experts(x, weights, ids, w1, w2, w3, swiglu_limit, expert_offset)
         w1n, w2n, w3n = (self.native_weight(w, expert=True) for w in (w1, w2, w3))
+        M, dev = T * k, x.device
         # doc: expert ids "不能超过专家数" and active_expert_range ends at or below expert_num. With expert parallelism
-        # `ids` are global: map this rank's experts to 0..n_local-1 and every other id to one spare id n_local, so
-        # expert_num = n_local + 1 and no pair is dropped (finalize_routing's index must hold no -1 either). Shapes
-        # are static (T*k rows) and nothing is read on the host: the static decode step captures this
-        local = ids.long() - expert_offset
-        mine = (local >= 0) & (local < n_local)
-        ids32 = torch.where(mine, local, n_local).to(torch.int32)
+        # `ids` are global: this rank's experts map to 0..n_local-1 and every other id to one spare id n_local, so
+        # expert_num = n_local + 1 and no pair is dropped (finalize_routing's index must hold no -1 either): ids
+        # clamped into [-1, n_local], then looked up in a stored table whose entries n_local and -1 (the last) are
+        # the spare id. Shapes are static (T*k rows) and nothing is read on the host: the static decode step
+        # captures all of this
+        local = ids if expert_offset == 0 else ids - expert_offset
+        spare_map = self._table(("spare_map", n_local, str(dev)), lambda: torch.cat([
+            torch.arange(n_local, dtype=torch.int32, device=dev), torch.full((2,), n_local, dtype=torch.int32,
+                                                                            device=dev)]))
+        ids32 = spare_map[local.clamp(-1, n_local)]  # [T, k] int32
         rows, row_idx, counts, _ = self.npu.npu_moe_init_routing_v2(
-            x, ids32, active_num=T * k, expert_num=n_local + 1, expert_tokens_num_type=1,
-            expert_tokens_num_flag=True, active_expert_range=[0, n_local + 1], row_idx_type=0)
+            x, ids32, active_num=M, expert_num=n_local + 1, expert_tokens_num_type=1, expert_tokens_num_flag=True,
+            active_expert_range=[0, n_local + 1], row_idx_type=0)
         # V4 weights each expert's activation BEFORE w2 (finalize_routing would weight after): the routing weight
-        # of output row r is weights[src] for the src with row_idx[src] = r (0 for the spare expert's rows)
-        row_w = torch.zeros(T * k, dtype=torch.float32, device=x.device)
-        row_w.scatter_(0, row_idx.long(), torch.where(mine, weights.float(), 0.0).reshape(-1))
-        # the spare expert's rows sort last, past this rank's counts: expert_ffn returns them as zeros
-        y, gemm = self.expert_ffn(rows, counts[:n_local], w1n, w2n, w3n, swiglu_limit, row_w)
+        # of output row r is weights[src] for the src with row_idx[src] = r (every row is some pair's: dropless)
+        row_w = torch.empty(M, 1, dtype=torch.float32, device=dev)
+        row_w[row_idx] = weights.float().view(M, 1)
+        if self.has("npu_grouped_matmul"):
+            ends = torch.cumsum(counts, 0)  # [n_local + 1] on the device; the spare expert's rows sort last
+            spare = self._table(("rows", M, str(dev)), lambda: torch.arange(M, device=dev)[:, None]) \
+                >= ends[n_local - 1:n_local]  # [M, 1]: other ranks' pairs
+            # 950 takes group ends adding up to fewer rows (its GEMM leaves the spare rows undefined); A2's doc wants
+            # every row in a group: the spare rows join the last one, ends[n_local - 1] replaced by ends[n_local]
+            fold = self._table(("fold_spare", n_local, str(dev)), lambda: torch.cat([
+                torch.arange(n_local - 1, device=dev), torch.full((1,), n_local, device=dev)]))
+            gemm_ends = ends[:n_local] if self.chip in A5 else ends.index_select(0, fold)
+            y = self._grouped_ffn(rows, gemm_ends, w1n, w2n, w3n, swiglu_limit, row_w).masked_fill(spare, 0.0)
+            gemm = self.last_path["grouped_gemm"]
+        else:  # 910C: one GEMM per local expert; the spare rows stay zero
+            y, gemm = self.expert_ffn(rows, counts[:n_local], w1n, w2n, w3n, swiglu_limit, row_w.view(M))
         path = f"npu_moe_init_routing_v2 -> {gemm} -> swiglu"
         if self.has("npu_moe_finalize_routing"):
             # doc: "当scales为None时，则需要指定k"; its index is read slot-major, dst[i + k * NUM_ROWS], while
-            # init_routing_v2's is token-major [T, k]: transpose it
+            # init_routing_v2's is token-major [T, k]: a stored permutation reorders it
             self._took("moe_experts", path + " -> npu_moe_finalize_routing")
-            dst = row_idx.view(T, k).t().reshape(-1).contiguous()
+            slot_major = self._table(("slot_major", T, k, str(dev)),
+                                     lambda: torch.arange(M, device=dev).view(T, k).t().reshape(-1))
+            dst = row_idx.index_select(0, slot_major)
             return self.npu.npu_moe_finalize_routing(y.float(), None, None, None, None, dst, ids32, k=k)
         # finalize_routing's products are A2 (+ 950 by the wheel's code): un-permute with a torch index_add on 910C
         self._took("moe_experts", path + " -> torch un-permute")
-        out = torch.zeros(T, d, dtype=torch.float32, device=x.device)
-        src_tok = torch.arange(T * k, device=x.device) // k
+        out = torch.zeros(T, d, dtype=torch.float32, device=dev)
+        src_tok = torch.arange(M, device=dev) // k
         return out.index_add_(0, src_tok, y.float()[row_idx.long()])
 
     # -- hyper-connections ------------------------------------------------------------------------------------------
