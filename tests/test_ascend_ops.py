@@ -387,6 +387,21 @@ def test_moe_experts_fp4_on_950(monkeypatch):
     assert (gl - refl).abs().max() < 1e-2 * refl.abs().max()
 
 
+def test_moe_experts_on_950_capture_as_one_graph():
+    """What the static decode step needs from the fused MoE: torch.compile traces it whole (the emulated ops as one
+    operator each, through their meta-derived shape functions) with no graph break, i.e. no host read and no
+    data-dependent shape, and the compiled call returns the eager bits."""
+    ops = ops_for("950dt")
+    x, w, ids, _ = moe_case()
+    ws = [fp4_weight(4, out=128, inp=128, seed=s) for s in (20, 22, 21)]  # w1, w2, w3
+    xb = x.bfloat16()
+    want = ops.moe_experts(xb, w, ids, *ws, 10.0, expert_offset=1)  # converts the weights (eager, once)
+    ex = torch._dynamo.explain(ops.moe_experts)(xb, w, ids, *ws, 10.0, expert_offset=1)
+    assert ex.graph_break_count == 0 and ex.graph_count == 1, [b.reason for b in ex.break_reasons]
+    got = torch.compile(ops.moe_experts, backend="aot_eager", fullgraph=True)(xb, w, ids, *ws, 10.0, expert_offset=1)
+    assert torch.equal(got, want)
+
+
 def test_moe_experts_mx_odd_k_blocks_on_950():
     """d = 384 (three 128-blocks: the MX scale's even padding dropped, the weight scale padded) and inter = 256."""
     ops = ops_for("950dt")

@@ -8,6 +8,7 @@ package. `make_torch_npu(chip)` returns a module whose attributes ARE those oper
 keyword, a wrong positional count, a missing required argument or a different number of outputs fails here in CPU
 CI exactly as it would on a device. An emulated chip exposes only the ops the capability table gives it (so
 `hasattr` behaves like a real install), and each op raises NpuOpError where a documented constraint is violated.
+The MoE ops also get shape functions (fakes.py, from the wheel's meta functions), so torch.compile traces them.
 This package is an independent small reference of the operator contracts: it never imports dsv4.common.model.reference.
 """
 
@@ -22,7 +23,7 @@ import torch
 
 from .. import schemas
 from ..capability import DEFAULT_EMULATED_CHIP, normalise_chip, op_in_table
-from . import attention, basic, mc2, mhc, moe
+from . import attention, basic, fakes, mc2, mhc, moe
 from .basic import DTYPE_OF_CODE, NpuOpError
 
 KERNELS: dict[str, Callable] = {
@@ -84,6 +85,8 @@ def register(chip: str) -> str:
             lib.define(schema)
             if i == 0:  # the default overload; others (npu_grouped_matmul.List) are defined, not implemented
                 lib.impl(name, _kernel(fn, chip), "CPU")
+                if name in fakes.FAKES:  # its shape function: torch.compile traces the op as one operator
+                    torch.library.register_fake(f"{ns}::{name}", fakes.FAKES[name], lib=lib)
     _fill_dtype_codes(lib, ns)
     _LIBRARIES[ns] = lib
     return ns
