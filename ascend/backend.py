@@ -543,13 +543,15 @@ class AscendOps(Ops):
         n_local = w1.weight.shape[0]
         if T == 0:
             return torch.zeros((0, d), dtype=torch.float32, device=x.device)
-        if not self.has("npu_moe_init_routing_v2"):  # a torch_npu build without the fused routing
+        why = (f"no npu_moe_init_routing_v2 on {self.chip}" if not self.has("npu_moe_init_routing_v2") else
+               "fp32 activations: 950's grouped GEMM takes bf16/fp16 (aclnnGroupedMatmulV4, 910_95)"
+               if self.chip in A5 and x.dtype not in HALF else None)
+        if why is not None:
             if T * k <= STATIC_EXPERT_PAIRS or torch.compiler.is_compiling():
                 # decode: every (token, expert) pair gathers its expert's weights, with no data-dependent shape
-                self._took("moe_experts", "torch, static shapes: one gathered expert per (token, expert) pair "
-                           f"(no npu_moe_init_routing_v2 on {self.chip})")
+                self._took("moe_experts", f"torch, static shapes: one gathered expert per (token, expert) pair ({why})")
                 return routed_experts(self)(x, weights, ids, w1, w2, w3, swiglu_limit, expert_offset)
-            self._took("moe_experts", f"torch reference (no npu_moe_init_routing_v2 on {self.chip})")
+            self._took("moe_experts", f"torch reference ({why})")
             return self._torch.moe_experts(x, weights, ids, w1, w2, w3, swiglu_limit, expert_offset)
         w1n, w2n, w3n = (self.native_weight(w, expert=True) for w in (w1, w2, w3))
         M, dev = T * k, x.device
@@ -679,10 +681,12 @@ class AscendOps(Ops):
             else:
                 gemm = "npu_grouped_matmul (" + ("weight-only int4" if self.weights == "auto" and c == "910b" else
                                                  "per-token W8A8" if self.weights != "bf16" else "bf16") + ")"
-            moe = (f"npu_moe_init_routing_v2 (local ids + one spare id, static T*k rows) -> {gemm} -> swiglu -> "
-                   "spare rows masked, no host read -> " +
+            moe = (f"npu_moe_init_routing_v2 (local ids + one spare id, static T*k rows) -> {gemm} -> swiglu -> " +
+                   ("spare rows masked, no host read -> " if self.has("npu_grouped_matmul") else
+                    "one host read of the counts -> ") +
                    ("npu_moe_finalize_routing (k given, slot-major index)" if self.has("npu_moe_finalize_routing")
-                    else "torch un-permute (finalize_routing: A2 by its doc, 950 by the wheel's code)"))
+                    else "torch un-permute (finalize_routing: A2 by its doc, 950 by the wheel's code)") +
+                   ("; fp32 activations: torch, one gathered expert per pair" if a5 else ""))
         plan = {
             "rms_norm": fused("npu_rms_norm", "npu_rms_norm on fp32 x and fp32 gamma (gamma must have x's dtype)",
                               "composed"),

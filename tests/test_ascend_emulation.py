@@ -251,6 +251,9 @@ def test_grouped_matmul_mx_rejects_what_the_meta_and_cann_reject():
     yb = A5.npu_grouped_matmul([xb.bfloat16()], [torch.randn(3, 8, 4).bfloat16()],
                                group_list=torch.tensor([2, 2, 4]), group_list_type=0, split_item=3, group_type=0)[0]
     assert yb[:4].isfinite().all() and yb[4].isnan().all()  # the float form on 950: row 4 in no group
+    with pytest.raises(NpuOpError, match="bf16/fp16"):  # 950's float form: bf16/fp16 only (A2's doc allows fp32)
+        A5.npu_grouped_matmul([xb], [torch.randn(3, 8, 4)], group_list=torch.tensor([2, 2, 5]), group_list_type=0,
+                              split_item=3, group_type=0)
 
 
 def test_grouped_matmul_int4_weight_only_per_group():

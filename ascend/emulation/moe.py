@@ -211,6 +211,7 @@ def npu_grouped_matmul(chip: str, x: list[Tensor], weight: list[Tensor], *, bias
       per-token quant: x int8, weight int8, scale [E,N] fp32/bf16, per_token_scale [M] fp32, output bf16/fp16;
       weight-only (伪量化): x fp16/bf16, weight int8 [E,K,N] or int4 packed 8 per int32 [E,K,N/8], antiquant_scale
         [E,N] (per-channel) or [E,G,N] (per-group, G divides K) in x's dtype, output x's dtype;
+      (950: the float form in bf16/fp16 only, CANN's 910_95 table);
       950 only, MX FP8 (the wheel's meta + CANN's 910_95 table, header): x [M,K] and weight [E,K,N] float8, scale
         e8m0 [E, ceil(K/64), N, 2] ([E, N, ceil(K/64), 2] when weight is the transposed view of [E,N,K]),
         per_token_scale e8m0 [M, ceil(K/64), 2], scale_dtype = per_token_scale_dtype = float8_e8m0fnu (293),
@@ -277,6 +278,8 @@ def npu_grouped_matmul(chip: str, x: list[Tensor], weight: list[Tensor], *, bias
     else:
         check(xx.dtype in FLOAT_ACT and w.dtype == xx.dtype, op,
               f"float x/weight must share a dtype: {xx.dtype}/{w.dtype}")
+        # 950's unquantised rows are bf16/bf16 and fp16/fp16 only (aclnnGroupedMatmulV4, 910_95 非量化场景 table)
+        check(not a5 or xx.dtype in HALF_ACT, op, f"950's float form takes bf16/fp16 x and weight, got {xx.dtype}")
         check(scale is None and per_token_scale is None, op, "the float form takes no scales")
         check(out_dt in (None, xx.dtype), op, "float output_dtype must be None or x's dtype")
         N = w.shape[2]
