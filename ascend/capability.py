@@ -61,11 +61,24 @@ CAPABILITIES: dict[str, OpCap] = {
     "npu_mhc_post": OpCap(A5, "昇腾950 AI处理器", "supported products: 950"),
     "npu_moe_gating_top_k": OpCap(CHIPS, "`1`表示使用Sigmoid函数，`0`表示Softmax函数",
                                   "no product list; softmax/sigmoid scoring only"),
-    "npu_moe_init_routing_v2": OpCap(A2A3, "Atlas A3 训练系列产品/Atlas A3 推理系列产品", "supported products: A2, A3"),
-    "npu_grouped_matmul": OpCap(("910b",), "Atlas A2 训练系列产品/Atlas 800I A2 推理产品",
-                                "supported products: A2 (and the 310P inference series)"),
-    "npu_moe_finalize_routing": OpCap(("910b",), "Atlas A2 训练系列产品/Atlas 800I A2 推理产品",
-                                      "supported products: A2"),
+    # 950 (A5) from the wheel's CODE, not the docstrings (A2/A3, A2): npu_moe_init_routing_v2_meta's MXFP8 quant modes
+    # emit float8_e8m0fnu scales (an A5-only dtype); npu_grouped_matmul_meta's is_fp8 form with float8_e8m0fnu
+    # scale_dtype / per_token_scale_dtype and the TorchAir converter's is_arch35() branches (ge_converter/custom/
+    # grouped_matmul.py); npu_moe_finalize_routing's converter picks MoeFinalizeRoutingV2 on arch35 (`not
+    # is_arch35()`, custom/npu_moe_finalize_routing.py ~line 75): its meta has no chip-specific form to cite, so the
+    # `code` quoted is the dropless shape the backend relies on
+    "npu_moe_init_routing_v2": OpCap(A2A3 + A5, "Atlas A3 训练系列产品/Atlas A3 推理系列产品",
+                                     "doc products: A2, A3; 950: the meta's MX forms (e8m0 scales) and converter",
+                                     code_chips=A5, code="expanded_scale_dtype = torch.float8_e8m0fnu"),
+    "npu_grouped_matmul": OpCap(("910b",) + A5, "Atlas A2 训练系列产品/Atlas 800I A2 推理产品",
+                                "doc products: A2 (and the 310P inference series); 950: the meta's FP8 form with "
+                                "e8m0 scales (MX), the converter's arch35 branches",
+                                code_chips=A5, code="per_token_scale_dtype == torch_npu.float8_e8m0fnu"),
+    "npu_moe_finalize_routing": OpCap(("910b",) + A5, "Atlas A2 训练系列产品/Atlas 800I A2 推理产品",
+                                      "doc products: A2; 950: the TorchAir converter's arch35 branch "
+                                      "(MoeFinalizeRoutingV2)",
+                                      code_chips=A5,
+                                      code="dropLess场景, expanded_permuted_rows shape 为[NUM_ROWS * K, H]"),
     # the 2.14.0 wheel ships no docstring for the MC2 ops (only schema + meta): products and limits come from the
     # op-plugin docs (shared/spec/torch-npu-ops.md section 6), which name A2/A3
     "npu_moe_distribute_dispatch": OpCap(A2A3, "", "no doc in the wheel; op-plugin docs name A2/A3"),
@@ -88,10 +101,12 @@ LEGAL_PATHS: dict[str, tuple[str, str, str]] = {
                  "V4 scores with sqrt(softplus): torch. For softmax/sigmoid the op gets input_ids and tid2eid both or "
                  "neither (its meta check)"),
     "moe_experts": ("npu_grouped_matmul", "当group_list_type为1时, 数值的总和与x中tensor的第一维相等",
-                    "group sizes must sum to x's rows: routed pairs outside this rank's experts go to one spare "
-                    "expert id (init_routing_v2 wants ids below expert_num) and the GEMMs take only the routed rows; "
-                    "W4 experts run the documented weight-only (antiquant) form, bf16 activations; chips without "
-                    "the grouped GEMM loop over experts with the W8A8 GEMM (910C) or run the torch reference (950)"),
+                    "group sizes must sum to x's rows (A2; 950: at most x's rows): routed pairs outside this rank's "
+                    "experts go to one spare expert id (init_routing_v2 wants ids below expert_num), sort last and "
+                    "are zeroed after the GEMMs (A2: folded into the last group, 950: outside every group), so no "
+                    "count is read on the host; W4 experts run the documented weight-only (antiquant) form with bf16 "
+                    "activations on 910B, the MX FP8 form on 950 (FP4 weights re-encoded as e4m3 with their own "
+                    "per-32 e8m0 scales, exact); 910C loops over experts with the W8A8 GEMM"),
     "moe_finalize": ("npu_moe_finalize_routing", "当scales为None时，则需要指定k",
                      "scales=None (V4 weights before w2), so k is passed"),
     "hc_pre": ("npu_mhc_sinkhorn", "Atlas A5 训练系列产品", "910B/910C: no mHC op: torch"),
@@ -119,8 +134,23 @@ UNVERIFIED: dict[str, str] = {
     "npu_moe_distribute_dispatch/combine": "no doc in the wheel: schema and meta (output shapes) only; row layout "
                                            "and counts semantics from op-plugin docs",
     "npu_mhc_pre phi layout": "the doc gives shapes [n^2 + 2n, nD], not the row order of pre/post/res",
-    "npu_grouped_matmul on 910C/950": "absent from the products list (A2 only): not used there, although "
-                                      "vllm-ascend runs it on A3",
+    "npu_grouped_matmul on 910C": "absent from the products list (A2 only): not used there, although vllm-ascend "
+                                   "runs it on A3",
+    "npu_grouped_matmul MX on 950": "the 2.14.0 docstring lists A2 only; the form comes from the wheel's code: "
+                                    "npu_grouped_matmul_meta accepts float8_e4m3fn x/weight (is_fp8) with "
+                                    "scale_dtype / per_token_scale_dtype float8_e8m0fnu, the TorchAir converter has "
+                                    "arch35 (950) branches. Shapes (scale [E, N, K/64, 2] for the transposed [E, K, N] "
+                                    "view, per_token_scale [M, K/64, 2]), the 'at most M' group-list rule and the rows "
+                                    "left undefined past the last group are CANN's aclnnGroupedMatmulV4.md (910_95), "
+                                    "not tried on a 950. The wheel's converter also has an MxA8W4 form (e4m3 x, "
+                                    "packed FP4 weight, weight_dtype float4_e2m1fn_x2) that would keep the experts in "
+                                    "FP4; not used: CANN's 910_95 table has no such row and vllm-ascend feeds it "
+                                    "FRACTAL_NZ weights (npu_format_cast 29) whose layout the emulation cannot check",
+    "npu_moe_init_routing_v2 on 950": "absent from the docstring's products (A2/A3); the wheel's meta gives it MX "
+                                      "quant modes with e8m0 scales (A5 dtypes). The unquantised dropless form used "
+                                      "is the A2/A3 one, not tried on a 950",
+    "npu_moe_finalize_routing on 950": "absent from the docstring's products (A2); the TorchAir converter maps it to "
+                                       "MoeFinalizeRoutingV2 on arch35 (950). Not tried on a 950",
     "npu_rotary_mul on 950": "absent from the doc's products: torch on 950",
     "npu_swiglu on 910C/950": "products list A2 only: torch on 910C/950",
     "npu_quant_matmul FP8 G-B on 950": "the 2.14.0 docstring has no FP8 row and no 950; the form comes from the "

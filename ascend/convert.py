@@ -8,8 +8,13 @@ Formats produced (LinearWeight.fmt; the Ascend backend consumes all of them):
   Runs as npu_grouped_matmul's weight-only (antiquant) form with bf16 activations on 910B: torch_npu 2.14.0's doc
   has no int8-activation / int4-weight row. The published Ascend V4 weights are w8a8 / w4a8 conversions
   (torch-npu-ops.md section 8).
-- "fp8" from "fp4": FP4 experts re-encoded as FP8 128x128 blocks so the 950 FP8 grouped GEMM can run them; exact
-  whenever the per-32 FP4 scales inside one 128x128 block span at most 2^14 (checked by fp4_to_fp8_is_exact).
+- "fp8" from "fp4": FP4 weights re-encoded as FP8 128x128 blocks (the 950's dense FP8 G-B GEMM); exact whenever
+  the per-32 FP4 scales inside one 128x128 block span at most 2^14 (checked by fp4_to_fp8_is_exact).
+- "mxfp8" (950 experts, npu_grouped_matmul's MX form): weight float8_e4m3fn [..., out, in] (checkpoint orientation;
+  the GEMM takes its transposed view), scale uint8 e8m0 bytes [..., out, ceil(in/64), 2]: one scale per 32 inputs,
+  in the op's pair layout. From FP4 it is exact by construction: every e2m1 value is an e4m3 value and the
+  checkpoint's own ue8m0 per-32 scales are kept; from FP8 128x128 blocks each block scale is repeated over its
+  32-column blocks (exact too). Memory: 1 byte a weight instead of FP4's 0.5 (the experts double in size).
 """
 
 from __future__ import annotations
@@ -22,14 +27,18 @@ from dsv4.common.model.quant import (
     INT4_MAX,
     INT8_MAX,
     dequant_weight,
+    float_to_e8m0,
     quantize_fp8,
     quantize_int4_groups,
     quantize_int8_rows,
+    unpack_fp4,
 )
 
 from .formats import pack_int4, unpack_int4
 
-__all__ = ["INT4_MAX", "INT8_MAX", "convert_for_chip", "dequant_any", "fp4_to_fp8", "to_w4a8", "to_w8a8"]
+__all__ = ["INT4_MAX", "INT8_MAX", "convert_for_chip", "dequant_any", "fp4_to_fp8", "to_mxfp8", "to_w4a8", "to_w8a8"]
+
+MX_BLOCK = 32  # the MX form's K block (one e8m0 scale per 32 inputs)
 
 
 def dequant_any(w: LinearWeight) -> Tensor:
@@ -41,6 +50,10 @@ def dequant_any(w: LinearWeight) -> Tensor:
         G = q.shape[-2] // w.scale.shape[-2]
         s = w.scale.float().repeat_interleave(G, dim=-2)
         return (q * s).transpose(-1, -2)
+    if w.fmt == "mxfp8":
+        n = w.weight.shape[-1]
+        s = torch.exp2(w.scale.view(torch.uint8).float() - 127.0).flatten(-2).repeat_interleave(MX_BLOCK, dim=-1)
+        return w.weight.float() * s[..., :n]
     return dequant_weight(w.weight, w.scale, w.fmt)
 
 
@@ -65,6 +78,25 @@ def fp4_to_fp8(w: LinearWeight) -> LinearWeight:
         raise ValueError(f"expected an fp4 weight, got {w.fmt!r}")
     q, s = quantize_fp8(dequant_weight(w.weight, w.scale, "fp4"))
     return LinearWeight(q, s, "fp8")
+
+
+def to_mxfp8(w: LinearWeight) -> LinearWeight:
+    """FP4 (e2m1 codes, ue8m0 1x32 scales) or FP8 (128x128 block scales) -> "mxfp8", exactly (module docstring)."""
+    if w.fmt == "fp4":
+        codes = unpack_fp4(w.weight)  # e2m1 values: all representable in e4m3
+        scale = w.scale.float()  # [..., out, in/32] powers of two
+    elif w.fmt == "fp8":
+        rows, cols = w.weight.shape[-2:]
+        codes = w.weight
+        scale = w.scale.float().repeat_interleave(128, dim=-2)[..., :rows, :]
+        scale = scale.repeat_interleave(128 // MX_BLOCK, dim=-1)[..., :(cols + MX_BLOCK - 1) // MX_BLOCK]
+    else:
+        raise ValueError(f"expected an fp4 or fp8 weight, got {w.fmt!r}")
+    nb = scale.shape[-1]
+    pad = nb % 2  # the op's pair layout: an odd count of 32-blocks gets one padding scale (2^0)
+    scale = torch.nn.functional.pad(scale, (0, pad), value=1.0)
+    byte = float_to_e8m0(scale).view(torch.uint8)
+    return LinearWeight(codes.to(torch.float8_e4m3fn), byte.unflatten(-1, (-1, 2)).contiguous(), "mxfp8")
 
 
 def fp4_to_fp8_is_exact(w: LinearWeight) -> bool:
@@ -96,11 +128,13 @@ def conversion_error(w: LinearWeight, fmt: str = "w8a8", tokens: int = 32, seed:
 
 def convert_for_chip(w: LinearWeight, chip: str, expert: bool = False) -> LinearWeight:
     """What AscendOps would convert a checkpoint weight to on `chip` (done once at load time to avoid the
-    backend's on-the-fly conversion): 950 keeps FP8 (FP4 -> FP8); 910B gets w8a8 (dense) / w4a8 (experts: the
-    grouped GEMM's documented weight-only int4 form); 910C w8a8 everywhere (torch_npu 2.14.0 documents the grouped
-    GEMM for A2 only, and npu_quant_matmul has no int8-x / int4-weight form)."""
+    backend's on-the-fly conversion): 950 keeps FP8 (FP4 -> FP8; experts -> "mxfp8" for the grouped GEMM's MX
+    form); 910B gets w8a8 (dense) / w4a8 (experts: the grouped GEMM's documented weight-only int4 form); 910C
+    w8a8 everywhere (npu_quant_matmul has no int8-x / int4-weight form, and the grouped GEMM is not A3's)."""
     if w.fmt in ("none", "w8a8", "w4a8"):
         return w
     if chip.startswith("950"):
+        if expert:  # npu_grouped_matmul's MX form
+            return to_mxfp8(w)
         return fp4_to_fp8(w) if w.fmt == "fp4" else w
     return to_w4a8(w) if expert and chip == "910b" else to_w8a8(w)

@@ -151,6 +151,20 @@ def test_fp4_to_fp8_is_lossless_and_chip_policy():
     assert convert_for_chip(fp4w(lead=(2,)), "910c", expert=True).fmt == "w8a8"  # no int4 GEMM documented on A3
 
 
+def test_mxfp8_experts_are_exact():
+    """950 experts for npu_grouped_matmul's MX form: e4m3 codes [E, out, in] with e8m0 bytes [E, out, in/64, 2].
+    From FP4 the values are the checkpoint's exactly (e2m1 values are e4m3 values, the ue8m0 scales kept), from
+    FP8 128x128 blocks too (each block scale repeated per 32 columns); an odd count of 32-blocks is padded."""
+    for w in (fp4w(lead=(3,)), fp4w(lead=(2,), inp=224), LinearWeight(*quantize_fp8(
+            torch.randn(2, 256, 384, generator=torch.Generator().manual_seed(3)) * 0.05), "fp8")):
+        c = convert_for_chip(w, "950dt", expert=True)
+        out, inp = w.weight.shape[-2], dequant_any(w).shape[-1]
+        assert c.fmt == "mxfp8" and c.weight.dtype == torch.float8_e4m3fn and c.weight.shape[-2:] == (out, inp)
+        assert c.scale.dtype == torch.uint8 and c.scale.shape[-3:] == (out, -(-inp // 64), 2)
+        assert torch.equal(dequant_any(c), dequant_any(w))
+    assert convert_for_chip(fp4w(), "950dt").fmt == "fp8"  # dense weights: the FP8 G-B linear
+
+
 def test_native_weight_conversion_is_cached():
     ops = ascend.create_ops(emulate=True, chip="910b")
     w = fp8w()

@@ -18,7 +18,9 @@ A2 = make_torch_npu("910b")
 
 def test_chip_namespaces_hide_ops_the_chip_lacks():
     assert hasattr(A5, "npu_mhc_pre") and not hasattr(A2, "npu_mhc_pre")
-    assert hasattr(A2, "npu_moe_finalize_routing") and not hasattr(A5, "npu_moe_finalize_routing")
+    # finalize_routing / the grouped GEMM: A2 by the docstrings, 950 by the wheel's code (capability.code_chips)
+    assert hasattr(A2, "npu_moe_finalize_routing") and hasattr(A5, "npu_moe_finalize_routing")
+    assert hasattr(A5, "npu_grouped_matmul") and hasattr(A5, "npu_moe_init_routing_v2")
     a3 = make_torch_npu("910c")  # 2.14.0 products: grouped GEMM and swiglu A2 only, rotary interleave A2/A3
     assert hasattr(a3, "npu_moe_init_routing_v2") and not hasattr(a3, "npu_grouped_matmul")
     assert not hasattr(a3, "npu_swiglu") and hasattr(a3, "npu_rotary_mul") and not hasattr(A5, "npu_rotary_mul")
@@ -176,6 +178,82 @@ def test_grouped_matmul_group_list_forms_and_empty_group():
                               per_token_scale=[torch.tensor([1.0, 2.0])], group_list=torch.tensor([1, 1]),
                               group_list_type=1, output_dtype=torch.bfloat16, **kw)[0]
     assert y.float().tolist() == [[1.0, 2.0], [6.0, 4.0]]
+
+
+E8M0 = 293  # torch_npu.float8_e8m0fnu's code (the wheel's TORCH_NPU_DTYPE_TO_STRING_MAP)
+
+
+def mx_operands(M=5, K=192, N=48, E=3, seed=0):
+    """MX operands: x [M, K] e4m3 with e8m0 bytes [M, K/64, 2], weight = the transposed view [E, K, N] of e4m3
+    codes [E, N, K] with bytes [E, N, K/64, 2]; every 32-block's scale a different power of two, so a scale read
+    for the wrong block, row or expert shows. K = 192: three scale pairs."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(M, K, generator=g) * 4).to(torch.float8_e4m3fn)
+    w = (torch.randn(E, N, K, generator=g) * 4).to(torch.float8_e4m3fn)
+    xs = torch.randint(120, 134, (M, K // 64, 2), generator=g, dtype=torch.uint8)
+    ws = torch.randint(120, 134, (E, N, K // 64, 2), generator=g, dtype=torch.uint8)
+    return x, xs, w, ws
+
+
+def test_grouped_matmul_mx_fp8_on_950_by_hand():
+    """y[m] = (x[m] * xscale per 32 of K) @ (W_e * wscale per 32 of K) for the rows m of group e, against both
+    operands dequantised element by element in fp64, to the bf16 output rounding; rows past the last group (950
+    allows group sizes adding up to fewer than M) come back NaN: undefined on the device."""
+    x, xs, w, ws = mx_operands()
+    M, K = x.shape
+    ends = torch.tensor([2, 2, 4])  # expert 1 empty, row 4 outside every group
+    y = A5.npu_grouped_matmul([x], [w.transpose(1, 2)], scale=[ws], per_token_scale=[xs], group_list=ends,
+                              group_list_type=0, split_item=3, group_type=0, output_dtype=torch.bfloat16,
+                              scale_dtype=E8M0, per_token_scale_dtype=E8M0)[0]
+    assert y.dtype == torch.bfloat16 and y.shape == (5, 48)
+    xd = x.double() * torch.exp2(xs.double() - 127).flatten(1).repeat_interleave(32, 1)  # [M, K]
+    wd = w.double() * torch.exp2(ws.double() - 127).flatten(2).repeat_interleave(32, 2)  # [E, N, K]
+    expert = [0, 0, 2, 2]
+    want = torch.stack([xd[m] @ wd[expert[m]].t() for m in range(4)]).float()
+    torch.testing.assert_close(y[:4].float(), want, rtol=2.0 ** -8, atol=0)  # within half a bf16 ulp
+    assert y[4].isnan().all()
+    # an untransposed [E, K, N] weight takes its scale as [E, K/64, N, 2] (aclnnGroupedMatmulV4, 910_95 mx table)
+    y2 = A5.npu_grouped_matmul([x], [w.transpose(1, 2).contiguous()], scale=[ws.permute(0, 2, 1, 3).contiguous()],
+                               per_token_scale=[xs], group_list=ends, group_list_type=0, split_item=3, group_type=0,
+                               output_dtype=torch.bfloat16, scale_dtype=E8M0, per_token_scale_dtype=E8M0)[0]
+    assert torch.equal(y2[:4], y[:4])
+
+
+def test_grouped_matmul_mx_rejects_what_the_meta_and_cann_reject():
+    x, xs, w, ws = mx_operands()
+    wt = w.transpose(1, 2)
+    kw = dict(group_list=torch.tensor([2, 2, 5]), group_list_type=0, split_item=3, group_type=0,
+              output_dtype=torch.bfloat16)
+    mx = dict(scale=[ws], per_token_scale=[xs], scale_dtype=E8M0, per_token_scale_dtype=E8M0)
+    cases = [  # (arguments, a fragment of the message)
+        ({**mx, "scale_dtype": 23}, "scale_dtype only supports float8_e8m0fnu"),  # the meta's check
+        ({**mx, "per_token_scale_dtype": 6}, "per_token_scale_dtype only supports float8_e8m0fnu"),
+        ({**mx, "x_dtype": 292}, "x_dtype supports hifloat8, mxfp4"),  # e4m3 x is told by its tensor dtype
+        ({**mx, "scale_dtype": None}, "emulated as MX only"),  # a G-B / per-channel FP8 call
+        ({**mx, "scale": [ws.permute(0, 2, 1, 3).contiguous()]}, "transposed weight"),  # the other layout
+        ({**mx, "per_token_scale": [xs[:, :2]]}, "per_token_scale must be e8m0 bytes"),
+        ({**mx, "per_token_scale": [xs.float()]}, "per_token_scale must be e8m0 bytes"),
+        ({**mx, "group_list": torch.tensor([2, 2, 6])}, "at most x's 5 rows"),  # 950: "不大于", not more
+        ({**mx, "output_dtype": None}, "output_dtype must be bf16/fp16/fp32"),
+    ]
+    for extra, msg in cases:
+        with pytest.raises(NpuOpError, match=msg):
+            A5.npu_grouped_matmul([x], [wt], **{**kw, **extra})
+    # A2: FP8 operands are A5 forms, and the group sizes must cover every row (doc)
+    with pytest.raises(NpuOpError, match="\\*_dtype are not in the 2.14.0 doc"):
+        A2.npu_grouped_matmul([x], [wt], **kw, **mx)
+    with pytest.raises(NpuOpError, match="A5"):
+        A2.npu_grouped_matmul([x], [wt], scale=[ws], per_token_scale=[xs], **kw)
+    xb = torch.randn(5, 8)
+    with pytest.raises(NpuOpError, match="add up to x's 5 rows"):
+        A2.npu_grouped_matmul([xb], [torch.randn(3, 8, 4)], group_list=torch.tensor([2, 2, 4]), group_list_type=0,
+                              split_item=3, group_type=0)
+    yb = A5.npu_grouped_matmul([xb.bfloat16()], [torch.randn(3, 8, 4).bfloat16()],
+                               group_list=torch.tensor([2, 2, 4]), group_list_type=0, split_item=3, group_type=0)[0]
+    assert yb[:4].isfinite().all() and yb[4].isnan().all()  # the float form on 950: row 4 in no group
+    with pytest.raises(NpuOpError, match="bf16/fp16"):  # 950's float form: bf16/fp16 only (A2's doc allows fp32)
+        A5.npu_grouped_matmul([xb], [torch.randn(3, 8, 4)], group_list=torch.tensor([2, 2, 5]), group_list_type=0,
+                              split_item=3, group_type=0)
 
 
 def test_grouped_matmul_int4_weight_only_per_group():

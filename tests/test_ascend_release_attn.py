@@ -37,6 +37,7 @@ A5_ATTN = COMMON | {"npu_sparse_flash_attention", "npu_mhc_pre", "npu_mhc_sinkho
                     "npu_dynamic_mx_quant"}
 W8A8 = {"npu_dynamic_quant", "npu_quant_matmul"}
 # what each chip reaches under the 2.14.0 docs (V4's sqrt-softplus gate never reaches npu_moe_gating_top_k)
+A5_MOE = {"npu_moe_init_routing_v2", "npu_grouped_matmul", "npu_moe_finalize_routing"}
 REACHED = {
     ("910b", "dequantized"): A2A3_ATTN | {"npu_moe_init_routing_v2", "npu_grouped_matmul", "npu_swiglu",
                                           "npu_moe_finalize_routing"},
@@ -44,8 +45,10 @@ REACHED = {
                                                "npu_moe_finalize_routing"},
     ("910c", "dequantized"): A2A3_ATTN | {"npu_moe_init_routing_v2"},
     ("910c", "quantized"): A2A3_ATTN | W8A8 | {"npu_moe_init_routing_v2"},
-    ("950dt", "dequantized"): A5_ATTN,
-    ("950dt", "quantized"): A5_ATTN | {"npu_quant_matmul"},  # the FP8 G-B GEMM (wheel meta + TorchAir converter)
+    # 950: the fused MoE (routing, grouped GEMM: float for dequantised weights, MX FP8 for quantised; finalize) and
+    # the FP8 G-B GEMM, all from the wheel's meta + TorchAir converters rather than its docstrings
+    ("950dt", "dequantized"): A5_ATTN | A5_MOE,
+    ("950dt", "quantized"): A5_ATTN | A5_MOE | {"npu_quant_matmul"},
 }
 
 

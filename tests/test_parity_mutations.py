@@ -103,6 +103,15 @@ def doubled_mx_scale(op):  # npu_dynamic_mx_quant reports every block's scale on
     return doubled
 
 
+def swapped_mx_weight_scale_pairs(op):  # npu_grouped_matmul reads each pair of per-32 weight scales swapped
+    def swapped(x, weight, **kw):
+        if kw.get("scale_dtype") is not None:  # the MX form: scale [E, N, K/64, 2]
+            kw = {**kw, "scale": [kw["scale"][0].flip(-1).contiguous()]}
+        return op(x, weight, **kw)
+
+    return swapped
+
+
 def npu_changed(name: str, change):
     """make_backend, with the Ascend backends' emulated torch_npu module running OneOpChanged(name, change)."""
 
@@ -175,6 +184,16 @@ def test_wrong_mx_scale_fails_parity_and_bisect_names_the_linear():
     ok, first, summary = _check(_case("950dt", "quantized"), npu_changed("npu_dynamic_mx_quant", doubled_mx_scale))
     assert not ok, "a doubled FP8 activation scale passed the parity pair"
     assert first is not None and "/linear#" in first, summary
+
+
+def test_swapped_mx_weight_scales_fail_parity_and_bisect_names_the_experts():
+    """950DT's MoE experts run npu_grouped_matmul's MX form (e8m0 per-32 weight scales, pair layout [E, N, K/64,
+    2]): a grouped GEMM reading each pair of scales swapped must fail the pair and be blamed on moe_experts. (The
+    activation's pairs would not show: its per-32 scales come four equal ones per V4 128-block.)"""
+    make = npu_changed("npu_grouped_matmul", swapped_mx_weight_scale_pairs)
+    ok, first, summary = _check(_case("950dt", "quantized"), make)
+    assert not ok, "swapped MX weight scales passed the parity pair"
+    assert first is not None and "/moe_experts#" in first, summary
 
 
 # -- CUDA (Triton interpreter): few and tiny, the interpreter is ~100x slower than torch --------------------------

@@ -1,5 +1,17 @@
 """CPU emulation of the MoE ops with their torch_npu 2.14.0 schemas: gating top-k (incl. hash routing),
-init_routing_v2, grouped_matmul (float, per-token int8, weight-only int8/int4) and finalize_routing.
+init_routing_v2, grouped_matmul (float, per-token int8, weight-only int8/int4; on 950 the MX FP8 form) and
+finalize_routing.
+
+The 950 (A5) forms come from the 2.14.0 wheel's CODE, not its docstrings (which list A2/A3 or A2 only; the code
+wins, capability.py): op_plugin/meta/_meta_registrations.py npu_grouped_matmul_meta (~line 3506: `is_fp8` x/weight
+float8_e4m3fn/e5m2, scale_dtype / per_token_scale_dtype "only supports float8_e8m0fnu", dtypes only A5 has) and the
+TorchAir converter ge_converter/custom/grouped_matmul.py (is_arch35() branches: arch35_mxa8w4, the A5 float32
+output "does not support float32 in versions prior to A5"); npu_moe_init_routing_v2_meta (~1411: MXFP8 quant_modes
+2/3/16/17 with float8_e8m0fnu scales); npu_moe_finalize_routing's converter (custom/npu_moe_finalize_routing.py
+line ~75: `not is_arch35()` picks MoeFinalizeRouting, A5 always MoeFinalizeRoutingV2). The MX form's shapes and
+the A5 group-list rule are CANN's aclnnGroupedMatmulV4.md (ops-transformer gmm/grouped_matmul/docs, the 910_95
+sections): gsM = gsN = 1, gsK = 32; scale [g, ceil(K/64), N, 2] ([g, N, ceil(K/64), 2] for a transposed weight),
+per_token_scale [M, ceil(K/64), 2], both e8m0; group_list's last value / sum "不大于" (at most) x's rows.
 
 Index conventions emulated:
 - init_routing_v2 (ASSUMED, its 2.14.0 doc gives shapes only): the (token, slot) pairs are flattened token-major,
@@ -17,9 +29,13 @@ import torch
 from torch import Tensor
 
 from ..formats import unpack_int4
-from .basic import FLOAT_ACT, HALF_ACT, as_dtype, check, scaled_product
+from .basic import FLOAT_ACT, FP8, HALF_ACT, as_dtype, check, is_a5, scaled_product
 
 INDEX_DTYPES = (torch.int32, torch.int64)
+# torch_npu's own dtype codes (TORCH_NPU_DTYPE_TO_STRING_MAP in op_plugin/meta/_meta_registrations.py)
+NPU_HIFLOAT8, NPU_FLOAT8_E8M0, NPU_FLOAT4_E2M1, NPU_FLOAT4_E1M2 = 290, 293, 296, 297
+MX_BLOCK = 32  # the MX form's K block (aclnnGroupedMatmulV4, 910_95: gsK = 32); scales come in pairs [..., 2]
+E8M0_BYTES = (torch.uint8, torch.float8_e8m0fnu)
 
 
 def npu_moe_gating_top_k(chip: str, x: Tensor, k: int, *, bias: Tensor | None = None,
@@ -110,10 +126,13 @@ def npu_moe_init_routing_v2(chip: str, x: Tensor, expert_idx: Tensor, *, scale: 
     return expanded_x, row_idx, counts, torch.zeros(n_rows, dtype=torch.float32)
 
 
-def _group_bounds(op: str, group_list: Tensor, group_list_type: int, n_groups: int, m: int) -> list[tuple[int, int]]:
+def _group_bounds(op: str, chip: str, group_list: Tensor, group_list_type: int, n_groups: int,
+                  m: int) -> list[tuple[int, int]]:
     """doc, group_type 0 with a tensor group_list: int64, one entry per weight group (<= 1024); type 0 (cumsum):
     non-negative, non-decreasing, last value == x's rows; type 1 (counts): non-negative, length not 1, sum == x's
-    rows ("数值的总和与x中tensor的第一维相等")."""
+    rows ("数值的总和与x中tensor的第一维相等"). On 950 the last value / the sum may be smaller
+    ("不大于x中tensor的第一维", aclnnGroupedMatmulV4.md, 910_95 group-type table): the rows past it belong to no
+    group."""
     check(group_list is not None and group_list.dtype == torch.int64 and group_list.numel() == n_groups, op,
           f"group_list must be int64 [{n_groups}]")
     check(n_groups <= 1024, op, "at most 1024 groups (doc)")
@@ -126,8 +145,53 @@ def _group_bounds(op: str, group_list: Tensor, group_list_type: int, n_groups: i
         check(group_list_type == 0, op, "group_list_type must be 0 (cumsum) or 1 (counts)")
         check(all(b >= a for a, b in zip(vals, vals[1:], strict=False)), op, "cumsum group_list must be non-decreasing")
         ends = vals
-    check(ends[-1] == m, op, f"group sizes must add up to x's {m} rows (doc), they add up to {ends[-1]}")
+    if is_a5(chip):
+        check(ends[-1] <= m, op, f"group sizes must add up to at most x's {m} rows (950), they add up to {ends[-1]}")
+    else:
+        check(ends[-1] == m, op, f"group sizes must add up to x's {m} rows (doc), they add up to {ends[-1]}")
     return list(zip([0] + ends[:-1], ends, strict=False))
+
+
+def _is_transposed(w: Tensor) -> bool:
+    """The meta's is_transpose_weight: a [E, K, N] weight that is the transposed view of a contiguous [E, N, K]."""
+    return w.stride()[-2] == 1 and w.stride()[-1] == w.shape[-2]
+
+
+def _mx_values(codes: Tensor, scale: Tensor, k_axis: int) -> Tensor:
+    """fp32 codes * 2^(scale byte - 127) with one scale per MX_BLOCK along `k_axis` of `codes`; `scale` has the
+    pair layout [..., ceil(K/64), 2] folded in already as [..., ceil(K/64) * 2] along the same axis."""
+    K = codes.shape[k_axis]
+    s = torch.exp2(scale.view(torch.uint8).float() - 127.0).repeat_interleave(MX_BLOCK, dim=k_axis)
+    return codes.float() * s.narrow(k_axis, 0, K)
+
+
+def _check_mx(op: str, xx: Tensor, w: Tensor, scale: list[Tensor] | None, per_token_scale: list[Tensor] | None,
+              scale_dtype: int | None, per_token_scale_dtype: int | None) -> tuple[Tensor, Tensor]:
+    """The MX FP8 form (aclnnGroupedMatmulV4, 910_95 "动态量化（mx量化）"): x and weight float8_e4m3fn/e5m2, scale and
+    per_token_scale e8m0 bytes (scale_dtype / per_token_scale_dtype float8_e8m0fnu, meta). Returns (the weight's
+    fp32 values [E, K, N], x's fp32 values [M, K])."""
+    check(scale is not None and per_token_scale is not None, op,
+          "FP8 x / weight need scale and per_token_scale (the MX form; meta: is_fp8)")
+    check(scale_dtype == NPU_FLOAT8_E8M0 and per_token_scale_dtype == NPU_FLOAT8_E8M0, op,
+          "the FP8 form is emulated as MX only: scale_dtype and per_token_scale_dtype must be float8_e8m0fnu "
+          f"({NPU_FLOAT8_E8M0}), got {scale_dtype} / {per_token_scale_dtype} (the G-B / per-channel FP8 forms are "
+          "not emulated)")
+    E, K, N = w.shape
+    M = xx.shape[0]
+    kb = -(-K // (2 * MX_BLOCK))  # ceil(K / 64): the scales come in pairs
+    s, ps = scale[0], per_token_scale[0]
+    trans = _is_transposed(w)
+    want = (E, N, kb, 2) if trans else (E, kb, N, 2)
+    check(s.dtype in E8M0_BYTES and tuple(s.shape) == want, op,
+          f"scale must be e8m0 bytes {list(want)} for a{' transposed' if trans else 'n untransposed'} weight "
+          f"[E, K, N] = {list(w.shape)} (aclnnGroupedMatmulV4 mx table), got {s.dtype} {list(s.shape)}")
+    check(ps.dtype in E8M0_BYTES and tuple(ps.shape) == (M, kb, 2), op,
+          f"per_token_scale must be e8m0 bytes [M, ceil(K/64), 2] = {[M, kb, 2]}, got {ps.dtype} {list(ps.shape)}")
+    if trans:  # scale [E, N, kb, 2] -> per K block along the last axis of the [E, N, K] weight
+        wv = _mx_values(w.transpose(1, 2), s.reshape(E, N, kb * 2), 2).transpose(1, 2)
+    else:
+        wv = _mx_values(w, s.permute(0, 1, 3, 2).reshape(E, kb * 2, N), 1)
+    return wv, _mx_values(xx, ps.reshape(M, kb * 2), 1)
 
 
 def npu_grouped_matmul(chip: str, x: list[Tensor], weight: list[Tensor], *, bias: list[Tensor] | None = None,
@@ -146,8 +210,15 @@ def npu_grouped_matmul(chip: str, x: list[Tensor], weight: list[Tensor], *, bias
       float: x, weight fp16/bf16/fp32 of one dtype, output x's dtype;
       per-token quant: x int8, weight int8, scale [E,N] fp32/bf16, per_token_scale [M] fp32, output bf16/fp16;
       weight-only (伪量化): x fp16/bf16, weight int8 [E,K,N] or int4 packed 8 per int32 [E,K,N/8], antiquant_scale
-        [E,N] (per-channel) or [E,G,N] (per-group, G divides K) in x's dtype, output x's dtype.
-    Weight-only math (ASSUMED): (q * antiquant_scale) rounded to x's dtype, products accumulated in fp32."""
+        [E,N] (per-channel) or [E,G,N] (per-group, G divides K) in x's dtype, output x's dtype;
+      (950: the float form in bf16/fp16 only, CANN's 910_95 table);
+      950 only, MX FP8 (the wheel's meta + CANN's 910_95 table, header): x [M,K] and weight [E,K,N] float8, scale
+        e8m0 [E, ceil(K/64), N, 2] ([E, N, ceil(K/64), 2] when weight is the transposed view of [E,N,K]),
+        per_token_scale e8m0 [M, ceil(K/64), 2], scale_dtype = per_token_scale_dtype = float8_e8m0fnu (293),
+        output_dtype bf16/fp16/fp32: y = sum over K of (x * xscale) (w * wscale), fp32 accumulation.
+    Weight-only math (ASSUMED): (q * antiquant_scale) rounded to x's dtype, products accumulated in fp32.
+    Rows past the last group (950 allows group sizes adding up to fewer than M) are undefined on the device: NaN
+    here, so a caller that reads them (or multiplies them by zero) fails loudly."""
     op = "npu_grouped_matmul"
     check(len(x) == 1 and len(weight) == 1, op, "only the single-tensor MoE form is emulated")
     check(split_item in (2, 3) and group_type == 0, op, "the single-tensor form needs split_item 2/3 and group_type 0")
@@ -155,17 +226,37 @@ def npu_grouped_matmul(chip: str, x: list[Tensor], weight: list[Tensor], *, bias
           "bias / offset / antiquant_offset / fused activation are not emulated")
     check(activation_input is None and activation_quant_scale is None and activation_quant_offset is None, op,
           "activation_* are reserved (None only, doc)")
-    check(all(v is None for v in (tuning_config, x_dtype, weight_dtype, scale_dtype, per_token_scale_dtype)), op,
-          "tuning_config / *_dtype are not in the 2.14.0 doc")
+    a5 = is_a5(chip)
     xx, w = x[0], weight[0]
+    if a5:  # meta: "x_dtype supports hifloat8, mxfp4 for now", the same for weight_dtype; scale dtypes e8m0 only
+        for name, v in (("x_dtype", x_dtype), ("weight_dtype", weight_dtype)):
+            check(v in (None, NPU_HIFLOAT8, NPU_FLOAT4_E2M1, NPU_FLOAT4_E1M2), op,
+                  f"{name} supports hifloat8, mxfp4 for now, but it is {v} (meta)")
+        for name, v in (("scale_dtype", scale_dtype), ("per_token_scale_dtype", per_token_scale_dtype)):
+            check(v in (None, NPU_FLOAT8_E8M0), op,
+                  f"{name} only supports float8_e8m0fnu for now, but it is {v} (meta)")
+        check(x_dtype is None and weight_dtype is None and tuning_config is None, op,
+              "hifloat8 / FP4 operands (x_dtype / weight_dtype) and tuning_config are not emulated")
+    else:
+        check(all(v is None for v in (tuning_config, x_dtype, weight_dtype, scale_dtype, per_token_scale_dtype)), op,
+              "tuning_config / *_dtype are not in the 2.14.0 doc")
+        check(xx.dtype not in FP8 and w.dtype not in FP8, op, "FP8 operands are A5 (950) forms: the meta's is_fp8 "
+              "with float8_e8m0fnu scale dtypes and the TorchAir converter's arch35 branches")
     check(xx.dim() == 2 and w.dim() == 3, op, "x [M,K] and weight [E,K,N] expected (doc: weight 3-D, x 2-D)")
     E = w.shape[0]
     M, K = xx.shape
     check(w.shape[1] == K, op, f"weight K {w.shape[1]} != x K {K}")
     check(K < 65536 and w.shape[2] < 65536, op, "A2 inner limit: x's and weight's last dims below 65536 (doc)")
-    bounds = _group_bounds(op, group_list, group_list_type, E, M)
+    bounds = _group_bounds(op, chip, group_list, group_list_type, E, M)
     out_dt = as_dtype(output_dtype)
-    if xx.dtype == torch.int8:  # per-token quantisation
+    mx = None
+    if xx.dtype in FP8:  # 950: the MX form
+        check(w.dtype in FP8, op, f"FP8 x needs FP8 weights (meta is_fp8), got {w.dtype}")
+        check(out_dt in FLOAT_ACT, op, f"the MX form's output_dtype must be bf16/fp16/fp32, got {out_dt}")
+        check(antiquant_scale is None, op, "the MX form takes no antiquant_scale")
+        mx = _check_mx(op, xx, w, scale, per_token_scale, scale_dtype, per_token_scale_dtype)
+        N = w.shape[2]
+    elif xx.dtype == torch.int8:  # per-token quantisation
         check(w.dtype == torch.int8, op, f"int8 x needs int8 weights (doc tables), got {w.dtype}")
         check(scale is not None and per_token_scale is not None, op, "per-token form needs scale and per_token_scale")
         check(scale[0].dtype in (torch.float32, torch.bfloat16) and tuple(scale[0].shape) == (E, w.shape[2]), op,
@@ -187,15 +278,20 @@ def npu_grouped_matmul(chip: str, x: list[Tensor], weight: list[Tensor], *, bias
     else:
         check(xx.dtype in FLOAT_ACT and w.dtype == xx.dtype, op,
               f"float x/weight must share a dtype: {xx.dtype}/{w.dtype}")
+        # 950's unquantised rows are bf16/bf16 and fp16/fp16 only (aclnnGroupedMatmulV4, 910_95 非量化场景 table)
+        check(not a5 or xx.dtype in HALF_ACT, op, f"950's float form takes bf16/fp16 x and weight, got {xx.dtype}")
         check(scale is None and per_token_scale is None, op, "the float form takes no scales")
         check(out_dt in (None, xx.dtype), op, "float output_dtype must be None or x's dtype")
         N = w.shape[2]
-    out = torch.zeros((M, N), dtype=torch.float32)
+    # rows outside every group: undefined on the device (only 950 allows them) -> NaN
+    out = torch.full((M, N), float("nan"), dtype=torch.float32)
     for e, (a, b) in enumerate(bounds):
         if b == a:
             continue
         xe = xx[a:b]
-        if xx.dtype == torch.int8:
+        if mx is not None:
+            out[a:b] = mx[1][a:b] @ mx[0][e]
+        elif xx.dtype == torch.int8:
             out[a:b] = scaled_product(op, xe, w[e], scale[0][e], per_token_scale[0][a:b])
         elif antiquant_scale is not None:
             q = (unpack_int4(w[e]) if w.dtype == torch.int32 else w[e]).float()  # [K, N]
@@ -206,7 +302,7 @@ def npu_grouped_matmul(chip: str, x: list[Tensor], weight: list[Tensor], *, bias
             out[a:b] = xe.float() @ wd
         else:
             out[a:b] = xe.float() @ w[e].float()
-    dt = out_dt if xx.dtype == torch.int8 else xx.dtype
+    dt = out_dt if xx.dtype == torch.int8 or mx is not None else xx.dtype
     return [out.to(dt)]
 
 
