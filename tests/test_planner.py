@@ -173,9 +173,26 @@ def test_layout_that_does_not_fit_raises():
 
 
 def test_batch_over_capacity_is_reported_not_raised():
-    p = pl.plan("pro", "ascend-950dt", tp=8, ep=8, context=1 << 20, batch=64, weights="fp8")
+    p = pl.plan("pro", "ascend-950dt", tp=8, ep=16, context=1 << 20, batch=64, weights="fp8")
     assert not p.fits and p.max_batch < 64
     assert "does not fit" in pl.format_plan(p)
+
+
+def test_release_experts_are_sized_as_the_950_backend_holds_them():
+    # 950: the Ascend backend converts the release's FP4 experts to MXFP8 (e4m3 + one e8m0 byte per 1x32); the dense
+    # linears stay FP8 blocks
+    args = load_named_config("flash")
+    fp8 = pl.plan("flash", "ascend-950dt", tp=8, ep=16, context=4096, batch=1, weights="fp8")
+    mx = pl.plan("flash", "ascend-950dt", tp=8, ep=16, context=4096, batch=1, weights="mxfp8")
+    assert fp8.weights_gib == mx.weights_gib and any("routed experts as mxfp8" in n for n in fp8.notes)
+    h200 = pl.plan("flash", "h200", tp=8, ep=16, context=4096, batch=1, weights="fp8")
+    assert not any("routed experts as" in n for n in h200.notes)
+    # per card: 16 of 256 experts x (n_layers + MTP) x 3 matrices of inter x dim; e4m3 + scale vs e2m1 + scale
+    one = 3 * args.moe_inter_dim * args.dim
+    per_card = 256 // 16 * (args.n_layers + args.n_mtp_layers)
+    extra = per_card * one / 2  # one byte per weight instead of half a byte; the per-1x32 scale bytes are the same
+    assert fp8.weights_by_kind_gib["routed_experts"] - h200.weights_by_kind_gib["routed_experts"] == \
+        pytest.approx(extra / 2 ** 30, rel=1e-9)
 
 
 @pytest.mark.parametrize("tp,ep,field", [(3, 8, "tp"), (16, 16, "tp"), (8, 7, "ep"), (8, 12, "ep"), (0, 8, "tp")])

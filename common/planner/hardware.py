@@ -28,6 +28,8 @@ class Hardware:
     native_fp8: bool
     native_fp4: bool
     interconnect_gbps: float | None
+    # how dsv4's backend for this chip holds the release's (fp8) routed experts, when not as released
+    release_experts_as: str | None = None
     sources: dict[str, str] = field(default_factory=dict, compare=False)
 
     @property
@@ -84,6 +86,7 @@ def load_hardware(name: str, path: Path | None = None) -> Hardware:
         native_fp8=bool(values.get("native_fp8", False)),
         native_fp4=bool(values.get("native_fp4", False)),
         interconnect_gbps=_opt_float(values.get("interconnect_gbps")),
+        release_experts_as=values.get("release_experts_as"),
         sources=sources,
     )
 

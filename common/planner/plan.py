@@ -172,7 +172,13 @@ def plan(model: str | Path | ModelArgs, hardware: str | Hardware, tp: int = 8, e
     notes: list[str] = []
 
     pc = count_params(args)
-    wb = weight_bytes(args, weights, tp, ep, mtp=mtp, shared_expert=shared_expert)
+    held = weights
+    if weights == "fp8" and hw.release_experts_as:
+        check_weight_format(hw.release_experts_as)
+        held = hw.release_experts_as
+        notes.append(f"weights fp8 on {hw.name}: dsv4 holds the routed experts as {held} there (configs/hardware.yaml "
+                     "release_experts_as) and sizes them so; as released (FP4) they would take about half")
+    wb = weight_bytes(args, held, tp, ep, mtp=mtp, shared_expert=shared_expert)
     usable = hw.hbm_bytes * usable_fraction
     reserve = reserve_gib * GIB
     free_for_kv = usable - wb.per_card - reserve
@@ -202,7 +208,7 @@ def plan(model: str | Path | ModelArgs, hardware: str | Hardware, tp: int = 8, e
     step_bytes = wb.dense_read_per_step + expert_read + kv_read
     mem_s = step_bytes / (hw.hbm_tbps * 1e12)
 
-    peak, label = _peak_tflops(hw, weights, notes)
+    peak, label = _peak_tflops(hw, held, notes)
     per_token_flops = matmul_flops_per_token(args) + attention_flops_per_token(args, context, mtp=False)
     comp_s = batch * per_token_flops / cards / (peak * 1e12)
     step_s = max(mem_s, comp_s)

@@ -23,7 +23,7 @@ from dsv4.common.model.config import FP4_BLOCK, FP8_BLOCK, ConfigError, ModelArg
 GIB = 1024**3
 
 # Weight formats the planner knows; see `_format_bytes` for the byte layout of each.
-WEIGHT_FORMATS = ("fp8", "fp4", "bf16", "w8a8", "w4a8")
+WEIGHT_FORMATS = ("fp8", "fp4", "mxfp8", "bf16", "w8a8", "w4a8")
 KV_DTYPES = ("bf16", "fp8")
 
 # The V4 FP8 KV row in FlashMLA's sparse V4 ("MODEL1") layout: 448 e4m3 non-rotary dims, 64 bf16 rotary dims,
@@ -250,6 +250,9 @@ def _format_bytes(shape: tuple[int, ...], role: str, weights: str) -> float:
            + one ue8m0 byte per 1x32 block (spec 7.2).
     fp4  : every quantised linear as MXFP4 (e2m1 + one ue8m0 byte per 1x32), like the routed experts. No checkpoint
            ships this way; it bounds what a 950-class FP4 conversion could save.
+    mxfp8: the release's dense linears; routed experts FP8 e4m3 + one e8m0 byte per 1x32 (MXFP8): how the Ascend
+           backend holds them on 950 for npu_grouped_matmul's MX form (ascend/convert.py to_mxfp8, an exact
+           conversion of the FP4 experts at twice their bytes).
     bf16 : every linear in bf16 (a dequantised checkpoint).
     w8a8 : INT8 linears and experts, per-output-channel fp32 scales (msmodelslim W8A8 as used by vllm-ascend; layout
            assumed, not read).
@@ -278,6 +281,8 @@ def _format_bytes(shape: tuple[int, ...], role: str, weights: str) -> float:
         return fp4_mx() if role == EXPERT else fp8_blocks()
     if weights == "fp4":
         return fp4_mx()
+    if weights == "mxfp8":
+        return numel + rows * math.ceil(cols / FP4_BLOCK) if role == EXPERT else fp8_blocks()
     if weights == "w8a8":
         return numel + W8_SCALE_BYTES_PER_ROW * rows
     # w4a8 (the last of WEIGHT_FORMATS)
