@@ -5,7 +5,8 @@ whose operators are registered under the torch_npu 2.14.0 schemas, so every call
 own schema in CI. Per op, the fused torch_npu operator is used where the capability table (capability.py) gives
 the chip that op AND the call's shapes / dtypes fit its documented constraints (the docs in
 ascend/schemas/torch_npu-2.14.0.yaml); otherwise a torch composition runs (the reference ops, or compose.py where
-Ascend differs). `last_path[op]` records the path of the latest call, `describe()` the policy.
+Ascend differs). `last_path[op]` records the path of the latest call, `describe()` the policy. The MoE methods
+live in backend_moe.py (a mixin of this class).
 """
 
 from __future__ import annotations
