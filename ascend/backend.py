@@ -93,10 +93,12 @@ class AscendOps(Ops):
     # -- normalisation ----------------------------------------------------------------------------------------------
     def rms_norm(self, x: Tensor, weight: Tensor, eps: float) -> Tensor:
         if self.has("npu_rms_norm") and 2 <= x.dim() <= 8:
-            # doc: gamma has self's dtype; V4's weights are fp32, so the op runs fp32/fp32 (the reference math: fp32
-            # inside, one rounding at the end) rather than rounding the weights to bf16
+            # V4's weights are fp32: the op takes bf16/fp16 x with an fp32 gamma and computes in fp32 with one
+            # rounding to x's dtype, the reference's math (the wheel's meta + aclnnRmsNorm's dtype table, not its
+            # docstring: capability.UNVERIFIED); an fp32 x runs fp32/fp32
             self._took("rms_norm", "npu_rms_norm")
-            return self.npu.npu_rms_norm(x.float(), weight.float(), eps)[0].to(x.dtype)
+            xin = x if x.dtype in HALF else x.float()
+            return self.npu.npu_rms_norm(xin, weight.float(), eps)[0].to(x.dtype)
         self._took("rms_norm", "torch")
         xf = x.float()
         return (weight.float() * xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)).to(x.dtype)
@@ -605,7 +607,7 @@ class AscendOps(Ops):
                    ("npu_moe_finalize_routing (k given, slot-major index)" if self.has("npu_moe_finalize_routing")
                     else "torch un-permute (finalize_routing is A2-only)"))
         plan = {
-            "rms_norm": fused("npu_rms_norm", "npu_rms_norm on fp32 x and fp32 gamma (gamma must have x's dtype)",
+            "rms_norm": fused("npu_rms_norm", "npu_rms_norm on x in its dtype with the fp32 gamma (mixed form)",
                               "composed"),
             "head_rms_norm": "torch in the activation dtype (as the official bf16 code); npu_rms_norm for fp32",
             "rope": fused("npu_rotary_mul", "npu_rotary_mul(interleave), fp32, batch viewed as [1, B*S, H, r] with "
