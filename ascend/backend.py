@@ -206,8 +206,10 @@ class AscendOps(Ops):
     def linear(self, x: Tensor, w: LinearWeight) -> Tensor:
         w = self.native_weight(w)
         if w.fmt == "none":
+            # x @ W^T through the weight's transposed view kept per weight (F.linear makes it at every call): the
+            # same mm on the same operands, one view fewer a call
             self._took("linear", "torch matmul")
-            return F.linear(x, w.weight.to(x.dtype))
+            return torch.matmul(x, self._transposed(w.weight).to(x.dtype))
         lead, K = x.shape[:-1], x.shape[-1]
         x2 = x if x.dim() == 2 else x.reshape(-1, K)  # the quantised GEMMs take 2-D activations
         if w.fmt == "fp8":
@@ -265,6 +267,17 @@ class AscendOps(Ops):
         # ASSUMED on the device: torch_npu takes torch.float8_e8m0fnu views (exact: a byte b is 2^(b - 127))
         scale = mx.view(torch.float8_e8m0fnu).float().flatten(-2)  # [M, 2 * ceil(nb / 2)]
         return y, scale if nb % 2 == 0 else scale[..., :nb]
+
+    def _transposed(self, weight: Tensor) -> Tensor:
+        """weight.t() [in, out], a view made once per parameter and kept (a weight made per call, e.g. a view of
+        one group of wo_a, is transposed each time: caching it would keep one entry per call)."""
+        if not isinstance(weight, torch.nn.Parameter):
+            return weight.t()
+        key = ("t", id(weight))
+        hit = self._converted.get(key)
+        if hit is None or hit[0]() is not weight:
+            self._converted[key] = hit = (weakref.ref(weight), weight.t())
+        return hit[1]
 
     def _gb_weight(self, w: LinearWeight) -> LinearWeight:
         """The weight as npu_quant_matmul's G-B form takes it for x2 = weight.t() [K, N]: the transposed view and the
