@@ -36,6 +36,8 @@ FP8_AMAX_FLOOR = 1e-4  # V4's floor of a block's amax before the FP8 scale (Ops.
 # chips without the fused routing (950): up to this many (token, expert) pairs the experts run in the static-shape
 # form (each pair gathers its expert's weights: peak memory grows with the pairs, so long prefills take the loop)
 STATIC_EXPERT_PAIRS = 64
+FP8_GB_PATH = "npu_dynamic_mx_quant + npu_quant_matmul (FP8 G-B, group_sizes [1,128,128])"
+W8A8_PATH = "npu_dynamic_quant + npu_quant_matmul (W8A8)"
 LI_BLOCK = 64  # paged-key block size for the lightning indexer (a multiple of 16, <= 1024: section 4)
 
 
@@ -225,17 +227,43 @@ class AscendOps(Ops):
             raise ValueError(f"unsupported weight format {w.fmt!r}")
         return y if x.dim() == 2 else y.reshape(*lead, -1)
 
+    def linears(self, x: Tensor, ws: tuple[LinearWeight, ...]) -> tuple[Tensor, ...]:
+        """Weights sharing the input x (wq_a and wkv; the shared expert's w1 and w3): where every weight takes the
+        same quantised GEMM (950: the FP8 G-B form; 910B/910C: W8A8), x is quantised ONCE for all of them, giving
+        the codes and scales each linear would make, so every output equals its linear bit for bit. Otherwise one
+        linear per weight."""
+        natives = [self.native_weight(w) for w in ws]
+        if len(natives) > 1 and all(w.fmt == "fp8" and self._fp8_gemm_misfit(x, w) is None for w in natives):
+            self._took("linear", f"{FP8_GB_PATH}; one activation quantisation for {len(natives)} weights")
+            x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+            xq, x_scale = self._mx_fp8_codes(x2, FP8_BLOCK)
+            ys = [self._gb_gemm(xq, x_scale, w, x2.dtype) for w in natives]
+        elif len(natives) > 1 and all(w.fmt == "w8a8" and self._w8a8_fused(x, w) for w in natives):
+            self._took("linear", f"{W8A8_PATH}; one activation quantisation for {len(natives)} weights")
+            x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+            xq, xs = self.npu.npu_dynamic_quant(x2)
+            ys = [self.npu.npu_quant_matmul(xq, w.weight.t(), w.scale.float(), pertoken_scale=xs,
+                                            output_dtype=x2.dtype) for w in natives]
+        else:
+            return tuple(self.linear(x, w) for w in ws)
+        return tuple(ys) if x.dim() == 2 else tuple(y.reshape(*x.shape[:-1], -1) for y in ys)
+
+    def _gb_gemm(self, xq: Tensor, x_scale: Tensor, w: LinearWeight, dtype: torch.dtype) -> Tensor:
+        """npu_quant_matmul's FP8 G-B GEMM of the activation's e4m3 codes and fp32 scales [M, K/128] with an FP8
+        weight (its cached [K, N] view and [K/128, N/128] block scales)."""
+        kn = self._gb_weight(w)
+        return self.npu.npu_quant_matmul(xq, kn.weight, kn.scale, pertoken_scale=x_scale, output_dtype=dtype,
+                                         group_sizes=FP8_GB_GROUPS)
+
     def _linear_fp8(self, x2: Tensor, w: LinearWeight) -> Tensor:
         # 950: npu_quant_matmul's FP8 G-B form (the 2.14.0 wheel's meta function + TorchAir converter; its docstring
         # predates it: capability.UNVERIFIED). The activation is quantised per token per 128 of K by the fused MX op,
         # exactly V4's ue8m0 FP8 simulation; elsewhere the same math runs in torch
         why = self._fp8_gemm_misfit(x2, w)
         if why is None:
-            self._took("linear", "npu_dynamic_mx_quant + npu_quant_matmul (FP8 G-B, group_sizes [1,128,128])")
+            self._took("linear", FP8_GB_PATH)
             xq, x_scale = self._mx_fp8_codes(x2, FP8_BLOCK)
-            kn = self._gb_weight(w)
-            return self.npu.npu_quant_matmul(xq, kn.weight, kn.scale, pertoken_scale=x_scale,
-                                             output_dtype=x2.dtype, group_sizes=FP8_GB_GROUPS)
+            return self._gb_gemm(xq, x_scale, w, x2.dtype)
         if self._mx_fp8_fits(x2, FP8_BLOCK):
             self._took("linear", f"npu_dynamic_mx_quant activation + torch GEMM ({why})")
             xq = self._mx_fp8(x2, FP8_BLOCK)
@@ -307,11 +335,15 @@ class AscendOps(Ops):
         q, s = hit[1].weight, hit[1].scale
         return (q.float() * s).view(rows, cols)
 
-    def _linear_w8a8(self, x2: Tensor, w: LinearWeight) -> Tensor:
+    def _w8a8_fused(self, x: Tensor, w: LinearWeight) -> bool:
         # doc: x1's and x2's last dims (K and N) at most 65535 (a 129280-row vocab head in W8A8 exceeds it)
+        fits = x.shape[-1] <= 65535 and w.weight.shape[0] <= 65535
+        return x.dtype in HALF and fits and self.has("npu_dynamic_quant") and self.has("npu_quant_matmul")
+
+    def _linear_w8a8(self, x2: Tensor, w: LinearWeight) -> Tensor:
         fits = x2.shape[-1] <= 65535 and w.weight.shape[0] <= 65535
-        if x2.dtype in HALF and fits and self.has("npu_dynamic_quant") and self.has("npu_quant_matmul"):
-            self._took("linear", "npu_dynamic_quant + npu_quant_matmul (W8A8)")
+        if self._w8a8_fused(x2, w):
+            self._took("linear", W8A8_PATH)
             xq, xs = self.npu.npu_dynamic_quant(x2)
             return self.npu.npu_quant_matmul(xq, w.weight.t(), w.scale.float(), pertoken_scale=xs,
                                              output_dtype=x2.dtype)
@@ -631,6 +663,8 @@ class AscendOps(Ops):
             "fp4_sim": "torch: QAT simulation (no torch_npu op)",
             "hadamard": "torch matmul with H_n (no torch_npu op)",
             "linear": lin + "; fp32 activations: torch with the same math",
+            "linears": ("weights sharing one input: the activation quantised once for all of them when each takes "
+                        "the same quantised GEMM (FP8 G-B or W8A8), else one linear per weight"),
             "sparse_attention": ("npu_sparse_flash_attention with sinks when head_dim = 512 (zero 64-d rope part) "
                                  "and bf16/fp16, else torch" if a5 and self.has("npu_sparse_flash_attention") else
                                  "torch: sinks only on the 950 SFA (op-plugin docs)"),

@@ -87,6 +87,12 @@ class Ops:
         with power-of-two scales, the weight dequantised with its block scales, fp32 accumulation; output x.dtype."""
         raise NotImplementedError
 
+    def linears(self, x: Tensor, ws: tuple[LinearWeight, ...]) -> tuple[Tensor, ...]:
+        """One input, several weights (a layer's wq_a and wkv; the shared expert's w1 and w3): (linear(x, w) for w
+        in ws), equal to them bit for bit. A backend whose GEMMs quantise the activation may quantise x once for all
+        of the weights (the same codes and scales each call would make). This default makes one call per weight."""
+        return tuple(self.linear(x, w) for w in ws)
+
     # -- attention -----------------------------------------------------------------------------------------------------
     def sparse_attention(self, q: Tensor, kv: Tensor, sink: Tensor, indices: Tensor, softmax_scale: float) -> Tensor:
         """One softmax over the gathered keys plus a per-head sink logit that only enters the denominator.
@@ -182,7 +188,7 @@ def topk_visible(score: Tensor, visible: Tensor, topk: int) -> Tensor:
 
 
 OP_NAMES = [
-    "rms_norm", "head_rms_norm", "rope", "fp8_sim", "fp4_sim", "hadamard", "linear", "sparse_attention",
+    "rms_norm", "head_rms_norm", "rope", "fp8_sim", "fp4_sim", "hadamard", "linear", "linears", "sparse_attention",
     "compress_pool", "indexer_topk", "moe_gate", "swiglu", "moe_experts", "hc_pre", "hc_post", "hc_head",
 ]
 

@@ -269,11 +269,12 @@ class Attention(nn.Module):
         a = self.args
         B, S, _ = x.shape
         H, D, rd, eps = self.n_local_heads, a.head_dim, a.rope_head_dim, a.norm_eps
-        qr = ops.rms_norm(ops.linear(x, self.wq_a.lw), self.q_norm.weight, eps)
+        q_lat, kv = ops.linears(x, (self.wq_a.lw, self.wkv.lw))  # one input: a backend may quantise x once
+        qr = ops.rms_norm(q_lat, self.q_norm.weight, eps)
         q = ops.head_rms_norm(ops.linear(qr, self.wq_b.lw).view(B, S, H, D), eps)  # [B,S,H,D]
         pe = q[..., -rd:]
         pe.copy_(ops.rope(pe, cos, sin))  # rotated in place (q is head_rms_norm's own output)
-        kv = ops.rms_norm(ops.linear(x, self.wkv.lw), self.kv_norm.weight, eps)  # [B,S,D]
+        kv = ops.rms_norm(kv, self.kv_norm.weight, eps)  # [B,S,D]
         kv = torch.cat([ops.fp8_sim(kv[..., :-rd], KV_FP8_BLOCK, a.kv_fp8_sim),
                         ops.rope(kv[:, :, None, -rd:], cos, sin)[:, :, 0]], dim=-1)
         return qr, q, kv
@@ -358,7 +359,7 @@ class MoE(nn.Module):
         # fp32; under expert parallelism the ops dispatch tokens to the experts' ranks and combine the results
         y = (routed or ops.moe_experts)(x, w, ids, e.w1.lw, e.w2.lw, e.w3.lw, a.swiglu_limit, e.offset)
         s = self.shared_experts  # no SwiGLU clamp on the shared expert (spec 6.2)
-        h = ops.swiglu(ops.linear(x, s.w1.lw), ops.linear(x, s.w3.lw), 0.0)
+        h = ops.swiglu(*ops.linears(x, (s.w1.lw, s.w3.lw)), 0.0)
         y = y + ops.linear(h.to(x.dtype), s.w2.lw).float()
         return y.to(x.dtype).view(shape)
 
