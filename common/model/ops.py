@@ -118,8 +118,9 @@ class Ops:
     def indexer_scores(self, q: Tensor, k: Tensor, weights: Tensor) -> Tensor:
         """The indexer's scores without selection, [B,S,T] fp32: what tensor parallelism all-reduces across the
         ranks' head shards before `topk_visible`. This default is a torch composition (a named fallback)."""
-        dots = torch.einsum("bshd,btd->bsht", q.float(), k.float()).relu()
-        return torch.einsum("bsht,bsh->bst", dots, weights.float())
+        # matmuls, not einsums: the same bmms on the same operand layouts, without einsum's permutes and views
+        dots = torch.matmul(q.float(), k.float().transpose(-1, -2).unsqueeze(1)).relu()  # [B,S,H,T]
+        return torch.matmul(weights.float().unsqueeze(-2), dots).squeeze(-2)  # [B,S,1,H] @ [B,S,H,T] -> [B,S,T]
 
     # -- MoE -----------------------------------------------------------------------------------------------------------
     def moe_gate(self, x: Tensor, weight: Tensor, bias: Tensor | None, tid2eid: Tensor | None,

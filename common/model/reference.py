@@ -119,12 +119,13 @@ class ReferenceOps(Ops):
             idx = indices[:, s0:s0 + ATTN_QUERY_CHUNK].long()  # [B,s,K]
             valid = idx >= 0
             keys = kv[batch, idx.clamp(min=0)].float()  # [B,s,K,D]: gather first, so only used rows convert
-            logits = torch.einsum("bshd,bskd->bshk", qs, keys) * softmax_scale
+            # matmul, not einsum: the same bmm on the same operand layouts, without einsum's permutes and views
+            logits = torch.matmul(qs, keys.transpose(-1, -2)) * softmax_scale  # [B,s,H,K]
             logits = logits.masked_fill(~valid[:, :, None, :], float("-inf"))
             sink_col = f32(sink).view(1, 1, H, 1).expand(*logits.shape[:3], 1)
             probs = torch.cat([logits, sink_col], dim=-1).softmax(-1)[..., :-1]
             probs = f32(like(probs, q.dtype))  # the kernel rounds P to the activation dtype before PV
-            out[:, s0:s0 + ATTN_QUERY_CHUNK] = torch.einsum("bshk,bskd->bshd", probs, keys)  # copy_ casts
+            out[:, s0:s0 + ATTN_QUERY_CHUNK] = torch.matmul(probs, keys)  # [B,s,H,D]; copy_ casts
         return out
 
     def compress_pool(self, kv: Tensor, score: Tensor) -> Tensor:
