@@ -118,9 +118,14 @@ class Ops:
     def indexer_scores(self, q: Tensor, k: Tensor, weights: Tensor) -> Tensor:
         """The indexer's scores without selection, [B,S,T] fp32: what tensor parallelism all-reduces across the
         ranks' head shards before `topk_visible`. This default is a torch composition (a named fallback)."""
-        # matmuls, not einsums: the same bmms on the same operand layouts, without einsum's permutes and views
-        dots = torch.matmul(q.float(), k.float().transpose(-1, -2).unsqueeze(1)).relu()  # [B,S,H,T]
-        return torch.matmul(weights.float().unsqueeze(-2), dots).squeeze(-2)  # [B,S,1,H] @ [B,S,H,T] -> [B,S,T]
+        # the bmm calls of einsum("bshd,btd->bsht") and einsum("bsht,bsh->bst") (traced: same shapes and strides),
+        # without einsum's permutes and views: per (b, s) row [H,D] @ [D,T], then [1,H] @ [H,T]
+        qf, kf, wf = q.float(), k.float(), weights.float()
+        if q.shape[1] == 1:  # one query per row (decode): the rows are the batch
+            dots = torch.bmm(qf.flatten(1, 2), kf.transpose(1, 2)).relu()  # [B,H,T]
+            return torch.bmm(wf, dots)  # [B,1,H] @ [B,H,T] -> [B,1,T]
+        dots = torch.matmul(qf, kf.transpose(-1, -2).unsqueeze(1)).relu()  # [B,S,H,T]
+        return torch.matmul(wf.unsqueeze(-2), dots).squeeze(-2)  # [B,S,1,H] @ [B,S,H,T] -> [B,S,T]
 
     # -- MoE -----------------------------------------------------------------------------------------------------------
     def moe_gate(self, x: Tensor, weight: Tensor, bias: Tensor | None, tid2eid: Tensor | None,
