@@ -187,12 +187,12 @@ class AscendOps(Ops):
                                               max_low_bound=FP8_AMAX_FLOOR)
         lead, K = x.shape[:-1], x.shape[-1]
         nb = K // block
+        cols = mx.view(*lead, -1, 1)  # [..., 2 * ceil(nb / 2), 1]: one scale byte per block, as a column
+        if nb % 2:
+            cols = cols[..., :nb, :]  # drop the even padding
         # ASSUMED on the device: torch_npu takes torch.float8_e8m0fnu views (exact: a byte b is 2^(b - 127))
-        scale = mx.view(torch.float8_e8m0fnu).to(dtype)  # [..., ceil(nb / 2), 2]
-        if nb % 2 == 0:  # the scale pairs line up with pairs of blocks: no padding to drop
-            return (y.to(dtype).view(*lead, nb // 2, 2, block) * scale.unsqueeze(-1)).view(*lead, K)
-        scale = scale.flatten(-2)[..., :nb]  # drop the even padding
-        return (y.to(dtype).view(*lead, nb, block) * scale.unsqueeze(-1)).view(*lead, K)
+        scale = cols.view(torch.float8_e8m0fnu).to(dtype)  # [..., nb, 1]
+        return (y.to(dtype).view(*lead, nb, block) * scale).view(*lead, K)
 
     def fp4_sim(self, x: Tensor, block: int) -> Tensor:
         # npu_dynamic_mx_quant's FP4 scales are not V4's (scale_alg 0/2: floor-based or without the amax floor,
