@@ -122,7 +122,7 @@ def compressor_step(comp: Compressor, ops: Ops, x: Tensor, plan: StepPlan, state
     block is not complete). Same arithmetic as Compressor.forward with S = 1; needs pos >= 1 (position 0 is always a
     prefill)."""
     m, c, slots = comp.ratio, comp.head_dim, plan.slots
-    k, z = comp.project(ops, x, plan.pos_col)  # [B,1,w] fp32
+    k, z = comp.project(ops, x, plan.phase[m])  # [B,1,w] fp32
     # index_put_ rather than `t[i] = v`: the same write, without the view Python indexing makes of the value
     state.kv.index_put_((plan.slot_col, plan.phase[m]), k)
     state.score.index_put_((plan.slot_col, plan.phase[m]), z)

@@ -108,7 +108,7 @@ class Compressor(nn.Module):
         if start == 0 and self.overlap:  # a new sequence: nothing to look back on
             state.prev_kv.zero_()
             state.prev_score.fill_(float("-inf"))
-        k, z = self.project(ops, x, torch.arange(start, start + S, device=x.device))
+        k, z = self.project(ops, x, torch.arange(start, start + S, device=x.device) % m)
         k = torch.cat([state.kv[:, :r], k], dim=1)  # prepend the block in progress: positions [start-r, start+S)
         z = torch.cat([state.score[:, :r], z], dim=1)
         nb = (r + S) // m
@@ -133,11 +133,11 @@ class Compressor(nn.Module):
         state.score[:, :rem] = z[:, nb * m:]
         return out
 
-    def project(self, ops: Ops, x: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
-        """Raw K rows and gate scores (+ the position's ape row) of tokens x [B,S,d] at positions pos ([S] or
-        [B,S]): fp32 [B,S,w] each."""
+    def project(self, ops: Ops, x: Tensor, phase: Tensor) -> tuple[Tensor, Tensor]:
+        """Raw K rows and gate scores (+ the ape row of the token's place in its block) of tokens x [B,S,d] whose
+        positions are pos, phase = pos % ratio ([S] or [B,S]): fp32 [B,S,w] each."""
         xf = x.float()
-        return ops.linear(xf, self.wkv.lw), ops.linear(xf, self.wgate.lw) + self.ape[pos % self.ratio]
+        return ops.linear(xf, self.wkv.lw), ops.linear(xf, self.wgate.lw) + self.ape[phase]
 
     def entries(self, ops: Ops, kb: Tensor, zb: Tensor, cos_sin: tuple[Tensor, Tensor], dtype: torch.dtype) -> Tensor:
         """Complete blocks kb/zb [B,nb,L,c] fp32 -> cache entries [B,nb,c] in `dtype`: pooled, normalised, rotated
