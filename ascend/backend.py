@@ -30,6 +30,8 @@ from .schemas import PINNED_RELEASE
 
 FP8_CHIPS = A5  # chips whose checkpoints keep FP8 weights (their GEMM: npu_quant_matmul's FP8 G-B form)
 WEIGHT_POLICIES = ("auto", "w8a8", "bf16")
+FP8_GB_PATH = "npu_dynamic_mx_quant + npu_quant_matmul (FP8 G-B, group_sizes [1,128,128])"
+W8A8_PATH = "npu_dynamic_quant + npu_quant_matmul (W8A8)"
 LI_BLOCK = 64  # paged-key block size for the lightning indexer (a multiple of 16, <= 1024: section 4)
 
 
@@ -98,10 +100,12 @@ class AscendOps(MoEOps, Ops):
     # -- normalisation ----------------------------------------------------------------------------------------------
     def rms_norm(self, x: Tensor, weight: Tensor, eps: float) -> Tensor:
         if self.has("npu_rms_norm") and 2 <= x.dim() <= 8:
-            # doc: gamma has self's dtype; V4's weights are fp32, so the op runs fp32/fp32 (the reference math: fp32
-            # inside, one rounding at the end) rather than rounding the weights to bf16
+            # V4's weights are fp32: the op takes bf16/fp16 x with an fp32 gamma and computes in fp32 with one
+            # rounding to x's dtype, the reference's math (the wheel's meta + aclnnRmsNorm's dtype table, not its
+            # docstring: capability.UNVERIFIED); an fp32 x runs fp32/fp32
             self._took("rms_norm", "npu_rms_norm")
-            return self.npu.npu_rms_norm(x.float(), weight.float(), eps)[0].to(x.dtype)
+            xin = x if x.dtype in HALF else x.float()
+            return self.npu.npu_rms_norm(xin, weight.float(), eps)[0].to(x.dtype)
         self._took("rms_norm", "torch")
         xf = x.float()
         return (weight.float() * xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)).to(x.dtype)
@@ -188,12 +192,12 @@ class AscendOps(MoEOps, Ops):
                                               max_low_bound=FP8_AMAX_FLOOR)
         lead, K = x.shape[:-1], x.shape[-1]
         nb = K // block
+        cols = mx.view(*lead, -1, 1)  # [..., 2 * ceil(nb / 2), 1]: one scale byte per block, as a column
+        if nb % 2:
+            cols = cols[..., :nb, :]  # drop the even padding
         # ASSUMED on the device: torch_npu takes torch.float8_e8m0fnu views (exact: a byte b is 2^(b - 127))
-        scale = mx.view(torch.float8_e8m0fnu).to(dtype)  # [..., ceil(nb / 2), 2]
-        if nb % 2 == 0:  # the scale pairs line up with pairs of blocks: no padding to drop
-            return (y.to(dtype).view(*lead, nb // 2, 2, block) * scale.unsqueeze(-1)).view(*lead, K)
-        scale = scale.flatten(-2)[..., :nb]  # drop the even padding
-        return (y.to(dtype).view(*lead, nb, block) * scale.unsqueeze(-1)).view(*lead, K)
+        scale = cols.view(torch.float8_e8m0fnu).to(dtype)  # [..., nb, 1]
+        return (y.to(dtype).view(*lead, nb, block) * scale).view(*lead, K)
 
     def fp4_sim(self, x: Tensor, block: int) -> Tensor:
         # npu_dynamic_mx_quant's FP4 scales are not V4's (scale_alg 0/2: floor-based or without the amax floor,
@@ -209,8 +213,10 @@ class AscendOps(MoEOps, Ops):
     def linear(self, x: Tensor, w: LinearWeight) -> Tensor:
         w = self.native_weight(w)
         if w.fmt == "none":
+            # x @ W^T through the weight's transposed view kept per weight (F.linear makes it at every call): the
+            # same mm on the same operands, one view fewer a call
             self._took("linear", "torch matmul")
-            return F.linear(x, w.weight.to(x.dtype))
+            return torch.matmul(x, self._transposed(w.weight).to(x.dtype))
         lead, K = x.shape[:-1], x.shape[-1]
         x2 = x if x.dim() == 2 else x.reshape(-1, K)  # the quantised GEMMs take 2-D activations
         if w.fmt == "fp8":
@@ -226,17 +232,43 @@ class AscendOps(MoEOps, Ops):
             raise ValueError(f"unsupported weight format {w.fmt!r}")
         return y if x.dim() == 2 else y.reshape(*lead, -1)
 
+    def linears(self, x: Tensor, ws: tuple[LinearWeight, ...]) -> tuple[Tensor, ...]:
+        """Weights sharing the input x (wq_a and wkv; the shared expert's w1 and w3): where every weight takes the
+        same quantised GEMM (950: the FP8 G-B form; 910B/910C: W8A8), x is quantised ONCE for all of them, giving
+        the codes and scales each linear would make, so every output equals its linear bit for bit. Otherwise one
+        linear per weight."""
+        natives = [self.native_weight(w) for w in ws]
+        if len(natives) > 1 and all(w.fmt == "fp8" and self._fp8_gemm_misfit(x, w) is None for w in natives):
+            self._took("linear", f"{FP8_GB_PATH}; one activation quantisation for {len(natives)} weights")
+            x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+            xq, x_scale = self._mx_fp8_codes(x2, FP8_BLOCK)
+            ys = [self._gb_gemm(xq, x_scale, w, x2.dtype) for w in natives]
+        elif len(natives) > 1 and all(w.fmt == "w8a8" and self._w8a8_fused(x, w) for w in natives):
+            self._took("linear", f"{W8A8_PATH}; one activation quantisation for {len(natives)} weights")
+            x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+            xq, xs = self.npu.npu_dynamic_quant(x2)
+            ys = [self.npu.npu_quant_matmul(xq, w.weight.t(), w.scale.float(), pertoken_scale=xs,
+                                            output_dtype=x2.dtype) for w in natives]
+        else:
+            return tuple(self.linear(x, w) for w in ws)
+        return tuple(ys) if x.dim() == 2 else tuple(y.reshape(*x.shape[:-1], -1) for y in ys)
+
+    def _gb_gemm(self, xq: Tensor, x_scale: Tensor, w: LinearWeight, dtype: torch.dtype) -> Tensor:
+        """npu_quant_matmul's FP8 G-B GEMM of the activation's e4m3 codes and fp32 scales [M, K/128] with an FP8
+        weight (its cached [K, N] view and [K/128, N/128] block scales)."""
+        kn = self._gb_weight(w)
+        return self.npu.npu_quant_matmul(xq, kn.weight, kn.scale, pertoken_scale=x_scale, output_dtype=dtype,
+                                         group_sizes=FP8_GB_GROUPS)
+
     def _linear_fp8(self, x2: Tensor, w: LinearWeight) -> Tensor:
         # 950: npu_quant_matmul's FP8 G-B form (the 2.14.0 wheel's meta function + TorchAir converter; its docstring
         # predates it: capability.UNVERIFIED). The activation is quantised per token per 128 of K by the fused MX op,
         # exactly V4's ue8m0 FP8 simulation; elsewhere the same math runs in torch
         why = self._fp8_gemm_misfit(x2, w)
         if why is None:
-            self._took("linear", "npu_dynamic_mx_quant + npu_quant_matmul (FP8 G-B, group_sizes [1,128,128])")
+            self._took("linear", FP8_GB_PATH)
             xq, x_scale = self._mx_fp8_codes(x2, FP8_BLOCK)
-            kn = self._gb_weight(w)
-            return self.npu.npu_quant_matmul(xq, kn.weight, kn.scale, pertoken_scale=x_scale,
-                                             output_dtype=x2.dtype, group_sizes=FP8_GB_GROUPS)
+            return self._gb_gemm(xq, x_scale, w, x2.dtype)
         if self._mx_fp8_fits(x2, FP8_BLOCK):
             self._took("linear", f"npu_dynamic_mx_quant activation + torch GEMM ({why})")
             xq = self._mx_fp8(x2, FP8_BLOCK)
@@ -269,6 +301,17 @@ class AscendOps(MoEOps, Ops):
         scale = mx.view(torch.float8_e8m0fnu).float().flatten(-2)  # [M, 2 * ceil(nb / 2)]
         return y, scale if nb % 2 == 0 else scale[..., :nb]
 
+    def _transposed(self, weight: Tensor) -> Tensor:
+        """weight.t() [in, out], a view made once per parameter and kept (a weight made per call, e.g. a view of
+        one group of wo_a, is transposed each time: caching it would keep one entry per call)."""
+        if not isinstance(weight, torch.nn.Parameter):
+            return weight.t()
+        key = ("t", id(weight))
+        hit = self._converted.get(key)
+        if hit is None or hit[0]() is not weight:
+            self._converted[key] = hit = (weakref.ref(weight), weight.t())
+        return hit[1]
+
     def _gb_weight(self, w: LinearWeight) -> LinearWeight:
         """The weight as npu_quant_matmul's G-B form takes it for x2 = weight.t() [K, N]: the transposed view and the
         128x128 block scales as fp32 [K/128, N/128] (quant_matmul_group_sizes_check: scale.size(-1) = ceil(N / 128),
@@ -297,11 +340,15 @@ class AscendOps(MoEOps, Ops):
         q, s = hit[1].weight, hit[1].scale
         return (q.float() * s).view(rows, cols)
 
-    def _linear_w8a8(self, x2: Tensor, w: LinearWeight) -> Tensor:
+    def _w8a8_fused(self, x: Tensor, w: LinearWeight) -> bool:
         # doc: x1's and x2's last dims (K and N) at most 65535 (a 129280-row vocab head in W8A8 exceeds it)
+        fits = x.shape[-1] <= 65535 and w.weight.shape[0] <= 65535
+        return x.dtype in HALF and fits and self.has("npu_dynamic_quant") and self.has("npu_quant_matmul")
+
+    def _linear_w8a8(self, x2: Tensor, w: LinearWeight) -> Tensor:
         fits = x2.shape[-1] <= 65535 and w.weight.shape[0] <= 65535
-        if x2.dtype in HALF and fits and self.has("npu_dynamic_quant") and self.has("npu_quant_matmul"):
-            self._took("linear", "npu_dynamic_quant + npu_quant_matmul (W8A8)")
+        if self._w8a8_fused(x2, w):
+            self._took("linear", W8A8_PATH)
             xq, xs = self.npu.npu_dynamic_quant(x2)
             return self.npu.npu_quant_matmul(xq, w.weight.t(), w.scale.float(), pertoken_scale=xs,
                                              output_dtype=x2.dtype)
@@ -484,7 +531,7 @@ class AscendOps(MoEOps, Ops):
                     else "torch un-permute (finalize_routing: A2 by its doc, 950 by the wheel's code)") +
                    ("; fp32 activations: torch, one gathered expert per pair" if a5 else ""))
         plan = {
-            "rms_norm": fused("npu_rms_norm", "npu_rms_norm on fp32 x and fp32 gamma (gamma must have x's dtype)",
+            "rms_norm": fused("npu_rms_norm", "npu_rms_norm on x in its dtype with the fp32 gamma (mixed form)",
                               "composed"),
             "head_rms_norm": "torch in the activation dtype (as the official bf16 code); npu_rms_norm for fp32",
             "rope": fused("npu_rotary_mul", "npu_rotary_mul(interleave), fp32, batch viewed as [1, B*S, H, r] with "
@@ -495,6 +542,8 @@ class AscendOps(MoEOps, Ops):
             "fp4_sim": "torch: QAT simulation (no torch_npu op)",
             "hadamard": "torch matmul with H_n (no torch_npu op)",
             "linear": lin + "; fp32 activations: torch with the same math",
+            "linears": ("weights sharing one input: the activation quantised once for all of them when each takes "
+                        "the same quantised GEMM (FP8 G-B or W8A8), else one linear per weight"),
             "sparse_attention": ("npu_sparse_flash_attention with sinks when head_dim = 512 (zero 64-d rope part) "
                                  "and bf16/fp16, else torch" if a5 and self.has("npu_sparse_flash_attention") else
                                  "torch: sinks only on the 950 SFA (op-plugin docs)"),

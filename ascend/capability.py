@@ -39,7 +39,8 @@ class OpCap:
 
 CAPABILITIES: dict[str, OpCap] = {
     "npu_rms_norm": OpCap(CHIPS, "gamma：Tensor类型，数据类型需要和self保持一致",
-                          "no product list in the doc; gamma must have x's dtype"),
+                          "no product list in the doc; the doc asks gamma in x's dtype, the meta function checks no "
+                          "gamma dtype (y takes x's): bf16/fp16 x with V4's fp32 gamma is run (UNVERIFIED)"),
     "npu_rotary_mul": OpCap(A2A3, "支持Atlas A2训练系列产品，Atlas A3训练系列产品。",
                             "the doc's jit_compile=False section (the only one with interleave mode) names A2/A3"),
     "npu_swiglu": OpCap(("910b",), "Atlas A2 训练系列产品", "supported products: A2 only"),
@@ -89,8 +90,10 @@ CAPABILITIES: dict[str, OpCap] = {
 LEGAL_PATHS: dict[str, tuple[str, str, str]] = {
     # op: (doc op, doc fragment, what we do)
     "rms_norm": ("npu_rms_norm", "gamma：Tensor类型，数据类型需要和self保持一致",
-                 "V4's norm weights are fp32 and x is bf16: x is cast to fp32 and the op runs fp32/fp32 (the reference "
-                 "math: fp32 inside, one rounding at the end)"),
+                 "V4's norm weights are fp32 and x is bf16: the op gets bf16 x with the fp32 gamma (the meta function "
+                 "derives y's dtype from x alone and checks no gamma dtype; aclnnRmsNorm's dtype table has BFLOAT16 x "
+                 "with FLOAT32 gamma -> BFLOAT16 on 950/A3/A2): fp32 inside, one rounding at the end, the reference "
+                 "math"),
     "rope": ("npu_rotary_mul", "input为BSND: 1S1D;",
              "interleave + BSND wants r1/r2 as 1S1D, but V4 has per-row positions [B,S]: x is viewed as one batch of "
              "B*S tokens [1, B*S, H, r] with r1/r2 [1, B*S, 1, r]; 950 (not in the doc's products) runs torch"),
@@ -160,6 +163,13 @@ UNVERIFIED: dict[str, str] = {
                                        "[1,128,128]; the TorchAir converter maps them to QuantBatchMatmulV4 on A5 "
                                        "only. Exact scale shapes and the half-precision output are the "
                                        "emulation's reading, not tried on a 950",
+    "npu_rms_norm bf16 x with fp32 gamma": "the 2.14.0 docstring asks gamma in x's dtype; the wheel's meta "
+                                           "function (npu_rms_norm_meta) returns y in x's dtype and checks no gamma "
+                                           "dtype, its TorchAir converter passes both to ge.RmsNorm, whose CANN doc "
+                                           "(hicann/ops-nn aclnnRmsNorm.md) lists FLOAT16/BFLOAT16 x with FLOAT32 "
+                                           "gamma on 950, A3 and A2 (golden: fp32 x * rstd * gamma, one cast); "
+                                           "torch_npu's C++ check of the pair is not in the wheel, not tried on a "
+                                           "device",
     "npu_dynamic_mx_quant scale_alg 1": "the wheel's doc names scale_alg 1 (CuBALS Scale算法) without a formula; the "
                                         "emulated one (S = max(amax, max_low_bound) / 448, exponent rounded up) is "
                                         "hicann/ops-nn aclnnDynamicMxQuantV3.md's; its uint8 scale bytes are read "

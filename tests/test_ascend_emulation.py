@@ -29,13 +29,23 @@ def test_chip_namespaces_hide_ops_the_chip_lacks():
 def test_rms_norm_returns_y_and_fp32_rstd():
     x = torch.tensor([[3.0, 4.0], [1.0, 1.0]], dtype=torch.bfloat16)
     y, rstd = A2.npu_rms_norm(x, torch.tensor([1.0, 2.0], dtype=torch.bfloat16), epsilon=0.0)
-    with pytest.raises(NpuOpError, match="gamma dtype"):  # doc: gamma has self's dtype
-        A2.npu_rms_norm(x, torch.tensor([1.0, 2.0]), epsilon=0.0)
+    with pytest.raises(NpuOpError, match="gamma dtype"):  # doc: gamma has self's dtype (or fp32: the mixed form)
+        A2.npu_rms_norm(x, torch.tensor([1.0, 2.0], dtype=torch.float16), epsilon=0.0)
+    with pytest.raises(NpuOpError, match="gamma dtype"):  # an fp32 x takes no half gamma
+        A2.npu_rms_norm(x.float(), torch.tensor([1.0, 2.0], dtype=torch.bfloat16), epsilon=0.0)
     assert rstd.dtype == torch.float32 and rstd.shape == (2, 1)
     assert torch.allclose(rstd[:, 0], torch.tensor([1 / math.sqrt(12.5), 1.0]))
     assert y.dtype == torch.bfloat16
     assert torch.allclose(y.float(), torch.tensor([[3 / math.sqrt(12.5), 8 / math.sqrt(12.5)], [1.0, 2.0]]),
                           atol=1e-2)
+    # mixed form (bf16 x, fp32 gamma, as V4's norms): fp32 inside, ONE rounding to bf16 at the end, so it equals the
+    # fp32 op's result rounded once; a gamma rounded to bf16 first would not (random fp32 gammas are no bf16 values)
+    xm = torch.randn(4, 64, generator=torch.Generator().manual_seed(0)).bfloat16()
+    g = torch.randn(64, generator=torch.Generator().manual_seed(1))
+    ym, rstd_m = A2.npu_rms_norm(xm, g, epsilon=1e-6)
+    y32, rstd32 = A2.npu_rms_norm(xm.float(), g, epsilon=1e-6)
+    assert ym.dtype == torch.bfloat16 and torch.equal(ym, y32.bfloat16()) and torch.equal(rstd_m, rstd32)
+    assert not torch.equal(ym, A2.npu_rms_norm(xm, g.bfloat16(), epsilon=1e-6)[0])
 
 
 def test_rotary_mul_interleave_and_half_hand():

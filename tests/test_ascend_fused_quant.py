@@ -132,3 +132,45 @@ def test_gathered_fp4_weight_is_dequant_weight():
     q, s = quantize_fp4(torch.randn(6, 64, 128, generator=g) * torch.logspace(-30, 3, 128))
     e = torch.tensor([5, 0, 0, 3])
     assert torch.equal(gathered_weight(LinearWeight(q, s, "fp4"), e), dequant_weight(q[e], s[e], "fp4"))
+
+
+class CallCount:
+    """Wraps an ops object's npu namespace and counts the calls of each torch_npu op."""
+
+    def __init__(self, npu):
+        self.npu, self.calls = npu, {}
+
+    def __getattr__(self, name):
+        fn = getattr(self.npu, name)
+
+        def call(*a, **k):
+            self.calls[name] = self.calls.get(name, 0) + 1
+            return fn(*a, **k)
+
+        return call
+
+
+@pytest.mark.parametrize("chip, quant_op", [("950dt", "npu_dynamic_mx_quant"), ("910c", "npu_dynamic_quant")])
+@pytest.mark.parametrize("lead", [(5,), (1, 3)])
+def test_linears_quantise_a_shared_input_once_with_each_linears_numbers(chip, quant_op, lead):
+    """wq_a/wkv and the shared expert's w1/w3 share their input: `linears` quantises it once (950: the MX op of the
+    FP8 G-B GEMM; 910C: the W8A8 per-token op) and must give each linear's output bit for bit."""
+    from dsv4.common.model.ops import LinearWeight
+    from dsv4.common.model.quant import quantize_fp8
+
+    ops = create_ops(emulate=True, chip=chip)
+    g = torch.Generator().manual_seed(7)
+    ws = tuple(LinearWeight(*quantize_fp8(torch.randn(n, 256, generator=g) * 0.05), "fp8") for n in (384, 128))
+    x = spread(*lead, 256, seed=8)
+    want = [ops.linear(x, w) for w in ws]
+    ops.npu = counted = CallCount(ops.npu)
+    got = ops.linears(x, ws)
+    assert counted.calls == {quant_op: 1, "npu_quant_matmul": 2}
+    assert "one activation quantisation for 2 weights" in ops.last_path["linear"]
+    for y, r in zip(got, want, strict=True):
+        assert y.shape == (*lead, r.shape[-1]) and torch.equal(y, r)
+    # a weight the fused GEMM does not take (dense here): one linear per weight, the same numbers
+    mixed = (ws[0], LinearWeight(torch.randn(64, 256, generator=g), None, "none"))
+    got = ops.linears(x, mixed)
+    assert all(torch.equal(y, ops.linear(x, w)) for y, w in zip(got, mixed, strict=True))
+    assert torch.equal(REF.linears(x.float(), ws)[1], REF.linear(x.float(), ws[1]))  # the reference's default

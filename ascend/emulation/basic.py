@@ -45,13 +45,18 @@ def as_dtype(v: int | torch.dtype | None) -> torch.dtype | None:
 
 # -- section 1 ------------------------------------------------------------------------------------------------------
 def npu_rms_norm(chip: str, self: Tensor, gamma: Tensor, epsilon: float = 1e-06) -> tuple[Tensor, Tensor]:
-    """y = x * rstd * gamma, rstd = 1/sqrt(mean(x^2) + eps) over gamma's dims. doc: self fp16/bf16/fp32, 2-8 D;
-    "gamma：Tensor类型，数据类型需要和self保持一致" (gamma has self's dtype). rstd: fp32, self's leading dims and 1s
-    over gamma's (meta function)."""
+    """y = x * rstd * gamma in fp32, rounded once to self's dtype; rstd = 1/sqrt(mean(x^2) + eps) over gamma's dims.
+    doc: self fp16/bf16/fp32, 2-8 D; "gamma：Tensor类型，数据类型需要和self保持一致". The same wheel's meta function
+    gives y self's dtype whatever gamma's and checks no gamma dtype, and the op it lowers to (TorchAir: ge.RmsNorm)
+    takes fp16/bf16 x with an fp32 gamma on 950, A3 and A2 (hicann/ops-nn norm/rms_norm/docs/aclnnRmsNorm.md, its
+    dtype table; golden.py there: x and gamma in fp32, one cast of x * rstd * gamma): that mixed form is accepted
+    too (capability.UNVERIFIED). rstd: fp32, self's leading dims and 1s over gamma's (meta function)."""
     op = "npu_rms_norm"
     check(2 <= self.dim() <= 8, op, f"input must be 2-8 D, got {self.dim()}")
     check(self.dtype in FLOAT_ACT, op, f"unsupported dtype {self.dtype}")
-    check(gamma.dtype == self.dtype, op, f"gamma dtype {gamma.dtype} must equal the input's {self.dtype} (doc)")
+    mixed = self.dtype in HALF_ACT and gamma.dtype == torch.float32
+    check(gamma.dtype == self.dtype or mixed, op,
+          f"gamma dtype {gamma.dtype} must equal the input's {self.dtype} (doc) or be float32 with a fp16/bf16 input")
     nd = gamma.dim()
     check(tuple(self.shape[-nd:]) == tuple(gamma.shape), op, "gamma must match the trailing dims of the input")
     dims = tuple(range(self.dim() - nd, self.dim()))

@@ -87,6 +87,12 @@ class Ops:
         with power-of-two scales, the weight dequantised with its block scales, fp32 accumulation; output x.dtype."""
         raise NotImplementedError
 
+    def linears(self, x: Tensor, ws: tuple[LinearWeight, ...]) -> tuple[Tensor, ...]:
+        """One input, several weights (a layer's wq_a and wkv; the shared expert's w1 and w3): (linear(x, w) for w
+        in ws), equal to them bit for bit. A backend whose GEMMs quantise the activation may quantise x once for all
+        of the weights (the same codes and scales each call would make). This default makes one call per weight."""
+        return tuple(self.linear(x, w) for w in ws)
+
     # -- attention -----------------------------------------------------------------------------------------------------
     def sparse_attention(self, q: Tensor, kv: Tensor, sink: Tensor, indices: Tensor, softmax_scale: float) -> Tensor:
         """One softmax over the gathered keys plus a per-head sink logit that only enters the denominator.
@@ -112,8 +118,14 @@ class Ops:
     def indexer_scores(self, q: Tensor, k: Tensor, weights: Tensor) -> Tensor:
         """The indexer's scores without selection, [B,S,T] fp32: what tensor parallelism all-reduces across the
         ranks' head shards before `topk_visible`. This default is a torch composition (a named fallback)."""
-        dots = torch.einsum("bshd,btd->bsht", q.float(), k.float()).relu()
-        return torch.einsum("bsht,bsh->bst", dots, weights.float())
+        # the bmm calls of einsum("bshd,btd->bsht") and einsum("bsht,bsh->bst") (traced: same shapes and strides),
+        # without einsum's permutes and views: per (b, s) row [H,D] @ [D,T], then [1,H] @ [H,T]
+        qf, kf, wf = q.float(), k.float(), weights.float()
+        if q.shape[1] == 1:  # one query per row (decode): the rows are the batch
+            dots = torch.bmm(qf.flatten(1, 2), kf.transpose(1, 2)).relu()  # [B,H,T]
+            return torch.bmm(wf, dots)  # [B,1,H] @ [B,H,T] -> [B,1,T]
+        dots = torch.matmul(qf, kf.transpose(-1, -2).unsqueeze(1)).relu()  # [B,S,H,T]
+        return torch.matmul(wf.unsqueeze(-2), dots).squeeze(-2)  # [B,S,1,H] @ [B,S,H,T] -> [B,S,T]
 
     # -- MoE -----------------------------------------------------------------------------------------------------------
     def moe_gate(self, x: Tensor, weight: Tensor, bias: Tensor | None, tid2eid: Tensor | None,
@@ -182,7 +194,7 @@ def topk_visible(score: Tensor, visible: Tensor, topk: int) -> Tensor:
 
 
 OP_NAMES = [
-    "rms_norm", "head_rms_norm", "rope", "fp8_sim", "fp4_sim", "hadamard", "linear", "sparse_attention",
+    "rms_norm", "head_rms_norm", "rope", "fp8_sim", "fp4_sim", "hadamard", "linear", "linears", "sparse_attention",
     "compress_pool", "indexer_topk", "moe_gate", "swiglu", "moe_experts", "hc_pre", "hc_post", "hc_head",
 ]
 

@@ -112,20 +112,31 @@ class ReferenceOps(Ops):
     # -- attention -----------------------------------------------------------------------------------------------------
     def sparse_attention(self, q: Tensor, kv: Tensor, sink: Tensor, indices: Tensor, softmax_scale: float) -> Tensor:
         B, S, H, D = q.shape
+        batch = torch.arange(B, device=q.device).view(B, 1, 1)
+        if S <= ATTN_QUERY_CHUNK:  # one chunk (every decode step): no output buffer to copy into
+            return like(self._attend(q, kv, sink, indices, softmax_scale, batch), q.dtype)
         out = torch.empty_like(q)
-        batch = torch.arange(B, device=q.device)[:, None, None]
         for s0 in range(0, S, ATTN_QUERY_CHUNK):
-            qs = f32(q[:, s0:s0 + ATTN_QUERY_CHUNK])  # [B,s,H,D]
-            idx = indices[:, s0:s0 + ATTN_QUERY_CHUNK].long()  # [B,s,K]
-            valid = idx >= 0
-            keys = kv[batch, idx.clamp(min=0)].float()  # [B,s,K,D]: gather first, so only used rows convert
-            logits = torch.einsum("bshd,bskd->bshk", qs, keys) * softmax_scale
-            logits = logits.masked_fill(~valid[:, :, None, :], float("-inf"))
-            sink_col = f32(sink).view(1, 1, H, 1).expand(*logits.shape[:3], 1)
-            probs = torch.cat([logits, sink_col], dim=-1).softmax(-1)[..., :-1]
-            probs = f32(like(probs, q.dtype))  # the kernel rounds P to the activation dtype before PV
-            out[:, s0:s0 + ATTN_QUERY_CHUNK] = torch.einsum("bshk,bskd->bshd", probs, keys)  # copy_ casts
+            part = slice(s0, s0 + ATTN_QUERY_CHUNK)
+            out[:, part] = self._attend(q[:, part], kv, sink, indices[:, part], softmax_scale, batch)  # copy_ casts
         return out
+
+    @staticmethod
+    def _attend(q: Tensor, kv: Tensor, sink: Tensor, indices: Tensor, softmax_scale: float, batch: Tensor) -> Tensor:
+        """sparse_attention of the queries q [B,s,H,D] (indices [B,s,K]) in fp32 [B,s,H,D]."""
+        B, s, H, D = q.shape
+        qs = f32(q)
+        idx = indices.long()
+        valid = idx >= 0
+        keys = kv[batch, idx.clamp(min=0)].float()  # [B,s,K,D]: gather first, so only used rows convert
+        K = keys.shape[2]
+        # one bmm per (b, s) query row, [H,D] @ [D,K] (what einsum "bshd,bskd->bshk" runs, without its permutes)
+        logits = torch.bmm(qs.flatten(0, 1), keys.flatten(0, 1).transpose(1, 2)).view(B, s, H, K) * softmax_scale
+        logits = logits.masked_fill(~valid[:, :, None, :], float("-inf"))
+        sink_col = f32(sink).view(1, 1, H, 1).expand(B, s, H, 1)
+        probs = torch.cat([logits, sink_col], dim=-1).softmax(-1)[..., :-1]
+        probs = f32(like(probs, q.dtype))  # the kernel rounds P to the activation dtype before PV
+        return torch.bmm(probs.flatten(0, 1), keys.flatten(0, 1)).view(B, s, H, D)  # [H,K] @ [K,D] per row
 
     def compress_pool(self, kv: Tensor, score: Tensor) -> Tensor:
         return (f32(score).softmax(dim=2) * f32(kv)).sum(dim=2)

@@ -122,7 +122,7 @@ def compressor_step(comp: Compressor, ops: Ops, x: Tensor, plan: StepPlan, state
     block is not complete). Same arithmetic as Compressor.forward with S = 1; needs pos >= 1 (position 0 is always a
     prefill)."""
     m, c, slots = comp.ratio, comp.head_dim, plan.slots
-    k, z = comp.project(ops, x, plan.pos_col)  # [B,1,w] fp32
+    k, z = comp.project(ops, x, plan.phase[m])  # [B,1,w] fp32
     # index_put_ rather than `t[i] = v`: the same write, without the view Python indexing makes of the value
     state.kv.index_put_((plan.slot_col, plan.phase[m]), k)
     state.score.index_put_((plan.slot_col, plan.phase[m]), z)
@@ -140,12 +140,13 @@ def compressor_step(comp: Compressor, ops: Ops, x: Tensor, plan: StepPlan, state
         state.prev_score.index_put_((slots,), torch.where(done, score_rows, prev_z))
 
 
-def indexer_step(idx: Indexer, ops: Ops, x: Tensor, xf: Tensor, qr: Tensor, cos: Tensor, sin: Tensor,
+def indexer_step(idx: Indexer, ops: Ops, x: Tensor, xf: Tensor, iq: Tensor, cos: Tensor, sin: Tensor,
                  st: LayerStore, plan: StepPlan) -> Tensor:
     """[B,1,min(topk, cap)] selected compressed entries (-1 = none) over the bucket's capacity cap = context // 4.
-    xf: x in fp32 (what the compressors project; made once per layer)."""
+    xf: x in fp32 (what the compressors project; made once per layer); iq: the indexer's query projection
+    (Attention.project)."""
     a = idx.args
-    q = idx.query(ops, qr, cos, sin)
+    q = idx.query(ops, iq, cos, sin)
     compressor_step(idx.compressor, ops, xf, plan, st.index_comp, st.flat_index_kv, plan.entry_row[(4, "index")])
     w = idx.head_weights(ops, x)
     keys = st.flat_index_kv[plan.index_key_rows]  # [B,cap,D_I]
@@ -160,7 +161,7 @@ def attention_step(attn: Attention, ops: Ops, x: Tensor, st: LayerStore, rope: R
     B = x.shape[0]
     H, D = attn.n_local_heads, attn.args.head_dim
     cos, sin = plan.cos_sin[id(rope)]
-    qr, q, kv = attn.project(ops, x, cos, sin)
+    q, kv, iq = attn.project(ops, x, cos, sin)
     flat = st.flat_kv  # [Bmax*W + pool rows + 1, D]: rings, block pool, scratch
     if attn.ratio:
         xf = x.float()  # both compressors of a CSA layer project it (Compressor.project's own upcast is then a no-op)
@@ -168,7 +169,7 @@ def attention_step(attn: Attention, ops: Ops, x: Tensor, st: LayerStore, rope: R
     flat.index_put_((plan.ring_row,), kv)  # [B,1,D] at rows [B,1]
     idx = plan.keys[attn.ratio]  # [1,B,K]
     if attn.ratio == 4:
-        sel = indexer_step(attn.indexer, ops, x, xf, qr, cos, sin, st, plan)  # [B,1,topk] entry indices
+        sel = indexer_step(attn.indexer, ops, x, xf, iq, cos, sin, st, plan)  # [B,1,topk] entry indices
         idx = torch.cat([idx, plan.sel_rows(sel)], dim=-1)
     # every row is one query of a single "batch" over the flat cache: q [1,B,H,D], kv [1, rows, D], idx [1,B,K]
     o = ops.sparse_attention(q.reshape(1, B, H, D), flat[None], attn.attn_sink, idx, D ** -0.5)

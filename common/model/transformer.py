@@ -108,7 +108,7 @@ class Compressor(nn.Module):
         if start == 0 and self.overlap:  # a new sequence: nothing to look back on
             state.prev_kv.zero_()
             state.prev_score.fill_(float("-inf"))
-        k, z = self.project(ops, x, torch.arange(start, start + S, device=x.device))
+        k, z = self.project(ops, x, torch.arange(start, start + S, device=x.device) % m)
         k = torch.cat([state.kv[:, :r], k], dim=1)  # prepend the block in progress: positions [start-r, start+S)
         z = torch.cat([state.score[:, :r], z], dim=1)
         nb = (r + S) // m
@@ -133,11 +133,11 @@ class Compressor(nn.Module):
         state.score[:, :rem] = z[:, nb * m:]
         return out
 
-    def project(self, ops: Ops, x: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
-        """Raw K rows and gate scores (+ the position's ape row) of tokens x [B,S,d] at positions pos ([S] or
-        [B,S]): fp32 [B,S,w] each."""
+    def project(self, ops: Ops, x: Tensor, phase: Tensor) -> tuple[Tensor, Tensor]:
+        """Raw K rows and gate scores (+ the ape row of the token's place in its block) of tokens x [B,S,d] whose
+        positions are pos, phase = pos % ratio ([S] or [B,S]): fp32 [B,S,w] each."""
         xf = x.float()
-        return ops.linear(xf, self.wkv.lw), ops.linear(xf, self.wgate.lw) + self.ape[pos % self.ratio]
+        return ops.linear(xf, self.wkv.lw), ops.linear(xf, self.wgate.lw) + self.ape[phase]
 
     def entries(self, ops: Ops, kb: Tensor, zb: Tensor, cos_sin: tuple[Tensor, Tensor], dtype: torch.dtype) -> Tensor:
         """Complete blocks kb/zb [B,nb,L,c] fp32 -> cache entries [B,nb,c] in `dtype`: pooled, normalised, rotated
@@ -166,10 +166,11 @@ class Indexer(nn.Module):
         self.weights_proj = Linear(args.dim, self.n_local_heads)
         self.compressor = Compressor(args, 4, args.index_head_dim, is_indexer=True)
 
-    def forward(self, ops: Ops, x: Tensor, qr: Tensor, pos: Tensor, cos: Tensor, sin: Tensor, cache: LayerCache,
+    def forward(self, ops: Ops, x: Tensor, iq: Tensor, pos: Tensor, cos: Tensor, sin: Tensor, cache: LayerCache,
                 rope: RopeTable) -> Tensor:
+        """iq: this layer's query projection wq_b(qr) [B,S,H_I*D_I] (Attention.project makes it)."""
         a = self.args
-        q = self.query(ops, qr, cos, sin)
+        q = self.query(ops, iq, cos, sin)
         for lo, hi_b, start in uniform_groups(pos[:, 0]):
             new = self.compressor(ops, x[lo:hi_b], start, cache.index_comp.view(slice(lo, hi_b)), rope, cache.dtype)
             cache.write_index_entries(lo, hi_b, start // 4, new)
@@ -182,11 +183,12 @@ class Indexer(nn.Module):
         score = ops.all_reduce(ops.indexer_scores(q, keys, w), "tp")
         return topk_visible(score, visible, a.index_topk)
 
-    def query(self, ops: Ops, qr: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        """Indexer queries [B,S,H_I,D_I] from the query latent qr [B,S,q_lora]: rotated, Hadamard, FP4-simulated."""
-        B, S, _ = qr.shape
+    def query(self, ops: Ops, iq: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """Indexer queries [B,S,H_I,D_I] from their projection iq = wq_b(qr) [B,S,H_I*D_I] of the query latent:
+        rotated, Hadamard, FP4-simulated."""
+        B, S, _ = iq.shape
         rd = self.args.rope_head_dim
-        q = ops.linear(qr, self.wq_b.lw).view(B, S, self.n_local_heads, self.args.index_head_dim)
+        q = iq.view(B, S, self.n_local_heads, self.args.index_head_dim)
         pe = q[..., -rd:]
         pe.copy_(ops.rope(pe, cos, sin))  # in place: q is the GEMM's own output
         return ops.fp4_sim(ops.hadamard(q), FP4_BLOCK)
@@ -228,7 +230,7 @@ class Attention(nn.Module):
         B, S, _ = x.shape
         D, W = a.head_dim, a.window_size
         cos, sin = rope.cos_sin(pos)  # [B,S,rd/2]
-        qr, q, kv = self.project(ops, x, cos, sin)
+        q, kv, iq = self.project(ops, x, cos, sin)
 
         # compressed entries first: a block completed inside this chunk is visible to its later queries
         start = pos[:, 0]
@@ -245,7 +247,7 @@ class Attention(nn.Module):
             chunk_row = W + (int(pos[:, -1].max() + 1) // self.ratio if self.ratio else 0)
         idx = [self.window_indices(pos, start, chunk_row)]
         if self.ratio == 4:
-            sel = self.indexer(ops, x, qr, pos, cos, sin, cache, rope)
+            sel = self.indexer(ops, x, iq, pos, cos, sin, cache, rope)
             idx.append(torch.where(sel >= 0, sel + W, -1))
         elif self.ratio:
             visible = (pos + 1) // self.ratio  # entries whose block is complete
@@ -263,20 +265,26 @@ class Attention(nn.Module):
 
         return self.output(ops, o, cos, sin)
 
-    def project(self, ops: Ops, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """x [B,S,d] -> (query latent qr [B,S,q_lora], rotated queries q [B,S,H,D], the chunk's KV rows [B,S,D]
-        as the cache stores them: FP8-simulated nope part, rotated rope part)."""
+    def project(self, ops: Ops, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """x [B,S,d] -> (rotated queries q [B,S,H,D], the chunk's KV rows [B,S,D] as the cache stores them:
+        FP8-simulated nope part, rotated rope part, and in a CSA layer the indexer's query projection wq_b(qr)
+        [B,S,H_I*D_I] of the query latent qr, else None)."""
         a = self.args
         B, S, _ = x.shape
         H, D, rd, eps = self.n_local_heads, a.head_dim, a.rope_head_dim, a.norm_eps
-        qr = ops.rms_norm(ops.linear(x, self.wq_a.lw), self.q_norm.weight, eps)
-        q = ops.head_rms_norm(ops.linear(qr, self.wq_b.lw).view(B, S, H, D), eps)  # [B,S,H,D]
+        q_lat, kv = ops.linears(x, (self.wq_a.lw, self.wkv.lw))  # one input: a backend may quantise x once
+        qr = ops.rms_norm(q_lat, self.q_norm.weight, eps)
+        if self.ratio == 4:  # the indexer projects qr too: both of its GEMMs in one call (one quantisation of qr)
+            q, iq = ops.linears(qr, (self.wq_b.lw, self.indexer.wq_b.lw))
+        else:
+            q, iq = ops.linear(qr, self.wq_b.lw), None
+        q = ops.head_rms_norm(q.view(B, S, H, D), eps)  # [B,S,H,D]
         pe = q[..., -rd:]
         pe.copy_(ops.rope(pe, cos, sin))  # rotated in place (q is head_rms_norm's own output)
-        kv = ops.rms_norm(ops.linear(x, self.wkv.lw), self.kv_norm.weight, eps)  # [B,S,D]
+        kv = ops.rms_norm(kv, self.kv_norm.weight, eps)  # [B,S,D]
         kv = torch.cat([ops.fp8_sim(kv[..., :-rd], KV_FP8_BLOCK, a.kv_fp8_sim),
                         ops.rope(kv[:, :, None, -rd:], cos, sin)[:, :, 0]], dim=-1)
-        return qr, q, kv
+        return q, kv, iq
 
     def output(self, ops: Ops, o: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         """Attention output o [B,S,H,D] -> [B,S,d]: undo q's rotation, grouped low-rank projection, all-reduce."""
@@ -358,8 +366,8 @@ class MoE(nn.Module):
         # fp32; under expert parallelism the ops dispatch tokens to the experts' ranks and combine the results
         y = (routed or ops.moe_experts)(x, w, ids, e.w1.lw, e.w2.lw, e.w3.lw, a.swiglu_limit, e.offset)
         s = self.shared_experts  # no SwiGLU clamp on the shared expert (spec 6.2)
-        h = ops.swiglu(ops.linear(x, s.w1.lw), ops.linear(x, s.w3.lw), 0.0)
-        y = y + ops.linear(h.to(x.dtype), s.w2.lw).float()
+        h = ops.swiglu(*ops.linears(x, (s.w1.lw, s.w3.lw)), 0.0)
+        y = y + ops.linear(h.to(x.dtype), s.w2.lw)  # the product in x.dtype promotes to y's fp32 exactly
         return y.to(x.dtype).view(shape)
 
 
