@@ -21,7 +21,7 @@ from dsv4.common.model.ops import OP_NAMES, LinearWeight, Ops
 from dsv4.common.model.reference import ReferenceOps
 
 from . import compose
-from .backend_moe import FP8_AMAX_FLOOR, FP8_BLOCK, HALF, MX_E4M3, MoEOps
+from .backend_moe import FP8_BLOCK, HALF, MoEOps
 from .capability import A5, custom_op, op_available, release_supported
 from .convert import dequant_any, fp4_to_fp8, to_mxfp8, to_w4a8, to_w8a8
 from .emulation.attention import A5_INDEXER_HEADS, _valid_sparse_count
@@ -30,6 +30,8 @@ from .schemas import PINNED_RELEASE
 
 FP8_CHIPS = A5  # chips whose checkpoints keep FP8 weights (their GEMM: npu_quant_matmul's FP8 G-B form)
 WEIGHT_POLICIES = ("auto", "w8a8", "bf16")
+MX_E4M3 = 292  # npu_dynamic_mx_quant's dst_type code of torch_npu.float8_e4m3fn (its doc)
+FP8_AMAX_FLOOR = 1e-4  # V4's floor of a block's amax before the FP8 scale (Ops.fp8_sim)
 FP8_GB_PATH = "npu_dynamic_mx_quant + npu_quant_matmul (FP8 G-B, group_sizes [1,128,128])"
 W8A8_PATH = "npu_dynamic_quant + npu_quant_matmul (W8A8)"
 LI_BLOCK = 64  # paged-key block size for the lightning indexer (a multiple of 16, <= 1024: section 4)
@@ -183,13 +185,18 @@ class AscendOps(MoEOps, Ops):
         return (self.has("npu_dynamic_mx_quant") and x.dtype in HALF and 1 <= x.dim() <= 7 and block % 32 == 0
                 and block <= 1024 and x.shape[-1] % block == 0)
 
+    def _v4_fp8_quant(self, x: Tensor, block: int) -> tuple[Tensor, Tensor]:
+        """V4's FP8 quantisation in blocks along the last dim through the 950's fused MX quantisation: scale_alg 1
+        computes S = max(amax, max_low_bound) / 448 with the exponent rounded up to a power of two (hicann/ops-nn
+        aclnnDynamicMxQuantV3.md, scenario 2), which is V4's 2^ceil(log2(max(amax, 1e-4) / 448)); y = e4m3(x / S)
+        round-to-nearest-even. Returns (e4m3 codes of x's shape, e8m0 scale bytes [..., ceil(nb / 2), 2]: the block
+        axis padded to even, meta function)."""
+        return self.npu.npu_dynamic_mx_quant(x, dst_type=MX_E4M3, block_size=block, scale_alg=1,
+                                             max_low_bound=FP8_AMAX_FLOOR)
+
     def _mx_fp8(self, x: Tensor, block: int, dtype: torch.dtype = torch.float32) -> Tensor:
-        """e4m3-rounded x (FP8 quantise-dequantise in blocks along the last dim) through the 950's fused MX
-        quantisation: scale_alg 1 computes S = max(amax, max_low_bound) / 448 with the exponent rounded up to a
-        power of two (hicann/ops-nn aclnnDynamicMxQuantV3.md, scenario 2), which is V4's 2^ceil(log2(max(amax,
-        1e-4) / 448)); y = e4m3(x / S) round-to-nearest-even. The e8m0 scale bytes come even-padded, [..., nb', 2]."""
-        y, mx = self.npu.npu_dynamic_mx_quant(x, dst_type=MX_E4M3, block_size=block, scale_alg=1,
-                                              max_low_bound=FP8_AMAX_FLOOR)
+        """e4m3-rounded x (FP8 quantise-dequantise in blocks along the last dim), through _v4_fp8_quant."""
+        y, mx = self._v4_fp8_quant(x, block)
         lead, K = x.shape[:-1], x.shape[-1]
         nb = K // block
         cols = mx.view(*lead, -1, 1)  # [..., 2 * ceil(nb / 2), 1]: one scale byte per block, as a column
@@ -291,11 +298,9 @@ class AscendOps(MoEOps, Ops):
         return None
 
     def _mx_fp8_codes(self, x2: Tensor, block: int) -> tuple[Tensor, Tensor]:
-        """x2 [M, K] -> (e4m3 codes [M, K], fp32 scales [M, K/block]) through npu_dynamic_mx_quant (scale_alg 1: V4's
-        ue8m0 round-up scale, see _mx_fp8). Its scale bytes come [M, ceil(nb / 2), 2], the block axis padded to
-        even (meta function): flattened and cut to nb, read as 2^(byte - 127) exactly in fp32."""
-        y, mx = self.npu.npu_dynamic_mx_quant(x2, dst_type=MX_E4M3, block_size=block, scale_alg=1,
-                                              max_low_bound=FP8_AMAX_FLOOR)
+        """x2 [M, K] -> (e4m3 codes [M, K], fp32 scales [M, K/block]) through _v4_fp8_quant: its even-padded scale
+        bytes flattened and cut to nb, read as 2^(byte - 127) exactly in fp32."""
+        y, mx = self._v4_fp8_quant(x2, block)
         nb = x2.shape[-1] // block
         # ASSUMED on the device: torch_npu takes torch.float8_e8m0fnu views (exact: a byte b is 2^(b - 127))
         scale = mx.view(torch.float8_e8m0fnu).float().flatten(-2)  # [M, 2 * ceil(nb / 2)]

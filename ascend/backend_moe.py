@@ -4,7 +4,7 @@ shapes and no host read on A2 and 950; a per-expert GEMM loop on 910C; the stati
 weight per (token, expert) pair) without the fused routing or for fp32 activations on 950.
 
 A mixin: it uses AscendOps' plumbing (`npu`, `chip`, `has`, `_took`, `last_path`, `native_weight`, `_converted`,
-`_table`, `_torch`, `linear`), and is only ever a base of AscendOps.
+`_table`, `_torch`, `linear`, `_v4_fp8_quant`), and is only ever a base of AscendOps.
 """
 
 from __future__ import annotations
@@ -20,14 +20,12 @@ from dsv4.common.model.static import routed_experts
 
 from . import compose
 from .capability import A5
-from .convert import dequant_any
+from .convert import MX_BLOCK, dequant_any
+from .emulation.moe import NPU_FLOAT8_E8M0  # torch_npu's dtype code (the wheel's meta map)
 
 HALF = (torch.float16, torch.bfloat16)
 FP8_BLOCK = 128  # the FP8 GEMM's activation blocks (1 x 128 along K)
-MX_E4M3 = 292  # npu_dynamic_mx_quant's dst_type code of torch_npu.float8_e4m3fn (its doc)
-NPU_E8M0 = 293  # torch_npu.float8_e8m0fnu (TORCH_NPU_DTYPE_TO_STRING_MAP, op_plugin/meta/_meta_registrations.py)
-MX_PER_128 = 128 // 32  # a V4 activation scale (per 128 of K) is this many equal MX scales (per 32)
-FP8_AMAX_FLOOR = 1e-4  # V4's floor of a block's amax before the FP8 scale (Ops.fp8_sim)
+MX_PER_128 = FP8_BLOCK // MX_BLOCK  # a V4 activation scale (per 128 of K) is this many equal MX scales (per 32)
 # a torch_npu without the fused routing: up to this many (token, expert) pairs the experts run in the static-shape
 # form (each pair gathers its expert's weights: peak memory grows with the pairs, so long prefills take the loop)
 STATIC_EXPERT_PAIRS = 64
@@ -79,7 +77,8 @@ class MoEOps:
             # [E, N, K/64, 2] scales
             self.last_path["grouped_gemm"] = "npu_dynamic_mx_quant + npu_grouped_matmul (MX FP8, e8m0 scales)"
             return gm([mx_rows[0]], [self._kn_view(w)], scale=[w.scale], per_token_scale=[mx_rows[1]],
-                      output_dtype=rows.dtype, scale_dtype=NPU_E8M0, per_token_scale_dtype=NPU_E8M0, **kw)[0]
+                      output_dtype=rows.dtype, scale_dtype=NPU_FLOAT8_E8M0,
+                      per_token_scale_dtype=NPU_FLOAT8_E8M0, **kw)[0]
         if w.fmt == "w8a8" and half and self.has("npu_dynamic_quant"):
             # doc table "per-token量化": int8 x, int8 weight, fp32 scale, fp32 per_token_scale, bf16/fp16 out
             self.last_path["grouped_gemm"] = "npu_dynamic_quant + npu_grouped_matmul (per-token W8A8)"
@@ -116,15 +115,14 @@ class MoEOps:
     def _mx_rows(self, rows: Tensor, w: LinearWeight) -> tuple[Tensor, Tensor] | None:
         """rows [M, K] as the MX form takes them, or None where it does not run (another weight format, fp32 rows,
         K off 128-multiples: the float form then runs the same math). V4's per-128 FP8 quantisation
-        (npu_dynamic_mx_quant, scale_alg 1: e4m3 codes, ue8m0 scale) with each scale byte handed over as the four
+        (AscendOps._v4_fp8_quant: e4m3 codes, ue8m0 scale) with each scale byte handed over as the four
         equal per-32 MX scales it is: e8m0 bytes [M, K/64, 2], one stored index_select (which also drops the even
         padding of an odd count of 128-blocks)."""
         M, K = rows.shape
         if not (w.fmt == "mxfp8" and rows.dtype in HALF and K % FP8_BLOCK == 0 and self.has("npu_dynamic_mx_quant")):
             return None
         nb = K // FP8_BLOCK
-        y, mx = self.npu.npu_dynamic_mx_quant(rows, dst_type=MX_E4M3, block_size=FP8_BLOCK, scale_alg=1,
-                                              max_low_bound=FP8_AMAX_FLOOR)
+        y, mx = self._v4_fp8_quant(rows, FP8_BLOCK)
         dev = rows.device
         rep = self._table(("mx_per32", nb, str(dev)),
                           lambda: torch.arange(nb, device=dev).repeat_interleave(MX_PER_128))  # [K/32]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..formats import INT4_PER_INT32
 from .basic import as_dtype
 
 
@@ -53,7 +54,7 @@ def npu_grouped_matmul(chip: str, x: list[Tensor], weight: list[Tensor], *, bias
     """npu_grouped_matmul_meta, single-tensor form (split_item 2/3, group_type 0): one output [sum of x's rows, N],
     N = weight's last dim (times 8 for int4 packed in int32), in output_dtype, else x's dtype."""
     w = weight[0]
-    n = w.shape[-1] * (8 if w.dtype == torch.int32 else 1)
+    n = w.shape[-1] * (INT4_PER_INT32 if w.dtype == torch.int32 else 1)
     rows = sum(t.shape[0] for t in x)
     return [x[0].new_empty((rows, n), dtype=as_dtype(output_dtype) or x[0].dtype)]
 

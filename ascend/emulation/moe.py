@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..formats import unpack_int4
+from ..formats import INT4_PER_INT32, unpack_int4
 from .basic import FLOAT_ACT, FP8, HALF_ACT, as_dtype, check, is_a5, scaled_product
 
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -267,7 +267,7 @@ def npu_grouped_matmul(chip: str, x: list[Tensor], weight: list[Tensor], *, bias
         check(xx.dtype in HALF_ACT and w.dtype in (torch.int8, torch.int32), op,
               "weight-only form: x fp16/bf16, weight int8 or int4 (int32-packed)")
         check(scale is None and per_token_scale is None, op, "weight-only form takes no scale / per_token_scale")
-        N = w.shape[2] * (8 if w.dtype == torch.int32 else 1)
+        N = w.shape[2] * (INT4_PER_INT32 if w.dtype == torch.int32 else 1)
         s = antiquant_scale[0]
         check(s.dtype == xx.dtype, op, f"antiquant_scale must have x's dtype {xx.dtype}, got {s.dtype}")
         check((s.dim() == 2 and tuple(s.shape) == (E, N)) or (s.dim() == 3 and s.shape[0] == E and s.shape[2] == N
