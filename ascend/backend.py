@@ -306,6 +306,17 @@ class AscendOps(MoEOps, Ops):
         scale = mx.view(torch.float8_e8m0fnu).float().flatten(-2)  # [M, 2 * ceil(nb / 2)]
         return y, scale if nb % 2 == 0 else scale[..., :nb]
 
+    def grouped_linear(self, x: Tensor, weight: Tensor) -> Tensor:
+        # one bmm over the groups through the weight's [G, K, N] view kept per parameter (the Ops default makes the
+        # view at every call): the same kernel on the same operands
+        self._took("grouped_linear", "torch bmm")
+        G, _, K = x.shape
+        key = ("grouped_t", id(weight), G)
+        hit = self._converted.get(key)
+        if hit is None or hit[0]() is not weight:
+            self._converted[key] = hit = (weakref.ref(weight), weight.view(G, -1, K).transpose(1, 2))
+        return torch.bmm(x, hit[1].to(x.dtype))
+
     def _transposed(self, weight: Tensor) -> Tensor:
         """weight.t() [in, out], a view made once per parameter and kept (a weight made per call, e.g. a view of
         one group of wo_a, is transposed each time: caching it would keep one entry per call)."""
@@ -547,6 +558,7 @@ class AscendOps(MoEOps, Ops):
             "fp4_sim": "torch: QAT simulation (no torch_npu op)",
             "hadamard": "torch matmul with H_n (no torch_npu op)",
             "linear": lin + "; fp32 activations: torch with the same math",
+            "grouped_linear": "torch bmm over the groups (wo_a; a dense weight)",
             "linears": ("weights sharing one input: the activation quantised once for all of them when each takes "
                         "the same quantised GEMM (FP8 G-B or W8A8), else one linear per weight"),
             "sparse_attention": ("npu_sparse_flash_attention with sinks when head_dim = 512 (zero 64-d rope part) "

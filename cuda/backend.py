@@ -40,6 +40,7 @@ DESCRIPTION: dict[str, str] = {
     "hadamard": "torch fallback (matmul with the Sylvester matrix)",
     "linear": f"{_TRITON}: grouped GEMM, FP8 128x128 / FP4 1x32 block scales; activation FP8 quantised in torch",
     "linears": "one Triton linear per weight (the Ops default)",
+    "grouped_linear": "torch fallback (one bmm over the groups: the Ops default; wo_a is dense)",
     "sparse_attention": f"{_TRITON}: gathered rows, online softmax with sink",
     "compress_pool": _TRITON,
     "indexer_topk": f"{_TRITON} scores + stable-sort selection fallback (common.ops.topk_visible)",

@@ -64,6 +64,10 @@ def scale_transposed(orig, self, x, w):  # FP8 block scales read [in-block, out-
     return orig(self, x, w)
 
 
+def groups_crossed(orig, self, x, weight):  # wo_a's groups multiply the other groups' rows
+    return orig(self, x.roll(1, 0), weight)
+
+
 MUTATIONS = {
     # name: (chip, weights, AscendOps method, wrapper, op bisect must name)
     "rms_norm eps 1e-5": ("950dt", "dequantized", "rms_norm", rms_eps, "/rms_norm#"),
@@ -71,6 +75,7 @@ MUTATIONS = {
     "hc_post drops post*x": ("950dt", "dequantized", "hc_post", post_term_dropped, "/hc_post#"),
     "window one key short": ("950dt", "dequantized", "sparse_attention", window_short, "/sparse_attention#"),
     "fp8 block scale transposed": ("950dt", "quantized", "linear", scale_transposed, "/linear#"),
+    "wo_a groups crossed": ("950dt", "dequantized", "grouped_linear", groups_crossed, "/grouped_linear#"),
 }
 
 

@@ -93,6 +93,13 @@ class Ops:
         of the weights (the same codes and scales each call would make). This default makes one call per weight."""
         return tuple(self.linear(x, w) for w in ws)
 
+    def grouped_linear(self, x: Tensor, weight: Tensor) -> Tensor:
+        """A block-diagonal dense linear (wo_a): x [G,M,K] holds group g's rows, weight [G*N, K] stacks group g's
+        [N, K] rows as the checkpoint stores them. Returns [G,M,N] in x.dtype, group g = linear(x[g], W_g) bit for
+        bit. This default is the one batched GEMM that the per-group GEMMs make (torch.bmm over the groups)."""
+        G, _, K = x.shape
+        return torch.bmm(x, weight.view(G, -1, K).transpose(1, 2).to(x.dtype))
+
     # -- attention -----------------------------------------------------------------------------------------------------
     def sparse_attention(self, q: Tensor, kv: Tensor, sink: Tensor, indices: Tensor, softmax_scale: float) -> Tensor:
         """One softmax over the gathered keys plus a per-head sink logit that only enters the denominator.
@@ -194,7 +201,8 @@ def topk_visible(score: Tensor, visible: Tensor, topk: int) -> Tensor:
 
 
 OP_NAMES = [
-    "rms_norm", "head_rms_norm", "rope", "fp8_sim", "fp4_sim", "hadamard", "linear", "linears", "sparse_attention",
+    "rms_norm", "head_rms_norm", "rope", "fp8_sim", "fp4_sim", "hadamard", "linear", "linears", "grouped_linear",
+    "sparse_attention",
     "compress_pool", "indexer_topk", "moe_gate", "swiglu", "moe_experts", "hc_pre", "hc_post", "hc_head",
 ]
 

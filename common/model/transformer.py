@@ -295,10 +295,8 @@ class Attention(nn.Module):
         pe.copy_(ops.rope(pe, cos, sin, inverse=True))  # undo q's rotation, in place (o is attention's own output)
         # [G,B*S,H*D/G]: each group's rows contiguous, so its GEMM sees the same layout eager and captured
         o = o.reshape(B * S, G, H * D // G).movedim(1, 0).contiguous()
-        wo_a = self.wo_a.weight.view(G, a.o_lora_rank, H * D // G)  # block-diagonal: one [R_o, H*D/G] per group
-        o = torch.stack([ops.linear(og, LinearWeight(wg, None, "none")) for og, wg in zip(o.unbind(0), wo_a.unbind(0),
-                                                                                          strict=True)], dim=1)
-        y = ops.linear(o.flatten(1), self.wo_b.lw)  # [B*S, d]
+        o = ops.grouped_linear(o, self.wo_a.weight)  # [G,B*S,R_o]: wo_a is block-diagonal, [R_o, H*D/G] per group
+        y = ops.linear(o.movedim(0, 1).reshape(B * S, G * a.o_lora_rank), self.wo_b.lw)  # [B*S, d]
         return ops.all_reduce(y, "tp").view(B, S, -1)  # row-parallel over the groups
 
     def window_indices(self, pos: Tensor, start: Tensor, chunk_row: int | None) -> Tensor:
