@@ -131,7 +131,7 @@ class AscendOps(MoEOps, Ops):
         s = torch.stack([sin, sin] if self.has("npu_rotary_mul") else [-sin, sin], -1)
         return c, s.flatten(-2).unsqueeze(2)
 
-    def rope(self, x: Tensor, cos: Tensor, sin: Tensor, inverse: bool = False) -> Tensor:
+    def rope(self, x: Tensor, cos: Tensor, sin: Tensor, inverse: bool = False, out: Tensor | None = None) -> Tensor:
         # x [B,S,H,r], cos/sin [B,S,r/2] raw, or [B,S,1,r] as prepare_rope made them (the static step prepares them
         # once per step). fp32 math: the V4 rope is fp32 and bf16 tables would add rounding
         if cos.dim() == x.dim():
@@ -148,20 +148,23 @@ class AscendOps(MoEOps, Ops):
                 # as one sequence of B*S tokens, [1, B*S, H, r] with r1/r2 [1, B*S, 1, r] (then B * N = H < 1000)
                 self._took("rope", "npu_rotary_mul(interleave)")
                 xs, c, s = (t.reshape(1, B * S, t.shape[2], r) for t in (xf, r1, r2))
-                out = self.npu.npu_rotary_mul(xs, c, s, rotary_mode="interleave")
-                return out.view(B, S, H, r).to(x.dtype)
+                y = self.npu.npu_rotary_mul(xs, c, s, rotary_mode="interleave").view(B, S, H, r).to(x.dtype)
+                return y if out is None else out.copy_(y)
             self._took("rope", "torch")
             pairs = xf.unflatten(-1, (-1, 2))
             rot = torch.stack([-pairs[..., 1], pairs[..., 0]], -1).flatten(-2)
-            return (xf * r1 + rot * r2).to(x.dtype)
+            y = (xf * r1 + rot * r2).to(x.dtype)
+            return y if out is None else out.copy_(y)
         # 950 (npu_rotary_mul's products are A2/A3): pair (a, b) -> (a c - b s, b c + a s) as x * cos + swap(x) * sin
         # with swap(a, b) = (b, a) and the sign in the table: the reference's products and sums, bit for bit. x stays
         # in its dtype: a product with the fp32 table promotes it to fp32 exactly (what x.float() did, one op less),
-        # and the swap is one index_select by a stored permutation (not a view, flip and view)
+        # and the swap is one index_select by a stored permutation (not a view, flip and view). With `out` the fp32 sum
+        # is cast by the copy into it (the rounding of .to(x.dtype)), not first by a cast of its own; `add(out=)` would
+        # also drop the copy, but dynamo does not trace a non-contiguous out= tensor (the rope part of q is one)
         self._took("rope", "torch (prepared tables: npu_rotary_mul is A2/A3 only)")
         swapped = x.index_select(-1, self._pair_swap(r, x.device))
-        out = x * r1 - swapped * r2 if inverse else x * r1 + swapped * r2
-        return out.to(x.dtype)
+        y = x * r1 - swapped * r2 if inverse else x * r1 + swapped * r2
+        return y.to(x.dtype) if out is None else out.copy_(y)
 
     def _pair_swap(self, r: int, device: torch.device) -> Tensor:
         """[r] int64 permutation (1, 0, 3, 2, ...): swaps each pair; made once per (r, device) and kept."""

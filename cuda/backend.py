@@ -69,8 +69,9 @@ class CudaOps(Ops):
     def head_rms_norm(self, q: Tensor, eps: float) -> Tensor:
         return rows.rms_norm(q, None, eps)
 
-    def rope(self, x: Tensor, cos: Tensor, sin: Tensor, inverse: bool = False) -> Tensor:
-        return rows.rope(x, cos, sin, inverse)
+    def rope(self, x: Tensor, cos: Tensor, sin: Tensor, inverse: bool = False, out: Tensor | None = None) -> Tensor:
+        y = rows.rope(x, cos, sin, inverse)
+        return y if out is None else out.copy_(y)
 
     # -- quantisation simulation and Hadamard: named torch fallbacks --------------------------------------------------
     def fp8_sim(self, x: Tensor, block: int, mode: str = "e4m3") -> Tensor:

@@ -134,6 +134,22 @@ def test_recording_proxy_names_ops_by_layer_and_module(clamp_source: S.ModelSour
     assert not tracker.handles  # hooks removed on exit
 
 
+def test_an_op_writing_into_its_input_is_recorded_and_replayed_as_called() -> None:
+    """The graph rotates rope parts in place (rope(..., out=pe)): the record is what the op wrote, the shadow
+    backend replays the call on the inputs as they were before the write, and the tensor is rotated once."""
+    ref = ReferenceOps()
+    shadow = B.ShadowOps(ref, ReferenceOps(), {"max_abs_norm": P.Bound("max_abs_norm", max=0.0, why="same op")})
+    x = torch.randn(1, 2, 3, 32, generator=torch.Generator().manual_seed(0))
+    ang = torch.linspace(0.1, 2.0, 8).expand(1, 2, 8)
+    cos, sin = ang.cos(), ang.sin()
+    want = ref.rope(x[..., -16:], cos, sin)
+    pe = x[..., -16:]
+    shadow.rope(pe, cos, sin, out=pe)
+    (name, rec), = shadow.records
+    assert name == "model/rope#0" and torch.equal(rec, want) and torch.equal(x[..., -16:], want)
+    assert shadow.results[0].violations == [] and shadow.results[0].metrics["max_abs_norm"] == 0.0
+
+
 # -- a deliberately broken op ------------------------------------------------------------------------------------------
 class NoisyRmsNorm(ReferenceOps):
     """rms_norm adds 1e-2 noise, but only for one norm weight (one layer), so the blame has one right answer."""

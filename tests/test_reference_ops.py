@@ -250,3 +250,35 @@ def test_grouped_linear_is_each_groups_linear_bit_for_bit(backend, dtype):
         want = ops.linear(x[k], LinearWeight(w[k * N:(k + 1) * N], None, "none"))
         assert torch.equal(got[k], want), k
     assert torch.equal(be.grouped_linear(x, w), got)  # a backend's cached weight view gives the same again
+
+
+@pytest.mark.parametrize("backend", ["reference", "ascend", "ascend910b", "cuda"])
+@pytest.mark.parametrize("inverse", [False, True])
+def test_rope_into_out_writes_the_values_of_the_plain_call(backend, inverse):
+    """rope(..., out=pe) on the rope part pe of a tensor the graph owns (q, o, the kv row): the rotated values land
+    in pe, bit for bit those of the call without `out`, and nothing else of the tensor changes."""
+    import os
+
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    if backend.startswith("ascend"):
+        from dsv4.ascend import create_ops
+
+        be = create_ops(emulate=True, chip="910b" if backend.endswith("910b") else "950dt")
+    elif backend == "cuda":
+        pytest.importorskip("triton")
+        from dsv4.cuda.backend import CudaOps
+
+        be = CudaOps("cpu")
+    else:
+        be = ops
+    B, S, H, D, r = 2, 3, 4, 32, 16
+    freqs = rope_frequencies(r, 10000.0, 0, 1.0, 32, 1)
+    ang = torch.arange(B * S, dtype=torch.float32).view(B, S, 1) * freqs
+    cos, sin = ang.cos(), ang.sin()
+    for dtype in (torch.float32, torch.bfloat16):
+        q = torch.randn(B, S, H, D, generator=g(6)).to(dtype)
+        want = be.rope(q[..., -r:], cos, sin, inverse)
+        keep = q[..., :-r].clone()
+        pe = q[..., -r:]
+        assert be.rope(pe, cos, sin, inverse, out=pe) is pe
+        assert torch.equal(q[..., -r:], want) and torch.equal(q[..., :-r], keep), dtype

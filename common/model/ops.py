@@ -51,10 +51,12 @@ class Ops:
         raise NotImplementedError
 
     # -- rotary --------------------------------------------------------------------------------------------------------
-    def rope(self, x: Tensor, cos: Tensor, sin: Tensor, inverse: bool = False) -> Tensor:
+    def rope(self, x: Tensor, cos: Tensor, sin: Tensor, inverse: bool = False, out: Tensor | None = None) -> Tensor:
         """Interleaved-pair rotary embedding. x [B,S,H,r] (act dtype), cos/sin [B,S,r/2] fp32.
         Pair i = (x[2i], x[2i+1]) as a complex number times exp(+-i*angle); fp32 math, returned in x.dtype.
-        inverse=True rotates by the negative angle (the conjugate)."""
+        inverse=True rotates by the negative angle (the conjugate). out: a tensor of x's shape and dtype to write the
+        result into and return (x itself: the graph rotates the rope part of a tensor it owns in place); the values
+        are those of the call without it."""
         raise NotImplementedError
 
     def prepare_rope(self, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:

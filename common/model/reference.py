@@ -73,14 +73,14 @@ class ReferenceOps(Ops):
         return q * torch.rsqrt(q.square().mean(-1, keepdim=True) + eps)
 
     # -- rotary --------------------------------------------------------------------------------------------------------
-    def rope(self, x: Tensor, cos: Tensor, sin: Tensor, inverse: bool = False) -> Tensor:
+    def rope(self, x: Tensor, cos: Tensor, sin: Tensor, inverse: bool = False, out: Tensor | None = None) -> Tensor:
         xf = f32(x).unflatten(-1, (-1, 2))  # [B,S,H,r/2,2]
         a, b = xf[..., 0], xf[..., 1]
         c, s = cos.unsqueeze(2), sin.unsqueeze(2)  # [B,S,1,r/2]
         if inverse:
             s = -s
-        out = torch.stack([a * c - b * s, a * s + b * c], dim=-1).flatten(-2)
-        return like(out, x.dtype)
+        y = like(torch.stack([a * c - b * s, a * s + b * c], dim=-1).flatten(-2), x.dtype)
+        return y if out is None else out.copy_(y)
 
     # -- simulated quantisation ----------------------------------------------------------------------------------------
     def fp8_sim(self, x: Tensor, block: int, mode: str = "e4m3") -> Tensor:

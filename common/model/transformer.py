@@ -147,7 +147,7 @@ class Compressor(nn.Module):
         pooled = ops.rms_norm(pooled.to(dtype), self.norm.weight, self.args.norm_eps)
         cos, sin = cos_sin
         pe = pooled[..., None, -rd:]  # [B,nb,1,rd], rotated in place (pooled is this call's own tensor)
-        pe.copy_(ops.rope(pe, cos, sin))
+        ops.rope(pe, cos, sin, out=pe)
         if self.is_indexer:
             return ops.fp4_sim(ops.hadamard(pooled), FP4_BLOCK)
         nope = pooled[..., :-rd]
@@ -190,7 +190,7 @@ class Indexer(nn.Module):
         rd = self.args.rope_head_dim
         q = iq.view(B, S, self.n_local_heads, self.args.index_head_dim)
         pe = q[..., -rd:]
-        pe.copy_(ops.rope(pe, cos, sin))  # in place: q is the GEMM's own output
+        ops.rope(pe, cos, sin, out=pe)  # in place: q is the GEMM's own output
         return ops.fp4_sim(ops.hadamard(q), FP4_BLOCK)
 
     def head_weights(self, ops: Ops, x: Tensor) -> Tensor:
@@ -280,10 +280,11 @@ class Attention(nn.Module):
             q, iq = ops.linear(qr, self.wq_b.lw), None
         q = ops.head_rms_norm(q.view(B, S, H, D), eps)  # [B,S,H,D]
         pe = q[..., -rd:]
-        pe.copy_(ops.rope(pe, cos, sin))  # rotated in place (q is head_rms_norm's own output)
-        kv = ops.rms_norm(kv, self.kv_norm.weight, eps)  # [B,S,D]
-        kv = torch.cat([ops.fp8_sim(kv[..., :-rd], KV_FP8_BLOCK, a.kv_fp8_sim),
-                        ops.rope(kv[:, :, None, -rd:], cos, sin)[:, :, 0]], dim=-1)
+        ops.rope(pe, cos, sin, out=pe)  # rotated in place (q is head_rms_norm's own output)
+        kv = ops.rms_norm(kv, self.kv_norm.weight, eps)  # [B,S,D], the norm's own output: both parts change in place
+        nope, pe = kv[..., :-rd], kv[:, :, None, -rd:]
+        nope.copy_(ops.fp8_sim(nope, KV_FP8_BLOCK, a.kv_fp8_sim))
+        ops.rope(pe, cos, sin, out=pe)
         return q, kv, iq
 
     def output(self, ops: Ops, o: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -292,7 +293,7 @@ class Attention(nn.Module):
         B, S, H, D = o.shape
         rd, G = a.rope_head_dim, self.n_local_groups
         pe = o[..., -rd:]
-        pe.copy_(ops.rope(pe, cos, sin, inverse=True))  # undo q's rotation, in place (o is attention's own output)
+        ops.rope(pe, cos, sin, inverse=True, out=pe)  # undo q's rotation, in place (o is attention's own output)
         # [G,B*S,H*D/G]: each group's rows contiguous, so its GEMM sees the same layout eager and captured
         o = o.reshape(B * S, G, H * D // G).movedim(1, 0).contiguous()
         o = ops.grouped_linear(o, self.wo_a.weight)  # [G,B*S,R_o]: wo_a is block-diagonal, [R_o, H*D/G] per group

@@ -109,9 +109,15 @@ class RecordingOps:
 
         def call(*args: Any, **kwargs: Any) -> Any:
             name = self.current = self.op_name(attr)
+            seen_args, seen_kwargs = args, kwargs
+            into = kwargs.get("out") is not None
+            if into:  # the op writes into `out`, which may be its own input (rope rotating x in place): record and
+                # replay the call as it came (its inputs cloned first, without `out`), and a copy of what it wrote
+                seen_args = _map_tensors(args, torch.clone)
+                seen_kwargs = {k: v for k, v in kwargs.items() if k != "out"}
             out = target(*args, **kwargs)
             self.current = None
-            self.on_call(name, attr, args, kwargs, out)
+            self.on_call(name, attr, seen_args, seen_kwargs, out.clone() if into else out)
             return out
 
         return call
