@@ -59,9 +59,8 @@ class StepPlan:
         kpos = self.pos_col - W + 1 + torch.arange(W, device=dev)  # [B,W] positions of the window
         window_rows = torch.where(kpos >= 0, slots[:, None] * W + kpos % W, -1)  # [B,W] flat ring rows
         self.ring_row = (slots * W + pos % W)[:, None]  # [B,1] where this token's KV goes (kv rows come [B,1,D])
-        self.slot_col = slots[:, None]  # [B,1]
         ratios = sorted({r for r in a.compress_ratios[:a.n_layers] if r})
-        self.phase = {r: (pos % r)[:, None] for r in ratios}  # [B,1] the token's row in its compressor block
+        self.phase = {r: pos % r for r in ratios}  # [B] the token's row in its compressor block
         complete = {r: (pos + 1) % r == 0 for r in ratios}  # this token completes its block
         self.complete = {r: done[:, None, None] for r, done in complete.items()}  # [B,1,1], as block rows take it
         block = {r: pos // r for r in ratios}  # index of the block the token belongs to
@@ -117,15 +116,15 @@ class StepPlan:
 # -- attention ---------------------------------------------------------------------------------------------------------
 def compressor_step(comp: Compressor, ops: Ops, x: Tensor, plan: StepPlan, state: CompressorState, flat_out: Tensor,
                     out_row: Tensor) -> None:
-    """Feed one token per row (x [B,1,d] at plan.pos) into `state` (rows plan.slots) and, where it completes a block,
-    write the block's entry into flat_out[out_row] (out_row [B,1]: `StepPlan.entry_row`, the scratch row where the
-    block is not complete). Same arithmetic as Compressor.forward with S = 1; needs pos >= 1 (position 0 is always a
-    prefill)."""
+    """Feed one token per row (x [B,d] fp32 at plan.pos: rows, not [B,1,d], so that its projections are plain 2-D
+    GEMMs) into `state` (rows plan.slots) and, where it completes a block, write the block's entry into
+    flat_out[out_row] (out_row [B,1]: `StepPlan.entry_row`, the scratch row where the block is not complete). Same
+    arithmetic as Compressor.forward with S = 1; needs pos >= 1 (position 0 is always a prefill)."""
     m, c, slots = comp.ratio, comp.head_dim, plan.slots
-    k, z = comp.project(ops, x, plan.phase[m])  # [B,1,w] fp32
+    k, z = comp.project(ops, x, plan.phase[m])  # [B,w] fp32
     # index_put_ rather than `t[i] = v`: the same write, without the view Python indexing makes of the value
-    state.kv.index_put_((plan.slot_col, plan.phase[m]), k)
-    state.score.index_put_((plan.slot_col, plan.phase[m]), z)
+    state.kv.index_put_((slots, plan.phase[m]), k)
+    state.score.index_put_((slots, plan.phase[m]), z)
     kv_rows, score_rows = state.kv[slots], state.score[slots]  # [B,m,w]: the block, complete or not
     if comp.overlap:
         prev_k, prev_z = state.prev_kv[slots], state.prev_score[slots]  # [B,m,w]
@@ -143,7 +142,7 @@ def compressor_step(comp: Compressor, ops: Ops, x: Tensor, plan: StepPlan, state
 def indexer_step(idx: Indexer, ops: Ops, x: Tensor, xf: Tensor, iq: Tensor, cos: Tensor, sin: Tensor,
                  st: LayerStore, plan: StepPlan) -> Tensor:
     """[B,1,min(topk, cap)] selected compressed entries (-1 = none) over the bucket's capacity cap = context // 4.
-    xf: x in fp32 (what the compressors project; made once per layer); iq: the indexer's query projection
+    xf: x's rows [B,d] in fp32 (what the compressors project; made once per layer); iq: the indexer's query projection
     (Attention.project)."""
     a = idx.args
     q = idx.query(ops, iq, cos, sin)
@@ -164,7 +163,7 @@ def attention_step(attn: Attention, ops: Ops, x: Tensor, st: LayerStore, rope: R
     q, kv, iq = attn.project(ops, x, cos, sin)
     flat = st.flat_kv  # [Bmax*W + pool rows + 1, D]: rings, block pool, scratch
     if attn.ratio:
-        xf = x.float()  # both compressors of a CSA layer project it (Compressor.project's own upcast is then a no-op)
+        xf = x[:, 0].float()  # [B,d]: both compressors of a CSA layer project it (their own upcast is then a no-op)
         compressor_step(attn.compressor, ops, xf, plan, st.comp, flat, plan.entry_row[(attn.ratio, "kv")])
     flat.index_put_((plan.ring_row,), kv)  # [B,1,D] at rows [B,1]
     idx = plan.keys[attn.ratio]  # [1,B,K]

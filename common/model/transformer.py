@@ -135,7 +135,8 @@ class Compressor(nn.Module):
 
     def project(self, ops: Ops, x: Tensor, phase: Tensor) -> tuple[Tensor, Tensor]:
         """Raw K rows and gate scores (+ the ape row of the token's place in its block) of tokens x [B,S,d] whose
-        positions are pos, phase = pos % ratio ([S] or [B,S]): fp32 [B,S,w] each."""
+        positions are pos, phase = pos % ratio ([S] or [B,S]): fp32 [B,S,w] each. Any leading shape: the static
+        decode step projects rows x [B,d] with phase [B]."""
         xf = x.float()
         return ops.linear(xf, self.wkv.lw), ops.linear(xf, self.wgate.lw) + self.ape[phase]
 
