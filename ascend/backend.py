@@ -35,11 +35,12 @@ MX_E2M1 = 296  # ... of torch_npu.float4_e2m1fn_x2 (its doc); npu_anti_mx_quant'
 MX_BLOCK = 32  # npu_anti_mx_quant dequantises in 32-element blocks (aclnnAntiMxQuant.md: ceil(n / 32) scales)
 # npu_dynamic_mx_quant scale_alg 2, second case of aclnnDynamicMxQuantV3.md's scenario 3 (any dst_type_max in
 # [6, 12] but 0/6/7): S = amax / dst_type_max with its exponent rounded up unless S is a power of two. With the fp32
-# value just above 6 (6 + 2^-21) that is V4's FP4 scale 2^ceil(log2(amax / 6)) for every bf16/fp16 amax above
-# 6 * 2^-126: no half-precision value lies in (6 * 2^k, (6 + 2^-21) * 2^k], and amax = 6 * 2^k gives an S just below
-# 2^k, rounded up to it (tests/test_ascend_mx_pair.py checks every bf16 and fp16 value, divided or multiplied by the
-# fp32 reciprocal as the kernel does). fp32 x keeps the torch path: (6 + 2^-21) * 2^k is an fp32 value per binade whose
-# S is exactly 2^k, where V4 rounds up to 2^(k+1). 6.0 itself selects the first case (floor-based + mantissa bit).
+# value just above 6 (6 + 2^-21) that is V4's FP4 scale 2^ceil(log2(amax / 6)) for every bf16/fp16 amax from
+# 6 * 2^-126 up: no half-precision value lies in (6 * 2^k, (6 + 2^-21) * 2^k], and amax = 6 * 2^k gives an S just
+# below 2^k, rounded up to it. tests/test_ascend_mx_pair.py checks every bf16 and fp16 value, multiplied by the fp32
+# reciprocal as the kernel does (dynamic_mx_quant_tail_axis.h, ComputeScaleCublas) and divided as the doc writes.
+# fp32 x keeps the torch path: (6 + 2^-21) * 2^k is an fp32 value per binade whose S is exactly 2^k, where V4 rounds
+# up to 2^(k+1). 6.0 itself selects the first case (floor-based + mantissa bit).
 FP4_SIM_DST_MAX = 6.0 + 2.0 ** -21
 FP8_AMAX_FLOOR = 1e-4  # V4's floor of a block's amax before the FP8 scale (Ops.fp8_sim)
 FP8_GB_PATH = "npu_dynamic_mx_quant + npu_quant_matmul (FP8 G-B, group_sizes [1,128,128])"
@@ -258,10 +259,10 @@ class AscendOps(MoEOps, Ops):
         # 950, bf16 x in 32-blocks: npu_dynamic_mx_quant's FP4 e2m1 with scale_alg 2 and dst_type_max just above 6
         # gives V4's scale (FP4_SIM_DST_MAX) and e2m1 rint codes, npu_anti_mx_quant multiplies them back (exact in
         # bf16). fp16 keeps torch: the kernel stages fp16 x through bf16 (dynamic_mx_quant_tail_axis.h,
-        # ComputeDataOptimizeHalf), not shown to round as V4 does. Known difference: a block whose amax is at most
+        # ComputeDataOptimizeHalf), not shown to round as V4 does. Known difference: a block whose amax is below
         # 6 * 2^-126 (~7e-38) gets scale 2^-127 there (S subnormal: byte 0) where V4 floors at 2^-126; all-zero
-        # blocks still give zeros, others such tiny blocks dequantise on a finer grid (tested). The values carry
-        # the sign of zero of the e2m1 cast (-0 where the reference gives +0: equal values)
+        # blocks still give zeros, other such tiny blocks dequantise differently (tested). The values carry the
+        # sign of zero of the e2m1 cast (-0 where the reference gives +0: equal values)
         if (x.dtype == torch.bfloat16 and block == MX_BLOCK and 1 <= x.dim() <= 7 and x.shape[-1] % block == 0
                 and self.has("npu_dynamic_mx_quant") and self.has("npu_anti_mx_quant")):
             self._took("fp4_sim", "npu_dynamic_mx_quant (e2m1, scale_alg 2, dst_type_max 6 + 2^-21) + "
@@ -607,7 +608,7 @@ class AscendOps(MoEOps, Ops):
                         if self.has("npu_dynamic_mx_quant") else
                         "torch: QAT simulation, arithmetic e4m3 rounding (no FP8 dtype on A2/A3)"),
             "fp4_sim": ("npu_dynamic_mx_quant (e2m1, scale_alg 2, dst_type_max 6 + 2^-21) + npu_anti_mx_quant for "
-                        "bf16 in 32-blocks (blocks of amax <= 6 * 2^-126 differ); torch otherwise"
+                        "bf16 in 32-blocks (blocks of amax < 6 * 2^-126 differ); torch otherwise"
                         if self.has("npu_dynamic_mx_quant") and self.has("npu_anti_mx_quant") else
                         "torch: QAT simulation (no torch_npu op)"),
             "hadamard": "torch matmul with H_n (no torch_npu op)",

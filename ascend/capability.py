@@ -185,7 +185,7 @@ UNVERIFIED: dict[str, str] = {
                                             "the reciprocal, the doc divides: equal for bf16/fp16 amax, a test), "
                                             "exponent rounded up when S is normal with a mantissa. V4's FP4 "
                                             "simulation rides it with dst_type_max 6 + 2^-21 for bf16; blocks whose "
-                                            "amax <= 6 * 2^-126 get scale 2^-127 (V4: 2^-126) and differ unless "
+                                            "amax < 6 * 2^-126 get scale 2^-127 (V4: 2^-126) and differ unless "
                                             "zero; not tried on a 950",
     "npu_dynamic_mx_quant scale_alg 1": "the wheel's doc names scale_alg 1 (CuBALS Scale算法) without a formula; the "
                                         "emulated one (S = max(amax, max_low_bound) / 448, exponent rounded up) is "
