@@ -239,6 +239,8 @@ class AscendOps(MoEOps, Ops):
         contiguous in its last two dims) -> [..., nb, *inner, 2] with every entry of block j its byte: one
         as_strided view (stride 1 along the blocks, 0 along the copies; the even padding is simply not reached),
         where flatten / cut / unsqueeze / expand would be three or four views."""
+        if mx.stride(-2) != 2 * mx.stride(-1):  # the byte of block j must sit at j * stride(-1)
+            mx = mx.contiguous()
         lead = mx.shape[:-2]
         stride = (*mx.stride()[:-2], mx.stride(-1), *(0 for _ in inner), 0)
         return mx.as_strided((*lead, nb, *inner, 2), stride)  # storage offset: mx's own
