@@ -46,7 +46,12 @@ CAPABILITIES: dict[str, OpCap] = {
     "npu_swiglu": OpCap(("910b",), "Atlas A2 训练系列产品", "supported products: A2 only"),
     "npu_dynamic_quant": OpCap(A2A3, "Atlas A3 训练系列产品", "supported products: A2, A3"),
     "npu_dynamic_mx_quant": OpCap(A5, "Ascend 950PR/Ascend 950DT",
-                                  "supported products: 950 (FP8 with scale_alg 1 = V4's ue8m0 round-up scale)"),
+                                  "supported products: 950 (FP8 with scale_alg 1 = V4's ue8m0 round-up scale; FP4 "
+                                  "e2m1 with scale_alg 2 and dst_type_max 6 + 2^-21 = V4's FP4 scale for bf16)"),
+    # no docstring in the 2.14.0 wheel (schema, meta function, TorchAir converter only); CANN's aclnnAntiMxQuant.md
+    # (hicann/ops-nn quant/anti_mx_quant/docs) supports Ascend 950PR/950DT only
+    "npu_anti_mx_quant": OpCap(A5, "", "no doc in the wheel; CANN aclnnAntiMxQuant.md: 950PR/950DT only",
+                               code_chips=A5, code="y_shape = (*(input_dummy_shape[:-1]), input_dummy_shape[-1] * 2)"),
     # the docstring lists A2/A3 with int8/int4 tables; the same wheel's meta function takes FP8 operands with block
     # scales (group_sizes), and its TorchAir converter lets non-integer x1/x2 through only on A5 (950): "In soc
     # versions prior to A5, x1 and x2 only supports int8 or int32" (ge_converter/custom/quantmatmul.py line 94)
@@ -170,6 +175,18 @@ UNVERIFIED: dict[str, str] = {
                                            "gamma on 950, A3 and A2 (golden: fp32 x * rstd * gamma, one cast); "
                                            "torch_npu's C++ check of the pair is not in the wheel, not tried on a "
                                            "device",
+    "npu_anti_mx_quant": "no docstring in the 2.14.0 wheel: its schema, meta function (y of x's shape, the last dim "
+                         "doubled for packed FP4 uint8) and TorchAir converter (uint8 x bitcast to FLOAT4 with the "
+                         "last dim doubled; dst_type as torch dtype codes) are the contract, with CANN's "
+                         "aclnnAntiMxQuant.md (y = x * 2^(sf - 127) per 32-block, 950PR/950DT). The nibble order of "
+                         "packed FP4 (element 2i low) is torch's float4_e2m1fn_x2 convention; not tried on a 950",
+    "npu_dynamic_mx_quant FP4 scale_alg 2": "the second case of aclnnDynamicMxQuantV3.md's scenario 3 (dst_type_max "
+                                            "not 0/6/7): S = amax * fp32(1 / dst_type_max) (the kernel multiplies by "
+                                            "the reciprocal, the doc divides: equal for bf16/fp16 amax, a test), "
+                                            "exponent rounded up when S is normal with a mantissa. V4's FP4 "
+                                            "simulation rides it with dst_type_max 6 + 2^-21 for bf16; blocks whose "
+                                            "amax < 6 * 2^-126 get scale 2^-127 (V4: 2^-126) and differ unless "
+                                            "zero; not tried on a 950",
     "npu_dynamic_mx_quant scale_alg 1": "the wheel's doc names scale_alg 1 (CuBALS Scale算法) without a formula; the "
                                         "emulated one (S = max(amax, max_low_bound) / 448, exponent rounded up) is "
                                         "hicann/ops-nn aclnnDynamicMxQuantV3.md's; its uint8 scale bytes are read "

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsv4.ascend import create_ops
+from dsv4.ascend import compose, create_ops
 from dsv4.ascend.emulation import NpuOpError, make_torch_npu
 from dsv4.common.model.reference import ReferenceOps
 
@@ -114,12 +114,14 @@ def test_950_fp4_sim_composition_is_the_reference(dtype):
     g = torch.Generator().manual_seed(2)
     rand = torch.randn(8, 32, generator=g) * torch.logspace(-40, 5, 8)[:, None]
     x = torch.cat([row[None], row[None] * 2.0 ** -5, row[None] * 2.0 ** 7, rand, torch.zeros(1, 32)]).to(dtype)
-    ops = create_ops(emulate=True, chip="950dt")
-    got = ops.fp4_sim(x.view(1, -1), 32)
+    got = compose.fp4_sim(x.view(1, -1), 32)  # the torch path (fp32 / fp16 on 950, every other chip)
     want = REF.fp4_sim(x.view(1, -1), 32)
     assert torch.equal(got, want)
     assert torch.equal(got.signbit(), want.signbit())  # a negative value rounding to zero gives +0, as the reference
-    assert ops.last_path["fp4_sim"].startswith("torch")
+    ops = create_ops(emulate=True, chip="950dt")
+    assert torch.equal(ops.fp4_sim(x.view(1, -1), 32), want)
+    # bf16 takes the MX pair on 950 (tests/test_ascend_mx_pair.py), fp32 the composition
+    assert ops.last_path["fp4_sim"].startswith("torch" if dtype == torch.float32 else "npu_dynamic_mx_quant")
 
 
 def test_gathered_fp4_weight_is_dequant_weight():

@@ -32,9 +32,10 @@ EXACT, REQUANT = "reference-ascend_emulated", "reference-ascend_requantized"  # 
 
 COMMON = {"npu_rms_norm", "npu_lightning_indexer"}
 A2A3_ATTN = COMMON | {"npu_rotary_mul"}  # no mHC op, no SFA with sinks on A2/A3; rotary interleave A2/A3 only
-# 950: the KV's FP8 simulation (and the FP8 GEMMs' activations) through the fused MX quantisation
+# 950: the KV's FP8 and the indexer's FP4 simulations (and the FP8 GEMMs' activations) through the fused MX
+# quantisation, dequantised by npu_anti_mx_quant
 A5_ATTN = COMMON | {"npu_sparse_flash_attention", "npu_mhc_pre", "npu_mhc_sinkhorn", "npu_mhc_post",
-                    "npu_dynamic_mx_quant"}
+                    "npu_dynamic_mx_quant", "npu_anti_mx_quant"}
 W8A8 = {"npu_dynamic_quant", "npu_quant_matmul"}
 # what each chip reaches under the 2.14.0 docs (V4's sqrt-softplus gate never reaches npu_moe_gating_top_k)
 A5_MOE = {"npu_moe_init_routing_v2", "npu_grouped_matmul", "npu_moe_finalize_routing"}

@@ -34,6 +34,7 @@ KERNELS: dict[str, Callable] = {
     "npu_swiglu": basic.npu_swiglu,
     "npu_dynamic_quant": basic.npu_dynamic_quant,
     "npu_dynamic_mx_quant": basic.npu_dynamic_mx_quant,
+    "npu_anti_mx_quant": basic.npu_anti_mx_quant,
     "npu_quant_matmul": basic.npu_quant_matmul,
     "npu_lightning_indexer": attention.npu_lightning_indexer,
     "npu_sparse_flash_attention": attention.npu_sparse_flash_attention,

@@ -279,8 +279,21 @@ def quant_matmul_fp8_blocks(x1: Tensor, x2: Tensor, scale: Tensor, pertoken_scal
 # dst_type codes: torch_npu's own enum (doc: float8_e5m2 291, float8_e4m3fn 292, float4_e2m1fn_x2 296, float4_e1m2fn_x2
 # 297) or torch's ScalarType code of a torch.dtype passed in (the wheel's meta map also takes 23 / 24)
 MX_FP8_TYPES = {291: torch.float8_e5m2, 292: torch.float8_e4m3fn}
-MX_FP4_TYPES = (296, 297)
-MX_EMAX = {torch.float8_e4m3fn: 8, torch.float8_e5m2: 15}  # aclnnDynamicMxQuantV3 doc: emax of the largest normal
+MX_E2M1, MX_E1M2 = 296, 297
+MX_FP4_TYPES = (MX_E2M1, MX_E1M2)
+MX_EMAX = {torch.float8_e4m3fn: 8, torch.float8_e5m2: 15, MX_E2M1: 2}  # aclnnDynamicMxQuantV3 doc: emax table
+E2M1_MAX = 6.0
+# the e2m1 magnitudes of codes 0..7 (sign in bit 3): OCP MX spec's FP4 E2M1, the values aclnnAntiMxQuant decodes
+E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+# midpoints between neighbouring magnitudes; a tie goes to the even code: down at 0.25, 1.25, 2.5, 5, up at 0.75, 1.75,
+# 3.5 (round_mode "rint" = round half to even)
+_E2M1_TIE_DOWN = (0.25, 1.25, 2.5, 5.0)
+_E2M1_TIE_UP = (0.75, 1.75, 3.5)
+# scale_alg 2 with dst_type_max 0.0 / 6.0 / 7.0 (scenario 3, first case) rounds the shared exponent up when the top
+# one (0.0, 6.0) or two (7.0) mantissa bits of the block's amax are set: the kernel adds 0x40 / 0x20 to the bf16 amax
+# bits (hicann/ops-nn quant/dynamic_mx_quant/op_kernel/arch35/dynamic_mx_quant_tail_axis.h, Init: addValueBit_ =
+# BF16_ADD_VALUE_MAN1 / MAN2; ComputeScaleDynamicDtypeRange)
+_FIRST_CASE_ROUND_UP = {0.0: 1.5, 6.0: 1.5, 7.0: 1.75}
 
 
 def _mx_fp8_type(dst_type: int) -> torch.dtype | None:
@@ -288,18 +301,96 @@ def _mx_fp8_type(dst_type: int) -> torch.dtype | None:
                                                torch.float8_e5m2: torch.float8_e5m2}.get(as_dtype(dst_type))
 
 
+def e2m1_codes(v: Tensor) -> Tensor:
+    """fp32 values (already multiplied by the block's reciprocal scale) -> e2m1 codes 0..15 (int64): round to
+    nearest, ties to the even code, saturating at +-6; the sign bit is kept, so a negative value that rounds to zero
+    gives -0 (code 8). ASSUMED: the kernel's cast keeps the sign of zero and saturates (an OCP MX conversion does)."""
+    a = v.abs().unsqueeze(-1)
+    down = torch.tensor(_E2M1_TIE_DOWN, device=v.device)
+    up = torch.tensor(_E2M1_TIE_UP, device=v.device)
+    mag = (a > down).sum(-1) + (a >= up).sum(-1)  # how many midpoints lie below (a tie counted to the even side)
+    return mag + 8 * torch.signbit(v).long()
+
+
+def e2m1_values(codes: Tensor) -> Tensor:
+    """e2m1 codes 0..15 -> fp32 values (-0.0 for code 8)."""
+    mags = torch.tensor(E2M1_MAGNITUDES, device=codes.device)[codes & 7]
+    return torch.where(codes >= 8, -mags, mags)
+
+
+# Packing of two e2m1 codes per byte: element 2i in the low nibble, 2i+1 in the high one. ASSUMED from torch's own
+# float4_e2m1fn_x2 (c10/util/Float4_e2m1fn_x2.h: "val1 : val0" = bits 7654 : 3210), which the 2.14.0 wheel treats as
+# the same storage as torch_npu.float4_e2m1fn_x2 (_meta_registrations.py: "PyTorch 2.8+ natively supports
+# float4_e2m1fn_x2"); the TorchAir converter of npu_anti_mx_quant bitcasts the uint8 bytes to FLOAT4_E2M1 and doubles
+# the last dim (ge_converter/custom/npu_anti_mx_quant.py). Not tried on a 950.
+def pack_e2m1(codes: Tensor) -> Tensor:
+    pairs = codes.unflatten(-1, (-1, 2))
+    return (pairs[..., 0] | (pairs[..., 1] << 4)).to(torch.uint8)
+
+
+def unpack_e2m1(packed: Tensor) -> Tensor:
+    b = packed.long()
+    return torch.stack([b & 0xF, b >> 4], dim=-1).flatten(-2)
+
+
+def _fp32_fields(s: Tensor) -> tuple[Tensor, Tensor]:
+    """(biased exponent field, mantissa field) of fp32 values, as int64."""
+    bits = s.view(torch.int32).long() & 0x7FFFFFFF
+    return bits >> 23, bits & 0x7FFFFF
+
+
+def _bf16_amax(amax: Tensor, dtype: torch.dtype) -> Tensor:
+    """The block amax as the scenario-3 first-case kernel reads it, in bf16 (ComputeMaxExpDynDtypeRange*): bf16 as is,
+    fp16 cast with CAST_RINT, fp32 truncated to its top 16 bits (ShiftRights by 16)."""
+    if dtype == torch.float32:
+        return (amax.view(torch.int32) & -65536).view(torch.float32)
+    return amax.to(torch.bfloat16).float()
+
+
+def _mx_scale_bytes(amax: Tensor, in_dtype: torch.dtype, out_dt: torch.dtype | int, scale_alg: int,
+                    dst_type_max: float, max_low_bound: float) -> Tensor:
+    """The e8m0 scale byte per block (int64) for each documented scale_alg."""
+    zero = torch.zeros_like(amax, dtype=torch.int64)
+    if scale_alg == 1:  # scenario 2 (FP8): S = max(amax, max_low_bound) / Amax(DType), exponent rounded up
+        s = torch.clamp(amax, min=max_low_bound) / torch.finfo(out_dt).max
+        mant, exp = torch.frexp(s)  # s = mant * 2^exp, mant in [0.5, 1): a power of two has mant 0.5
+        e = torch.where(mant > 0.5, exp, exp - 1)  # the unbiased exponent, rounded up unless s is a power of two
+        return torch.where(s > 0, (e + 127).clamp(0, 254), zero)
+    if scale_alg == 2 and dst_type_max not in _FIRST_CASE_ROUND_UP:
+        # scenario 3, second case: S = amax / dst_type_max, its exponent field E rounded up when S is normal with a
+        # non-zero mantissa and E < 254, else kept (a subnormal S gives byte 0); byte 0 for an all-zero block. The
+        # kernel multiplies by the fp32 reciprocal (tiling's invDstTypeMax_, ComputeScaleCublas: Mul(max32, invMax))
+        # where the doc writes a division
+        inv = torch.tensor(1.0 / dst_type_max, dtype=torch.float32, device=amax.device)
+        e, m = _fp32_fields(amax * inv)
+        byte = torch.where((e > 0) & (e < 254) & (m > 0), e + 1, e)
+        return torch.where(amax > 0, byte, zero)
+    emax = MX_EMAX[out_dt]
+    if scale_alg == 2:  # scenario 3, first case: floor(log2 amax) - emax, + 1 when the top mantissa bit(s) are set
+        ab = _bf16_amax(amax, in_dtype)
+        mant, exp = torch.frexp(ab)  # ab = (2 * mant) * 2^(exp - 1), 2 * mant in [1, 2)
+        e = exp - 1 + (2 * mant >= _FIRST_CASE_ROUND_UP[dst_type_max]).long() - emax
+        return torch.where(ab > 0, (e + 127).clamp(0, 254), zero)
+    # scenario 1 (OCP): 2^(floor(log2 amax) - emax)
+    e = torch.floor(torch.log2(amax)) - emax
+    return torch.where(amax > 0, (e + 127).clamp(0, 254), zero.float()).long()
+
+
 def npu_dynamic_mx_quant(chip: str, input: Tensor, *, axis: int = -1, round_mode: str = "rint", dst_type: int = 296,
                          block_size: int = 32, scale_alg: int | None = 0, dst_type_max: float = 0.0,
                          max_low_bound: float = 0.0) -> tuple[Tensor, Tensor]:
     """MX quantisation along `axis` in blocks of block_size: per block a power-of-two mxscale (e8m0 bytes), y =
     cast(x / mxscale). doc (wheel): input fp16/bf16/fp32, 1-7 D; fp32 needs block_size 32; block_size a multiple of
-    32 in (0, 1024]; FP8 round_mode "rint" only; scale_alg 0 (OCP) or 1 (cuBLAS, FP8 only); max_low_bound only with
-    scale_alg 1 (Amax = max(Amax, max_low_bound)); products: 950PR/950DT. mxscale (uint8) has input's shape with the
-    axis replaced by ceil(n / block_size) padded to even, / 2, and a trailing 2 (meta function).
-    Formulas from hicann/ops-nn aclnnDynamicMxQuantV3.md (the kernel torch_npu calls first): scale_alg 0: mxscale =
-    2^(floor(log2(amax)) - emax); scale_alg 1: S = amax / Amax(dtype), its exponent rounded up when S is not a power
-    of two; a partial last block counts missing values as 0; the even padding of mxscale is 0. Emulated: FP8 outputs
-    on the last axis (FP4 packing is not). ASSUMED: scale_alg 0 saturates y at the type's max."""
+    32 in (0, 1024]; FP4 needs an even last dim; FP8 round_mode "rint" only; scale_alg 0 (OCP), 1 (cuBLAS, FP8 only)
+    or 2 (FP4 e2m1 only, block_size 32); dst_type_max 0.0 or 6.0-12.0, only for float4_e2m1fn_x2 with block_size 32;
+    max_low_bound only with scale_alg 1 (Amax = max(Amax, max_low_bound)); products: 950PR/950DT. y: FP8 of x's
+    shape, or FP4 as uint8 with the last dim halved (two codes a byte, pack_e2m1); mxscale (uint8) has input's shape
+    with the axis replaced by ceil(n / block_size) padded to even, / 2, and a trailing 2 (meta function).
+    Formulas from hicann/ops-nn aclnnDynamicMxQuantV3.md (the kernel torch_npu calls first), see _mx_scale_bytes; a
+    partial last block counts missing values as 0; the even padding of mxscale is 0. Emulated: FP8 and FP4 e2m1
+    outputs on the last axis, round_mode "rint". ASSUMED: y saturates at the type's max (scale_alg 0 can overflow),
+    and an fp16 input's FP4 values are exactly rounded (the kernel stages them through bf16 with a correction,
+    ComputeDataOptimizeHalf / ComputeFP4FromFp32, not reproduced bit for bit here)."""
     op = "npu_dynamic_mx_quant"
     check(is_a5(chip), op, f"only on 950PR/950DT (doc: supported products), chip is {chip}")
     check(1 <= input.dim() <= 7 and input.dtype in FLOAT_ACT, op, f"input must be 1-7 D fp16/bf16/fp32, got "
@@ -308,30 +399,81 @@ def npu_dynamic_mx_quant(chip: str, input: Tensor, *, axis: int = -1, round_mode
     check(block_size % 32 == 0 and 0 < block_size <= 1024, op, f"block_size must be a multiple of 32 in (0, 1024], "
           f"got {block_size}")
     check(input.dtype != torch.float32 or block_size == 32, op, "fp32 input needs block_size 32 (doc)")
-    check(int(dst_type) not in MX_FP4_TYPES, op, "FP4 outputs (packed nibbles) are not emulated")
-    out_dt = _mx_fp8_type(dst_type)
-    check(out_dt is not None, op, f"dst_type must be float8_e5m2 (291) / float8_e4m3fn (292), got {dst_type}")
-    check(round_mode == "rint", op, f"FP8 outputs take round_mode 'rint' only, got {round_mode!r}")
-    check(scale_alg in (0, 1), op, f"FP8 outputs take scale_alg 0 or 1, got {scale_alg}")
-    check(dst_type_max == 0.0, op, "dst_type_max is for FP4 e2m1 with block_size 32 only")
+    fp4 = int(dst_type) in MX_FP4_TYPES
+    check(int(dst_type) != MX_E1M2, op, "float4_e1m2fn_x2 (297) outputs are not emulated")
+    out_dt = MX_E2M1 if fp4 else _mx_fp8_type(dst_type)
+    check(out_dt is not None, op, f"dst_type must be float8_e5m2 (291) / float8_e4m3fn (292) / float4_e2m1fn_x2 "
+          f"(296), got {dst_type}")
+    check(round_mode == "rint", op, f"only round_mode 'rint' is emulated (FP8 takes 'rint' only), got {round_mode!r}")
+    check(scale_alg in ((0, 2) if fp4 else (0, 1)), op, f"scale_alg for {'float4_e2m1fn_x2' if fp4 else 'FP8'} "
+          f"outputs must be {'0 or 2' if fp4 else '0 or 1'} (doc), got {scale_alg}")
+    check(scale_alg != 2 or block_size == 32, op, f"scale_alg 2 needs block_size 32 (doc), got {block_size}")
+    check(dst_type_max == 0.0 or (fp4 and block_size == 32), op,
+          "dst_type_max is for float4_e2m1fn_x2 with block_size 32 only (doc)")
+    check(dst_type_max == 0.0 or 6.0 <= dst_type_max <= 12.0, op,
+          f"dst_type_max must be 0.0 or in [6.0, 12.0] (doc), got {dst_type_max}")
     check(max_low_bound >= 0.0 and (scale_alg == 1 or max_low_bound == 0.0), op,
           "max_low_bound must be >= 0 and is allowed only with scale_alg 1")
     n = input.shape[-1]
+    check(not fp4 or n % 2 == 0, op, f"FP4 outputs need an even last dim (doc), got {n}")
     nb = -(-n // block_size)
     xf = torch.nn.functional.pad(input.float(), (0, nb * block_size - n))  # missing values count as 0
     blocks = xf.unflatten(-1, (nb, block_size))
     amax = blocks.abs().amax(-1)  # [..., nb]
-    fmax = torch.finfo(out_dt).max
-    if scale_alg == 1:
-        s = torch.clamp(amax, min=max_low_bound) / fmax
-        mant, exp = torch.frexp(s)  # s = mant * 2^exp, mant in [0.5, 1): a power of two has mant 0.5
-        e = torch.where(mant > 0.5, exp, exp - 1)  # the unbiased exponent, rounded up unless s is a power of two
-        byte = torch.where(s > 0, (e + 127).clamp(0, 254), torch.zeros_like(e))
+    byte = _mx_scale_bytes(amax, input.dtype, out_dt, scale_alg, dst_type_max, max_low_bound)
+    # the kernels multiply by the reciprocal 2^(127 - byte) (a byte of 0 gives 2^127); exact in fp32
+    q = blocks * torch.exp2(127.0 - byte.float()).unsqueeze(-1)
+    if fp4:
+        y = pack_e2m1(e2m1_codes(q.flatten(-2)[..., :n]))
     else:
-        e = torch.floor(torch.log2(amax)) - MX_EMAX[out_dt]
-        byte = torch.where(amax > 0, (e + 127).clamp(0, 254), torch.zeros_like(e))
-    scale = torch.exp2(byte.float() - 127.0)
-    q = (blocks * (1.0 / scale).unsqueeze(-1)).clamp(-fmax, fmax)
-    y = q.flatten(-2)[..., :n].to(out_dt)
+        fmax = torch.finfo(out_dt).max
+        y = q.clamp(-fmax, fmax).flatten(-2)[..., :n].to(out_dt)
     mx = torch.nn.functional.pad(byte.to(torch.uint8), (0, nb % 2))  # even padding of the block axis, value 0
     return y, mx.unflatten(-1, (-1, 2))
+
+
+def _mx_src_type(x: Tensor, src_type: int) -> torch.dtype | int | None:
+    """What x holds per the TorchAir converter's check: uint8 x only with an FP4 src_type, otherwise x's FP8 dtype
+    must be src_type's."""
+    if x.dtype == torch.uint8:
+        return int(src_type) if int(src_type) in MX_FP4_TYPES else None
+    return x.dtype if _mx_fp8_type(src_type) == x.dtype else None
+
+
+def npu_anti_mx_quant(chip: str, x: Tensor, mxscale: Tensor, *, axis: int | None = -1, dst_type: int | None = 15,
+                      src_type: int | None = 292) -> Tensor:
+    """MX dequantisation: y = x * 2^(sf - 127) per 32-element block of `axis`, sf the e8m0 byte (hicann/ops-nn
+    quant/anti_mx_quant/docs/aclnnAntiMxQuant.md). The 2.14.0 wheel ships no docstring: schema, meta function (y of
+    x's shape, last dim doubled for packed FP4) and TorchAir converter (dst_type fp16/bf16/fp32 as torch dtype codes,
+    default 15 = bf16; x rank 1-7, mxscale rank 2-8; uint8 x needs src_type 296/297, else x's dtype must be
+    src_type's). CANN doc: 950PR/950DT only; mxscale's shape is x's with the axis replaced by ceil(n / 32) padded to
+    even / 2 and a trailing 2 (rank + 1); FP8 x and mxscale may be non-contiguous, FP4 x may not. Emulated: the last
+    axis, FP8 and packed e2m1 x (pack_e2m1). ASSUMED: mxscale as uint8 bytes (what npu_dynamic_mx_quant returns) or
+    float8_e8m0fnu; the product is rounded once to dst_type."""
+    op = "npu_anti_mx_quant"
+    check(is_a5(chip), op, f"only on 950PR/950DT (aclnnAntiMxQuant.md), chip is {chip}")
+    check(1 <= x.dim() <= 7, op, f"Input x dimNum should be between 1 and 7, got {x.dim()} (converter)")
+    check(2 <= mxscale.dim() <= 8, op, f"Input mxscale dimNum should be between 2 and 8, got {mxscale.dim()}")
+    check(axis is not None and -x.dim() <= axis < x.dim(), op, f"Parameter axis is out of x dimension range, got "
+          f"{axis}")
+    check(axis in (-1, x.dim() - 1), op, "only the last axis is emulated")
+    out_dt = as_dtype(dst_type)
+    check(out_dt in FLOAT_ACT, op, f"Parameter dst_type only supports torch.float16, torch.float32, torch.bfloat16, "
+          f"got {dst_type} (converter)")
+    src = _mx_src_type(x, src_type)
+    check(src is not None, op, f"src_type {src_type} does not match x ({x.dtype}): uint8 x takes src_type 296/297, "
+          "FP8 x its own dtype (converter)")
+    check(src != MX_E1M2, op, "float4_e1m2 x (src_type 297) is not emulated")
+    check(src != MX_E2M1 or x.is_contiguous(), op, "FP4 x must be contiguous (aclnnAntiMxQuant.md)")
+    check(mxscale.dtype in (torch.uint8, torch.float8_e8m0fnu), op, f"mxscale must hold e8m0 bytes, got "
+          f"{mxscale.dtype}")
+    vals = e2m1_values(unpack_e2m1(x)) if src == MX_E2M1 else x.float()
+    n = vals.shape[-1]
+    nb = -(-n // 32)
+    want = (*x.shape[:-1], -(-nb // 2), 2)
+    check(tuple(mxscale.shape) == want, op, f"mxscale must be {want} for x {tuple(x.shape)} (aclnnAntiMxQuant.md: "
+          f"the axis as ceil(n / 32) padded to even / 2, a trailing 2), got {tuple(mxscale.shape)}")
+    sf = mxscale.view(torch.uint8).flatten(-2)[..., :nb].float()  # [..., nb]: one byte per 32-block
+    blocks = torch.nn.functional.pad(vals, (0, nb * 32 - n)).unflatten(-1, (nb, 32))
+    y = (blocks * torch.exp2(sf - 127.0).unsqueeze(-1)).flatten(-2)[..., :n]
+    return y.to(out_dt)

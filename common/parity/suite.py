@@ -34,8 +34,8 @@ A5 = ("950pr", "950dt")
 # npu_moe_gating_top_k (V4 scores with sqrt(softplus), the op with softmax/sigmoid only) and the MC2 dispatch /
 # combine ops (expert parallelism only; tests/test_ascend_release_attn.py covers them on 2 ranks)
 REACHABLE = ("npu_rms_norm", "npu_rotary_mul", "npu_swiglu", "npu_dynamic_quant", "npu_quant_matmul",
-             "npu_dynamic_mx_quant", "npu_lightning_indexer", "npu_sparse_flash_attention", "npu_mhc_pre",
-             "npu_mhc_sinkhorn", "npu_mhc_post", "npu_moe_init_routing_v2", "npu_grouped_matmul",
+             "npu_dynamic_mx_quant", "npu_anti_mx_quant", "npu_lightning_indexer", "npu_sparse_flash_attention",
+             "npu_mhc_pre", "npu_mhc_sinkhorn", "npu_mhc_post", "npu_moe_init_routing_v2", "npu_grouped_matmul",
              "npu_moe_finalize_routing")
 
 
