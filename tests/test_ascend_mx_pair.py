@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dsv4.ascend import create_ops
-from dsv4.ascend.backend import FP4_SIM_DST_MAX
+from dsv4.ascend.backend_quant import FP4_SIM_DST_MAX
 from dsv4.ascend.emulation import NpuOpError, make_torch_npu
 from dsv4.common.model.reference import ReferenceOps
 
