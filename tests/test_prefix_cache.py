@@ -52,13 +52,15 @@ def slot_state(runner: ModelRunner, slot: int, length: int, with_mtp: bool) -> d
         lc = runner.cache.layer_for(i, slice(slot, slot + 1), length)
         out[f"{i}.kv"] = lc.kv[0]  # [W + length // ratio, D]: ring, then the compressed entries
         if lc.ratio:
-            out[f"{i}.comp.kv"] = lc.comp.kv[0, :length % lc.ratio]
+            pending = lc.comp.rows(length // lc.ratio)  # the block in progress: its rows fed so far
+            out[f"{i}.comp.kv"] = lc.comp.kv[0, pending][:length % lc.ratio]
         if lc.index_kv is not None:
             out[f"{i}.index_kv"] = lc.index_kv[0]
         for part, st in (("comp", lc.comp), ("index_comp", lc.index_comp)):
-            if st is not None and st.prev_kv is not None and length >= 4:
-                out[f"{i}.{part}.prev_kv"] = st.prev_kv[0]
-                out[f"{i}.{part}.prev_score"] = st.prev_score[0]
+            if st is not None and st.overlap and length >= 4:
+                back = st.rows(length // st.ratio - 1)  # the look-back block
+                out[f"{i}.{part}.prev_kv"] = st.kv[0, back]
+                out[f"{i}.{part}.prev_score"] = st.score[0, back]
     return out
 
 

@@ -74,36 +74,45 @@ class SharedBlockWrite(ValueError):
 
 @dataclass
 class CompressorState:
-    kv: Tensor  # [Bmax, m, k*c] fp32, block in progress (row = position % m)
-    score: Tensor  # [Bmax, m, k*c] fp32, gate logits + ape of the same rows
-    prev_kv: Tensor | None  # [Bmax, m, 2c] fp32, last complete block (overlap only)
-    prev_score: Tensor | None  # [Bmax, m, 2c] fp32, -inf before the first block
+    """A compressor's pending rows per slot (raw K and gate scores of the tokens fed, fp32). Ratio m compressors
+    without overlap keep the block in progress: m rows, row = position % m. An overlap compressor (m = 4) also
+    pools the block before it, so it keeps TWO blocks as a ring: block j in rows [(j % 2) m, (j % 2) m + m)
+    (`rows`), the one in progress and the one before it. A completed block becomes the next one's look-back where
+    it lies: nothing is copied when a block completes, and the static decode step reads the 2m rows it pools with
+    one gather (common/model/static.py). The official code keeps the same [Bmax, 2m, 2c] state with a fixed
+    look-back half and copies each completed block into it (spec 5.7); the values pooled are the same."""
+
+    kv: Tensor  # [Bmax, R, w] fp32: R = m, or 2m with overlap (w = 2c: look-back channels [0, c), own [c, 2c))
+    score: Tensor  # [Bmax, R, w] fp32, gate logits + ape of the same rows; -inf where nothing was fed
+    ratio: int
 
     @classmethod
     def allocate(cls, batch: int, ratio: int, head_dim: int, device: torch.device) -> CompressorState:
-        overlap = ratio == 4
-        width = (2 if overlap else 1) * head_dim
-        kv = torch.zeros(batch, ratio, width, device=device)
-        score = torch.full((batch, ratio, width), float("-inf"), device=device)
-        if not overlap:
-            return cls(kv, score, None, None)
-        return cls(kv, score, torch.zeros_like(kv), torch.full_like(score, float("-inf")))
+        k = 2 if ratio == 4 else 1  # overlap: two blocks of rows, each row twice as wide
+        kv = torch.zeros(batch, k * ratio, k * head_dim, device=device)
+        return cls(kv, torch.full_like(kv, float("-inf")), ratio)
+
+    @property
+    def overlap(self) -> bool:
+        return self.kv.shape[1] == 2 * self.ratio
+
+    def rows(self, block: int) -> slice:
+        """The rows holding block `block` (of every slot: the eager path feeds slots that share their position)."""
+        first = (block % 2) * self.ratio if self.overlap else 0
+        return slice(first, first + self.ratio)
 
     def view(self, slots: slice) -> CompressorState:
-        return CompressorState(self.kv[slots], self.score[slots],
-                               None if self.prev_kv is None else self.prev_kv[slots],
-                               None if self.prev_score is None else self.prev_score[slots])
+        return CompressorState(self.kv[slots], self.score[slots], self.ratio)
 
     def gather(self, idx: Tensor) -> CompressorState:
-        return CompressorState(*(None if t is None else t[idx] for t in self.tensors()))
+        return CompressorState(self.kv[idx], self.score[idx], self.ratio)
 
     def scatter_(self, idx: Tensor, part: CompressorState) -> None:
         for full, t in zip(self.tensors(), part.tensors(), strict=True):
-            if full is not None:
-                full[idx] = t
+            full[idx] = t
 
-    def tensors(self) -> tuple[Tensor | None, ...]:
-        return self.kv, self.score, self.prev_kv, self.prev_score
+    def tensors(self) -> tuple[Tensor, Tensor]:
+        return self.kv, self.score
 
 
 @dataclass

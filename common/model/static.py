@@ -62,7 +62,6 @@ class StepPlan:
         ratios = sorted({r for r in a.compress_ratios[:a.n_layers] if r})
         self.phase = {r: pos % r for r in ratios}  # [B] the token's row in its compressor block
         complete = {r: (pos + 1) % r == 0 for r in ratios}  # this token completes its block
-        self.complete = {r: done[:, None, None] for r, done in complete.items()}  # [B,1,1], as block rows take it
         block = {r: pos // r for r in ratios}  # index of the block the token belongs to
         visible = {r: (pos + 1) // r for r in ratios}  # complete blocks the query sees
         self.index_visible = visible[4][:, None] if 4 in visible else None  # [B,1] the indexer's visible keys
@@ -73,8 +72,21 @@ class StepPlan:
         self.keys: dict[int, Tensor] = {0: window_rows[None]}
         self.entry_row: dict[tuple[int, str], Tensor] = {}
         stores = {st.ratio: st for st in cache.layers[:a.n_layers]}
+        # compressor states (cache.CompressorState): the row the token's K / score go to, and for an overlap
+        # compressor (a ring of two blocks) what the entry pools in one gather: [slot, ring row, channel half] for
+        # its 2m rows, the block before (its look-back channels) then the token's block (its own channels)
+        self.state_row: dict[int, Tensor] = {}
+        self.pool_at: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
         for r in ratios:
             st = stores[r]
+            if st.comp.overlap:
+                self.state_row[r] = (block[r] % 2) * r + self.phase[r]
+                j = torch.arange(2 * r, device=dev)
+                own = (j >= r).long()  # [2m]: 0 = the block before, 1 = the token's block
+                ring_rows = ((block[r][:, None] - 1 + own) % 2) * r + j % r  # [B,2m]
+                self.pool_at[r] = (slots[:, None, None], ring_rows[:, None], own[None, None])
+            else:
+                self.state_row[r] = self.phase[r]
             self.entry_row[(r, "kv")] = self._entry_row(st.per_block, st.pool_offset, st.scratch, block[r],
                                                         complete[r])
             t = torch.arange(self.capacity(r), device=dev).expand(B, -1)  # [B,cap] every entry of the bucket
@@ -123,20 +135,15 @@ def compressor_step(comp: Compressor, ops: Ops, x: Tensor, plan: StepPlan, state
     m, c, slots = comp.ratio, comp.head_dim, plan.slots
     k, z = comp.project(ops, x, plan.phase[m])  # [B,w] fp32
     # index_put_ rather than `t[i] = v`: the same write, without the view Python indexing makes of the value
-    state.kv.index_put_((slots, plan.phase[m]), k)
-    state.score.index_put_((slots, plan.phase[m]), z)
-    kv_rows, score_rows = state.kv[slots], state.score[slots]  # [B,m,w]: the block, complete or not
-    if comp.overlap:
-        prev_k, prev_z = state.prev_kv[slots], state.prev_score[slots]  # [B,m,w]
-        kb = torch.cat([prev_k[..., :c], kv_rows[..., c:]], dim=1)[:, None]  # [B,1,2m,c]
-        zb = torch.cat([prev_z[..., :c], score_rows[..., c:]], dim=1)[:, None]
+    state.kv.index_put_((slots, plan.state_row[m]), k)
+    state.score.index_put_((slots, plan.state_row[m]), z)
+    if comp.overlap:  # the block before and this one, each in its half of the ring, gathered as the entry pools them
+        at = plan.pool_at[m]
+        kb = state.kv.view(*state.kv.shape[:2], 2, c)[at]  # [B,1,2m,c]
+        zb = state.score.view(*state.score.shape[:2], 2, c)[at]
     else:
-        kb, zb = kv_rows[:, None], score_rows[:, None]  # [B,1,m,c]
+        kb, zb = state.kv[slots][:, None], state.score[slots][:, None]  # [B,1,m,c]: the block, complete or not
     flat_out.index_put_((out_row,), comp.entries(ops, kb, zb, plan.entry_cos_sin[m], flat_out.dtype))  # [B,1,c]
-    if comp.overlap:  # the completed block becomes the next block's look-back half
-        done = plan.complete[m]
-        state.prev_kv.index_put_((slots,), torch.where(done, kv_rows, prev_k))
-        state.prev_score.index_put_((slots,), torch.where(done, score_rows, prev_z))
 
 
 def indexer_step(idx: Indexer, ops: Ops, x: Tensor, xf: Tensor, iq: Tensor, cos: Tensor, sin: Tensor,

@@ -105,32 +105,36 @@ class Compressor(nn.Module):
         batch rows share `start`."""
         B, S, _ = x.shape
         m, c, r = self.ratio, self.head_dim, start % self.ratio
-        if start == 0 and self.overlap:  # a new sequence: nothing to look back on
-            state.prev_kv.zero_()
-            state.prev_score.fill_(float("-inf"))
+        first = start // m  # the block in progress: the first block of this span
+        if start == 0 and self.overlap:  # a new sequence: nothing to look back on (the rows of "block -1")
+            state.kv[:, state.rows(-1)].zero_()
+            state.score[:, state.rows(-1)].fill_(float("-inf"))
+        cur = state.rows(first)
         k, z = self.project(ops, x, torch.arange(start, start + S, device=x.device) % m)
-        k = torch.cat([state.kv[:, :r], k], dim=1)  # prepend the block in progress: positions [start-r, start+S)
-        z = torch.cat([state.score[:, :r], z], dim=1)
+        k = torch.cat([state.kv[:, cur][:, :r], k], dim=1)  # prepend the block in progress: positions [start-r, ...)
+        z = torch.cat([state.score[:, cur][:, :r], z], dim=1)
         nb = (r + S) // m
-        first = (start - r) // m  # index of the first block in this span
         out = k.new_empty(B, 0, c, dtype=dtype)
         if nb:
             kb = k[:, :nb * m].unflatten(1, (nb, m))  # [B,nb,m,w]
             zb = z[:, :nb * m].unflatten(1, (nb, m))
             if self.overlap:
-                prev_k = torch.cat([state.prev_kv[:, None], kb[:, :-1]], dim=1)  # the block before each block
-                prev_z = torch.cat([state.prev_score[:, None], zb[:, :-1]], dim=1)
+                back = state.rows(first - 1)
+                prev_k = torch.cat([state.kv[:, back][:, None], kb[:, :-1]], dim=1)  # the block before each block
+                prev_z = torch.cat([state.score[:, back][:, None], zb[:, :-1]], dim=1)
                 kb_pool = torch.cat([prev_k[..., :c], kb[..., c:]], dim=2)  # [B,nb,2m,c]
                 zb_pool = torch.cat([prev_z[..., :c], zb[..., c:]], dim=2)
-                state.prev_kv.copy_(kb[:, -1])
-                state.prev_score.copy_(zb[:, -1])
+                last = state.rows(first + nb - 1)  # the last completed block: the next one's look-back
+                state.kv[:, last] = kb[:, -1]
+                state.score[:, last] = zb[:, -1]
             else:
                 kb_pool, zb_pool = kb, zb
             block_pos = ((first + torch.arange(nb, device=x.device)) * m).expand(B, nb)  # each block's first token
             out = self.entries(ops, kb_pool, zb_pool, rope.cos_sin(block_pos), dtype)
         rem = r + S - nb * m
-        state.kv[:, :rem] = k[:, nb * m:]
-        state.score[:, :rem] = z[:, nb * m:]
+        pending = state.rows(first + nb).start  # the block now in progress
+        state.kv[:, pending:pending + rem] = k[:, nb * m:]
+        state.score[:, pending:pending + rem] = z[:, nb * m:]
         return out
 
     def project(self, ops: Ops, x: Tensor, phase: Tensor) -> tuple[Tensor, Tensor]:

@@ -245,7 +245,7 @@ class ModelRunner:
             views.append(lc.ring[b, ring_row])
             for st in (lc.comp, lc.index_comp):
                 if st is not None:
-                    views += [t[b] for t in (st.kv, st.score, st.prev_kv, st.prev_score) if t is not None]
+                    views += [t[b] for t in st.tensors()]
         return [(v, v.clone()) for v in views]
 
     def _restore(self, b: int, snap: list[tuple[Tensor, Tensor]], cur: int) -> None:

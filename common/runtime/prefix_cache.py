@@ -9,10 +9,11 @@ compression ratio, so no compressor has a block in progress at P):
   - a snapshot of the per-sequence state at P (`Entry.snapshot`, kept only at chosen boundaries), every layer's
     (the MTP layer's included):
       the window ring, all W rows (position p sits in row p % W; continuation reads positions P-W+1 .. P-1),
-      the ratio-4 compressors' look-back state prev_kv / prev_score (main and indexer): the raw K and gate scores
-      of the block ending at P, which the entry of the block starting at P pools through its first c channels.
-      Nothing else of a compressor: at P % ratio == 0 its pending rows [0, P % ratio) are empty, and
-      Compressor.forward reads state.kv[:, :start % ratio] only (the rows above are stale from any earlier chunk).
+      the ratio-4 compressors' look-back block (main and indexer): the raw K and gate scores of the block ending
+      at P (its rows of the state's two-block ring, `CompressorState.rows`), which the entry of the block starting
+      at P pools through its first c channels. Nothing else of a compressor: at P % ratio == 0 no row of the block
+      in progress has been fed, and Compressor.forward reads its rows [0, start % ratio) only (the rows above are
+      stale from any earlier chunk).
     For speculative requests also the main model's last-block streams at position P-1: the MTP layer lags the main
     model by one position (engine_runner.prefill_speculative) and is fed position P-1 with the next chunk.
     A snapshot taken from a plain request has no MTP state (its MTP layer was never fed); speculative requests
@@ -194,7 +195,7 @@ class PrefixCache:
         entries = [self.entries[k] for k in keys]
         self.cache.set_blocks(slot, [e.block for e in entries])
         last = entries[-1]
-        self._restore(slot, last.snapshot)
+        self._restore(slot, len(keys) * self.block_tokens, last.snapshot)
         self.cache.lengths[slot] = len(keys) * self.block_tokens
         for k in reversed(keys):  # leaf first: the head of the prefix ends most recent
             self.entries.move_to_end(k)
@@ -224,7 +225,7 @@ class PrefixCache:
         has_mtp = mtp_pending is not None and self.with_mtp
         if leaf.snapshot is None or (has_mtp and not leaf.has_mtp):
             self.nbytes -= leaf.nbytes
-            leaf.snapshot, leaf.has_mtp = self._capture(slot, mtp_pending if has_mtp else None), has_mtp
+            leaf.snapshot, leaf.has_mtp = self._capture(slot, P, mtp_pending if has_mtp else None), has_mtp
             leaf.nbytes = self._size(leaf)
             self.nbytes += leaf.nbytes
         for k in reversed(keys):
@@ -293,27 +294,28 @@ class PrefixCache:
     def _block_rows(self, block: int) -> dict[str, Tensor]:
         return {f"rows.{j}": t for j, (t, _) in enumerate(self._row_spans(block))}
 
-    def _state_views(self, slot: int, with_mtp: bool) -> dict[str, Tensor]:
-        """Views of slot's per-sequence state that continuation at a boundary reads (see the module docstring)."""
+    def _state_views(self, slot: int, with_mtp: bool, P: int) -> dict[str, Tensor]:
+        """Views of slot's per-sequence state that continuation at the boundary P reads (see the module docstring)."""
         W = self.args.window_size
         n = len(self.cache.layers) if with_mtp else self.args.n_layers
         views = {}
         for i, lc in enumerate(self.cache.layers[:n]):
             views[f"layers.{i}.ring"] = lc.ring[slot, :W]
             for part, st in (("comp", lc.comp), ("index_comp", lc.index_comp)):
-                if st is not None and st.prev_kv is not None:
-                    views[f"layers.{i}.{part}.prev_kv"] = st.prev_kv[slot]
-                    views[f"layers.{i}.{part}.prev_score"] = st.prev_score[slot]
+                if st is not None and st.overlap:
+                    back = st.rows(P // st.ratio - 1)  # the block ending at P
+                    views[f"layers.{i}.{part}.prev_kv"] = st.kv[slot, back]
+                    views[f"layers.{i}.{part}.prev_score"] = st.score[slot, back]
         return views
 
-    def _capture(self, slot: int, mtp_pending: Tensor | None) -> dict[str, Tensor]:
-        snap = {k: v.clone() for k, v in self._state_views(slot, mtp_pending is not None).items()}
+    def _capture(self, slot: int, P: int, mtp_pending: Tensor | None) -> dict[str, Tensor]:
+        snap = {k: v.clone() for k, v in self._state_views(slot, mtp_pending is not None, P).items()}
         if mtp_pending is not None:
             snap["mtp.pending"] = mtp_pending.detach().clone()
         return snap
 
-    def _restore(self, slot: int, snap: dict[str, Tensor]) -> None:
-        for k, view in self._state_views(slot, "mtp.pending" in snap).items():
+    def _restore(self, slot: int, P: int, snap: dict[str, Tensor]) -> None:
+        for k, view in self._state_views(slot, "mtp.pending" in snap, P).items():
             view.copy_(snap[k])
 
     # -- persistence -----------------------------------------------------------------------------------------------
