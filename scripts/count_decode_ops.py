@@ -201,6 +201,12 @@ def make_ops(backend: str, chip: str | None):
 # V4's attention dims (head_dim 512 with 64 rope dims, 64 indexer heads), where the 950's fused sparse flash attention
 # and lightning indexer take the call; the tiny model's head_dim 128 / 4 indexer heads fall back to torch there
 FLASH_ATTENTION_DIMS = dict(head_dim=512, index_n_heads=64)
+# every width of V4-Flash (configs/flash.yaml) on the tiny model's four layer kinds, with 8 routed experts (the fused
+# MoE's op count does not grow with them) and a small vocabulary (outside the layers): what a layer of the release
+# issues. About 5 minutes per backend on 2 cores (--flash-dims)
+FLASH_DIMS = dict(dim=4096, n_heads=64, q_lora_rank=1024, o_groups=8, o_lora_rank=1024, head_dim=512,
+                  moe_inter_dim=2048, n_activated_experts=6, index_n_heads=64, index_head_dim=128, index_topk=512,
+                  route_scale=1.5, n_hash_layers=1, vocab_size=1024)
 
 
 def count(backend: str, chip: str | None, dtype: torch.dtype, weights: str, path: str, batch: int,
@@ -283,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--only", default=None, help="run only cases whose label contains this text")
     p.add_argument("--markdown", type=Path, default=None)
+    p.add_argument("--flash-dims", action="store_true",
+                   help="also count emulated 950DT bf16 at every width of V4-Flash (4 layers, 8 experts; ~5 min)")
     p.add_argument("--by-seam", nargs="?", const="", default=None, metavar="LABEL",
                    help="also give, for the cases whose label contains LABEL (all without one), the static step's "
                         "ops per layer grouped by ops-seam method (printed, and written with --markdown)")
@@ -290,7 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     args = load_named_config("tiny")
     rows, seam_tables = [], []
-    for label, backend, chip, dtype, weights, *changes in CASES:
+    cases = CASES + ([("ascend 950dt bf16, V4-Flash dims (emulated)", "ascend", "950dt", torch.bfloat16, "quantized",
+                       FLASH_DIMS)] if a.flash_dims else [])
+    for label, backend, chip, dtype, weights, *changes in cases:
         if a.only and a.only not in label:
             continue
         res = {path: count(backend, chip, dtype, weights, path, a.batch, *changes) for path in ("eager", "static")}
@@ -313,7 +323,9 @@ def main(argv: list[str] | None = None) -> int:
            "(interpreted) counts as one op; `without view ops` drops metadata-only ops (view, slice, unsqueeze...: no "
            "kernel in a captured graph); `with internals` adds the aten ops the CPU emulation of the torch_npu ops "
            "spends inside them (not device launches). eager = the model's forward; static = the captured step "
-           "(common/model/static.py) run uninterpreted.", "",
+           "(common/model/static.py) run uninterpreted." + (
+               " `V4-Flash dims` (--flash-dims): every width of configs/flash.yaml on the same four layer kinds, with "
+               "8 routed experts and a vocabulary of 1024." if a.flash_dims else ""), "",
            "| backend | weights | eager ops/layer | static ops/layer | static without view ops | of which fused "
            "launches | static outside layers | static with internals |",
            "|---|---|---:|---:|---:|---:|---:|---:|"]
