@@ -196,10 +196,10 @@ def topk_visible(score: Tensor, visible: Tensor, topk: int) -> Tensor:
     equal scores (e.g. all-zero ReLU rows) to the lower index, so every backend selects the same set."""
     T = score.shape[-1]
     kk = min(topk, T)
-    allowed = torch.arange(T, device=score.device) < visible[..., None]
-    score = score.masked_fill(~allowed, float("-inf"))
+    hidden = torch.arange(T, device=score.device) >= visible[..., None]  # keys the query cannot see yet
+    score = score.masked_fill(hidden, float("-inf"))
     sel = score.sort(dim=-1, descending=True, stable=True).indices[..., :kk]
-    return torch.where(torch.gather(allowed, -1, sel), sel, torch.full_like(sel, -1))
+    return torch.where(torch.gather(hidden, -1, sel), -1, sel)
 
 
 OP_NAMES = [

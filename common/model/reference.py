@@ -127,12 +127,11 @@ class ReferenceOps(Ops):
         B, s, H, D = q.shape
         qs = f32(q)
         idx = indices.long()
-        valid = idx >= 0
         keys = kv[batch, idx.clamp(min=0)].float()  # [B,s,K,D]: gather first, so only used rows convert
         K = keys.shape[2]
         # one bmm per (b, s) query row, [H,D] @ [D,K] (what einsum "bshd,bskd->bshk" runs, without its permutes)
         logits = torch.bmm(qs.flatten(0, 1), keys.flatten(0, 1).transpose(1, 2)).view(B, s, H, K) * softmax_scale
-        logits = logits.masked_fill(~valid[:, :, None, :], float("-inf"))
+        logits = logits.masked_fill((idx < 0)[:, :, None, :], float("-inf"))  # -1: no key
         sink_col = f32(sink).view(1, 1, H, 1).expand(B, s, H, 1)
         probs = torch.cat([logits, sink_col], dim=-1).softmax(-1)[..., :-1]
         probs = f32(like(probs, q.dtype))  # the kernel rounds P to the activation dtype before PV
