@@ -49,7 +49,7 @@ class AscendOps(QuantSimOps, MoEOps, Ops):
         self.emulated = emulated
         self.use_custom_ops = use_custom_ops
         self.last_path: dict[str, str] = {}
-        self._converted: dict[object, tuple[weakref.ref, LinearWeight]] = {}
+        self._converted: dict[object, tuple[weakref.ref, object]] = {}  # _kept: (tag, id(weight)) -> (ref, value)
         self._tables: dict[tuple, Tensor] = {}  # small constant index tensors, per device
         # where no fused operator fits, the plain-torch reference runs (it uses only stock torch ops, so it runs on
         # the NPU too); Ascend-specific compositions (no FP8 dtype on A2/A3, int8 quantisation) live in compose.py
@@ -77,20 +77,25 @@ class AscendOps(QuantSimOps, MoEOps, Ops):
         mx_expert = expert and self.fp8_native and self.has("npu_grouped_matmul")
         if self.fp8_native and w.fmt == "fp8" and not mx_expert:
             return w
-        key = id(w.weight)
-        hit = self._converted.get(key)
-        if hit is not None and hit[0]() is w.weight:
-            return hit[1]
+        return self._kept("native", w.weight, lambda: self._convert(w, expert, mx_expert))
+
+    def _convert(self, w: LinearWeight, expert: bool, mx_expert: bool) -> LinearWeight:
         if self.weights == "bf16":
-            out = LinearWeight(dequant_any(w).to(torch.bfloat16), None, "none")
-        elif mx_expert:
-            out = to_mxfp8(w)
-        elif self.fp8_native:
-            out = fp4_to_fp8(w)
-        else:
-            out = to_w4a8(w) if expert and self.weights == "auto" and self.chip == "910b" else to_w8a8(w)
-        self._converted[key] = (weakref.ref(w.weight), out)
-        return out
+            return LinearWeight(dequant_any(w).to(torch.bfloat16), None, "none")
+        if mx_expert:
+            return to_mxfp8(w)
+        if self.fp8_native:
+            return fp4_to_fp8(w)
+        return to_w4a8(w) if expert and self.weights == "auto" and self.chip == "910b" else to_w8a8(w)
+
+    def _kept(self, tag: object, weight: Tensor, make):
+        """make() for this weight tensor, made at the first call and kept while the tensor lives: keyed by its id
+        and checked through a weak reference (a freed tensor's id can be reused by another)."""
+        key = (tag, id(weight))
+        hit = self._converted.get(key)
+        if hit is None or hit[0]() is not weight:
+            hit = self._converted[key] = (weakref.ref(weight), make())
+        return hit[1]
 
     def _table(self, key: tuple, make) -> Tensor:
         """A small constant index tensor, made once per key (its device in the key) from Python values only."""
@@ -264,34 +269,23 @@ class AscendOps(QuantSimOps, MoEOps, Ops):
         # view at every call): the same kernel on the same operands
         self._took("grouped_linear", "torch bmm")
         G, _, K = x.shape
-        key = ("grouped_t", id(weight), G)
-        hit = self._converted.get(key)
-        if hit is None or hit[0]() is not weight:
-            self._converted[key] = hit = (weakref.ref(weight), weight.view(G, -1, K).transpose(1, 2))
-        return torch.bmm(x, hit[1].to(x.dtype))
+        kn = self._kept(("grouped_t", G), weight, lambda: weight.view(G, -1, K).transpose(1, 2))
+        return torch.bmm(x, kn.to(x.dtype))
 
     def _transposed(self, weight: Tensor) -> Tensor:
         """weight.t() [in, out], a view made once per parameter and kept (a weight made per call, e.g. a view of
         one group of wo_a, is transposed each time: caching it would keep one entry per call)."""
         if not isinstance(weight, torch.nn.Parameter):
             return weight.t()
-        key = ("t", id(weight))
-        hit = self._converted.get(key)
-        if hit is None or hit[0]() is not weight:
-            self._converted[key] = hit = (weakref.ref(weight), weight.t())
-        return hit[1]
+        return self._kept("t", weight, weight.t)
 
     def _gb_weight(self, w: LinearWeight) -> LinearWeight:
         """The weight as npu_quant_matmul's G-B form takes it for x2 = weight.t() [K, N]: the transposed view and the
         128x128 block scales as fp32 [K/128, N/128] (quant_matmul_group_sizes_check: scale.size(-1) = ceil(N / 128),
         scale.size(-2) the K blocks of pertoken_scale). Made once per weight tensor (the scale transposed and made
         contiguous, the weight a view), then cached."""
-        key = ("gb_kn", id(w.weight))
-        hit = self._converted.get(key)
-        if hit is None or hit[0]() is not w.weight:
-            kn = LinearWeight(w.weight.t(), w.scale.float().t().contiguous(), "fp8")
-            self._converted[key] = hit = (weakref.ref(w.weight), kn)
-        return hit[1]
+        return self._kept("gb_kn", w.weight,
+                          lambda: LinearWeight(w.weight.t(), w.scale.float().t().contiguous(), "fp8"))
 
     def _dequant_fp8(self, w: LinearWeight) -> Tensor:
         """fp32 [out, in] of an FP8 weight (the reference's dequant_weight products). Whole 128x128 blocks: the
@@ -300,13 +294,9 @@ class AscendOps(QuantSimOps, MoEOps, Ops):
         rows, cols = w.weight.shape[-2:]
         if w.weight.dim() != 2 or rows % FP8_BLOCK or cols % FP8_BLOCK:
             return dequant_any(w)
-        key = ("blocks", id(w.weight))
-        hit = self._converted.get(key)
-        if hit is None or hit[0]() is not w.weight:
-            R, C = rows // FP8_BLOCK, cols // FP8_BLOCK
-            blocks = LinearWeight(w.weight.view(R, FP8_BLOCK, C, FP8_BLOCK), w.scale.float().view(R, 1, C, 1), "fp8")
-            self._converted[key] = hit = (weakref.ref(w.weight), blocks)
-        q, s = hit[1].weight, hit[1].scale
+        R, C = rows // FP8_BLOCK, cols // FP8_BLOCK
+        q, s = self._kept("blocks", w.weight, lambda: (w.weight.view(R, FP8_BLOCK, C, FP8_BLOCK),
+                                                       w.scale.float().view(R, 1, C, 1)))
         return (q.float() * s).view(rows, cols)
 
     def _w8a8_fused(self, x: Tensor, w: LinearWeight) -> bool:

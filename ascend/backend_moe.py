@@ -3,13 +3,11 @@ ops (npu_moe_init_routing_v2 -> npu_grouped_matmul -> npu_moe_finalize_routing) 
 shapes and no host read on A2 and 950; a per-expert GEMM loop on 910C; the static gathered torch form (one expert
 weight per (token, expert) pair) without the fused routing or for fp32 activations on 950.
 
-A mixin: it uses AscendOps' plumbing (`npu`, `chip`, `has`, `_took`, `last_path`, `native_weight`, `_converted`,
+A mixin: it uses AscendOps' plumbing (`npu`, `chip`, `has`, `_took`, `last_path`, `native_weight`, `_kept`,
 `_table`, `_torch`, `linear`, `_v4_fp8_quant`), and is only ever a base of AscendOps.
 """
 
 from __future__ import annotations
-
-import weakref
 
 import torch
 import torch.nn.functional as F
@@ -106,11 +104,7 @@ class MoEOps:
 
     def _kn_view(self, w: LinearWeight) -> Tensor:
         """The [E, K, N] transposed view of stacked [E, N, K] weights, made once per weight tensor and kept."""
-        key = ("kn", id(w.weight))
-        hit = self._converted.get(key)
-        if hit is None or hit[0]() is not w.weight:
-            self._converted[key] = hit = (weakref.ref(w.weight), LinearWeight(w.weight.transpose(1, 2), None, w.fmt))
-        return hit[1].weight
+        return self._kept("kn", w.weight, lambda: w.weight.transpose(1, 2))
 
     def _mx_rows(self, rows: Tensor, w: LinearWeight) -> tuple[Tensor, Tensor] | None:
         """rows [M, K] as the MX form takes them, or None where it does not run (another weight format, fp32 rows,
