@@ -1,15 +1,15 @@
 """Bit-for-bit snapshot of decode steps on every backend row of scripts/count_decode_ops.py, to show that a change
 to the graph, a backend or the cache layout leaves the numbers as they were.
 
-    python scripts/decode_bits.py save /tmp/before.pt     # on the tree before the change (~90 s on 2 cores)
-    python scripts/decode_bits.py compare /tmp/before.pt  # after it: prints every tensor that differs, exit 1 if any
-    python scripts/decode_bits.py save /tmp/b.pt --only 950dt   # the rows whose label contains 950dt
+    python scripts/decode_bits.py save /tmp/before.safetensors     # on the tree before the change (~2 min, 2 cores)
+    python scripts/decode_bits.py compare /tmp/before.safetensors  # after it: every tensor that differs, exit 1 if any
+    python scripts/decode_bits.py save /tmp/b.safetensors --only 950dt   # the rows whose label contains 950dt
 
 Per row (backend, chip, dtype, weights): the tiny model with random weights, a 300-token prompt through the
 reference, then 4 decode steps of batch 2 on the backend, once through the static step and once through the eager
-forward (fresh caches). Saved: the logits of every step and every tensor of the cache afterwards (KV rows, indexer
-keys, compressor states, ...), by name. A bf16 row can hide an fp32 ulp in an op's intermediate: the op tests
-(tests/test_reference_ops.py, tests/test_ascend_*.py) compare the changed op itself.
+forward (fresh caches). Saved (safetensors, "row label::tensor name"): the logits of every step and every tensor of
+the cache afterwards (KV rows, indexer keys, compressor states, ...). A bf16 row can hide an fp32 ulp in an op's
+intermediate: the op tests (tests/test_reference_ops.py, tests/test_ascend_*.py) compare the changed op itself.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from pathlib import Path
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before any @triton.jit runs (shared/notes/toolchain.md)
 
 import torch  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import count_decode_ops as rows  # noqa: E402
@@ -89,10 +90,14 @@ def main(argv: list[str] | None = None) -> int:
             for label, backend, chip, dtype, weights, *changes in rows.CASES
             if a.only is None or a.only in label}
     if a.mode == "save":
-        torch.save(snap, a.file)
+        save_file({f"{label}::{name}": t.contiguous() for label, ts in snap.items() for name, t in ts.items()},
+                  str(a.file))
         print(f"saved {sum(len(v) for v in snap.values())} tensors of {len(snap)} rows to {a.file}")
         return 0
-    old = torch.load(a.file)
+    old: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in load_file(str(a.file)).items():
+        label, name = key.split("::", 1)
+        old.setdefault(label, {})[name] = t
     bad = 0
     for label, now in snap.items():
         then = old.get(label, {})
