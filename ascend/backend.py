@@ -34,6 +34,7 @@ FP8_CHIPS = A5  # chips whose checkpoints keep FP8 weights (their GEMM: npu_quan
 WEIGHT_POLICIES = ("auto", "w8a8", "bf16")
 FP8_GB_PATH = "npu_dynamic_mx_quant + npu_quant_matmul (FP8 G-B, group_sizes [1,128,128])"
 W8A8_PATH = "npu_dynamic_quant + npu_quant_matmul (W8A8)"
+ZEROS_KEPT = 4  # _zeros: a static step uses two shapes (SFA's query and key rope parts)
 LI_BLOCK = 64  # paged-key block size for the lightning indexer (a multiple of 16, <= 1024: section 4)
 
 
@@ -51,6 +52,7 @@ class AscendOps(QuantSimOps, MoEOps, Ops):
         self.last_path: dict[str, str] = {}
         self._converted: dict[object, tuple[weakref.ref, object]] = {}  # _kept: (tag, id(weight)) -> (ref, value)
         self._tables: dict[tuple, Tensor] = {}  # small constant index tensors, per device
+        self._zero_parts: dict[tuple, Tensor] = {}  # _zeros: the last few, oldest first
         # where no fused operator fits, the plain-torch reference runs (it uses only stock torch ops, so it runs on
         # the NPU too); Ascend-specific compositions (no FP8 dtype on A2/A3, int8 quantisation) live in compose.py
         self._torch = ReferenceOps(self.device)
@@ -344,14 +346,28 @@ class AscendOps(QuantSimOps, MoEOps, Ops):
         packed = torch.gather(indices, -1, order).to(torch.int32).unsqueeze(2)  # [B,S,1,K]
         # V4 keeps its rope dims inside the 512 (last 64), so the op's separate 64-d rope part gets zeros: the
         # logits gain nothing and the value (= the 512-d key) is exactly V4's
-        q_rope = q.new_zeros(B, S, H, 64)
+        q_rope = self._zeros((B, S, H, 64), q)
         kv4 = kv.unsqueeze(2).contiguous()  # doc: query / key / value / indices must be contiguous
-        k_rope = kv.new_zeros(B, kv.shape[1], 1, 64)
+        k_rope = self._zeros((B, kv.shape[1], 1, 64), kv)
         # sparse_mode 0: the indices already encode causality; mode 3 would also mask the appended compressed rows
         out = self.npu.npu_sparse_flash_attention(q.contiguous(), kv4, kv4, packed, softmax_scale, query_rope=q_rope,
                                                   key_rope=k_rope, layout_query="BSND", layout_kv="BSND",
                                                   sparse_mode=0, attention_mode=2, sinks=sink.float())
         return out[0]
+
+    def _zeros(self, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        """Zeros of `shape` (like's dtype and device) for an operand the op requires but V4 leaves empty. The last
+        few shapes are kept (ZEROS_KEPT): a static decode step reuses the same two every layer and step, where a fresh
+        [rows, 64] key part would be filled per layer (1/8 of the KV store's bytes); prefill and eager decode shapes
+        churn through the few entries, never holding more than those."""
+        key = (shape, like.dtype, str(like.device))
+        z = self._zero_parts.pop(key, None)
+        if z is None:
+            z = like.new_zeros(shape)
+            while len(self._zero_parts) >= ZEROS_KEPT:
+                self._zero_parts.pop(next(iter(self._zero_parts)))  # the least recently used
+        self._zero_parts[key] = z  # (re)inserted last: most recently used
+        return z
 
     def compress_pool(self, kv: Tensor, score: Tensor) -> Tensor:
         # overlap compression (and the pooling itself) has no torch_npu op (V4's compressor is a custom op)
@@ -388,11 +404,18 @@ class AscendOps(QuantSimOps, MoEOps, Ops):
         # "batch" per query does: every query's block_table row points at its batch's key blocks and its kv length
         # is visible[b,s] (the decode-style call vllm-ascend makes)
         nblk = -(-T // LI_BLOCK)
-        cache = F.pad(k, (0, 0, 0, nblk * LI_BLOCK - T)).reshape(B * nblk, LI_BLOCK, 1, D)
-        table = (torch.arange(B, device=q.device) * nblk).unsqueeze(1) + torch.arange(nblk, device=q.device)
-        table = table.repeat_interleave(S, dim=0).to(torch.int32)  # [B*S, nblk]
+        dev = q.device
+        # no pad where the key length is whole blocks already (a decode bucket's capacity)
+        padded = k if T == nblk * LI_BLOCK else F.pad(k, (0, 0, 0, nblk * LI_BLOCK - T))
+        cache = padded.reshape(B * nblk, LI_BLOCK, 1, D)
         lens = visible.reshape(-1).clamp(0, T).to(torch.int32)
-        cu_q = torch.arange(1, B * S + 1, dtype=torch.int32, device=q.device)
+        if S == 1:  # decode: the block table and query ends hang on (B, nblk) only, bounded by the buckets: kept
+            table = self._table(("li_table", B, nblk, str(dev)), lambda: self._li_table(B, 1, nblk, dev))
+            cu_q = self._table(("li_cu_q", B, str(dev)),
+                               lambda: torch.arange(1, B + 1, dtype=torch.int32, device=dev))
+        else:  # prefill: S varies, and a [B*S, nblk] table is not worth keeping
+            table = self._li_table(B, S, nblk, dev)
+            cu_q = torch.arange(1, B * S + 1, dtype=torch.int32, device=dev)
         # doc: weights "数据类型支持bfloat16和float16" on every chip: V4's fp32 head weights go in as q's dtype
         # (scores then differ from fp32 ones by ~1e-3 relative; only near-ties of the top-k can move)
         # doc: query / key / weights must be contiguous
@@ -402,6 +425,12 @@ class AscendOps(QuantSimOps, MoEOps, Ops):
                                                 actual_seq_lengths_key=lens, block_table=table, layout_query="TND",
                                                 layout_key="PA_BSND", sparse_count=kk, sparse_mode=0)
         return idx[:, 0, :kk].long().view(B, S, kk)
+
+    @staticmethod
+    def _li_table(B: int, S: int, nblk: int, device: torch.device) -> Tensor:
+        """[B*S, nblk] int32 block table: query (b, s) reads key blocks b*nblk .. b*nblk + nblk - 1 (its batch's)."""
+        table = (torch.arange(B, device=device) * nblk).unsqueeze(1) + torch.arange(nblk, device=device)
+        return table.repeat_interleave(S, dim=0).to(torch.int32)
 
     # -- hyper-connections ------------------------------------------------------------------------------------------
     def _mhc_fits(self, x: Tensor) -> str | None:

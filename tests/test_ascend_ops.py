@@ -215,6 +215,21 @@ def test_sparse_attention_bf16_512(chip):
     assert got[0, 0].abs().sum() == 0
 
 
+def test_sparse_attention_keeps_only_a_few_zero_rope_parts():
+    # the SFA's zero rope operands are kept per shape (a static step reuses two) but only the last few: eager decode
+    # grows the key length every step, and a prefill's shapes vary
+    from dsv4.ascend.backend import ZEROS_KEPT
+    ops = ops_for("950dt")
+    for N in (11, 12, 13, 14, 15, 16, 11):
+        q, kv, sink, idx = attn_inputs(512, torch.bfloat16, H=2, S=1, N=N)
+        got = ops.sparse_attention(q, kv, sink, idx, 512 ** -0.5).float()
+        assert ops.last_path["sparse_attention"].startswith("npu_sparse_flash_attention")
+        ref = REF.sparse_attention(q, kv, sink, idx, 512 ** -0.5).float()
+        torch.testing.assert_close(got, ref, atol=6 * 4 * BF16_ULP * 0.5, rtol=BF16_ULP)
+        assert len(ops._zero_parts) <= ZEROS_KEPT
+        assert all(z.abs().sum() == 0 for z in ops._zero_parts.values())  # nothing wrote into a kept operand
+
+
 def test_compress_pool():
     ops = ops_for()
     kv, score = randn(2, 3, 8, 16), randn(2, 3, 8, 16, seed=1)
@@ -259,6 +274,20 @@ def test_indexer_topk_bf16(chip, heads, topk):
     w_ref = w.bfloat16().float() if chip == "950dt" and fused else w
     want = REF.indexer_topk(q, k, w_ref, vis, topk)
     assert torch.equal(sorted_rows(got), sorted_rows(want))
+
+
+@pytest.mark.parametrize("T", [128, 100])  # whole LI blocks (no pad) and a partial last block
+def test_indexer_topk_decode_reuses_its_tables(T):
+    # decode (S = 1): the block table and query ends are kept per (B, nblk) and reused by the next call; the result
+    # is the reference's selection every time
+    ops = ops_for("950dt")
+    for seed in (11, 21):
+        q, k, w, vis = indexer_inputs(8, torch.bfloat16, T=T, S=1, seed=seed)
+        got = ops.indexer_topk(q, k, w, vis, 16)
+        assert ops.last_path["indexer_topk"].startswith("npu_lightning_indexer")
+        want = REF.indexer_topk(q, k, w.bfloat16().float(), vis, 16)
+        assert torch.equal(sorted_rows(got), sorted_rows(want))
+    assert [key[0] for key in ops._tables if key[0].startswith("li_")] == ["li_table", "li_cu_q"]
 
 
 # -- MoE ---------------------------------------------------------------------------------------------------------------
