@@ -158,7 +158,8 @@ class MoEOps:
                    "doc, 950 by the wheel's code)")
 
     def moe_experts(self, x: Tensor, weights: Tensor, ids: Tensor, w1: LinearWeight, w2: LinearWeight,
-                    w3: LinearWeight, swiglu_limit: float, expert_offset: int = 0) -> Tensor:
+                    w3: LinearWeight, swiglu_limit: float, expert_offset: int = 0,
+                    n_experts: int | None = None) -> Tensor:
         T, d = x.shape
         k = ids.shape[1]
         n_local = w1.weight.shape[0]
@@ -171,42 +172,53 @@ class MoEOps:
             if T * k <= STATIC_EXPERT_PAIRS or torch.compiler.is_compiling():
                 # decode: every (token, expert) pair gathers its expert's weights, with no data-dependent shape
                 self._took("moe_experts", f"torch, static shapes: one gathered expert per (token, expert) pair ({why})")
-                return routed_experts(self)(x, weights, ids, w1, w2, w3, swiglu_limit, expert_offset)
+                return routed_experts(self)(x, weights, ids, w1, w2, w3, swiglu_limit, expert_offset,
+                                                   n_experts)
             self._took("moe_experts", f"torch reference ({why})")
-            return self._torch.moe_experts(x, weights, ids, w1, w2, w3, swiglu_limit, expert_offset)
+            return self._torch.moe_experts(x, weights, ids, w1, w2, w3, swiglu_limit, expert_offset, n_experts)
         w1n, w2n, w3n = (self.native_weight(w, expert=True) for w in (w1, w2, w3))
         M, dev = T * k, x.device
         # doc: expert ids "不能超过专家数" and active_expert_range ends at or below expert_num. With expert parallelism
         # `ids` are global: this rank's experts map to 0..n_local-1 and every other id to one spare id n_local, so
         # expert_num = n_local + 1 and no pair is dropped (finalize_routing's index must hold no -1 either): ids
         # clamped into [-1, n_local], then looked up in a stored table whose entries n_local and -1 (the last) are
-        # the spare id. Shapes are static (T*k rows) and nothing is read on the host: the static decode step
-        # captures all of this
-        local = ids if expert_offset == 0 else ids - expert_offset
-        spare_map = self._table(("spare_map", n_local, str(dev)), lambda: torch.cat([
-            torch.arange(n_local, dtype=torch.int32, device=dev), torch.full((2,), n_local, dtype=torch.int32,
-                                                                            device=dev)]))
-        ids32 = spare_map[local.clamp(-1, n_local)]  # [T, k] int32
+        # the spare id. Without it (this process holds all n_experts) every id is local: no spare, no masking.
+        # Shapes are static (T*k rows) and nothing is read on the host: the static decode step captures all of this
+        all_local = expert_offset == 0 and n_experts == n_local
+        n_route = n_local if all_local else n_local + 1  # routed ids, the spare one included
+        if all_local:
+            ids32 = ids.to(torch.int32)  # [T, k]
+        else:
+            local = ids if expert_offset == 0 else ids - expert_offset
+            spare_map = self._table(("spare_map", n_local, str(dev)), lambda: torch.cat([
+                torch.arange(n_local, dtype=torch.int32, device=dev), torch.full((2,), n_local, dtype=torch.int32,
+                                                                                device=dev)]))
+            ids32 = spare_map[local.clamp(-1, n_local)]  # [T, k] int32
         rows, row_idx, counts, _ = self.npu.npu_moe_init_routing_v2(
-            x, ids32, active_num=M, expert_num=n_local + 1, expert_tokens_num_type=1, expert_tokens_num_flag=True,
-            active_expert_range=[0, n_local + 1], row_idx_type=0)
+            x, ids32, active_num=M, expert_num=n_route, expert_tokens_num_type=1, expert_tokens_num_flag=True,
+            active_expert_range=[0, n_route], row_idx_type=0)
         # V4 weights each expert's activation BEFORE w2 (finalize_routing would weight after): the routing weight
         # of output row r is weights[src] for the src with row_idx[src] = r (every row is some pair's: dropless)
         row_w = torch.empty(M, 1, dtype=torch.float32, device=dev)
         row_w[row_idx] = weights.float().view(M, 1)
         if self.has("npu_grouped_matmul"):
-            ends = torch.cumsum(counts, 0)  # [n_local + 1] on the device; the spare expert's rows sort last
-            spare = self._table(("rows", M, str(dev)), lambda: torch.arange(M, device=dev)[:, None]) \
-                >= ends[n_local - 1:n_local]  # [M, 1]: other ranks' pairs
-            # 950 takes group ends adding up to fewer rows (its GEMM leaves the spare rows undefined); A2's doc wants
-            # every row in a group: the spare rows join the last one, ends[n_local - 1] replaced by ends[n_local]
-            fold = self._table(("fold_spare", n_local, str(dev)), lambda: torch.cat([
-                torch.arange(n_local - 1, device=dev), torch.full((1,), n_local, device=dev)]))
-            gemm_ends = ends[:n_local] if self.chip in A5 else ends.index_select(0, fold)
-            y = self._grouped_ffn(rows, gemm_ends, w1n, w2n, w3n, swiglu_limit, row_w).masked_fill(spare, 0.0)
+            ends = torch.cumsum(counts, 0)  # [n_route] on the device; the spare expert's rows sort last
+            if all_local:
+                y = self._grouped_ffn(rows, ends, w1n, w2n, w3n, swiglu_limit, row_w)
+            else:
+                spare = self._table(("rows", M, str(dev)), lambda: torch.arange(M, device=dev)[:, None]) \
+                    >= ends[n_local - 1:n_local]  # [M, 1]: other ranks' pairs
+                # 950 takes group ends adding up to fewer rows (its GEMM leaves the spare rows undefined); A2's doc
+                # wants every row in a group: the spare rows join the last one, ends[n_local - 1] replaced by
+                # ends[n_local]
+                fold = self._table(("fold_spare", n_local, str(dev)), lambda: torch.cat([
+                    torch.arange(n_local - 1, device=dev), torch.full((1,), n_local, device=dev)]))
+                gemm_ends = ends[:n_local] if self.chip in A5 else ends.index_select(0, fold)
+                y = self._grouped_ffn(rows, gemm_ends, w1n, w2n, w3n, swiglu_limit, row_w).masked_fill(spare, 0.0)
             gemm = self.last_path["grouped_gemm"]
         else:  # 910C: one GEMM per local expert; the spare rows stay zero
-            y, gemm = self.expert_ffn(rows, counts[:n_local], w1n, w2n, w3n, swiglu_limit, row_w.view(M))
+            y, gemm = self.expert_ffn(rows, counts if all_local else counts[:n_local], w1n, w2n, w3n, swiglu_limit,
+                                      row_w.view(M))
         path = f"npu_moe_init_routing_v2 -> {gemm} -> swiglu"
         if self.has("npu_moe_finalize_routing"):
             # doc: "当scales为None时，则需要指定k"; its index is read slot-major, dst[i + k * NUM_ROWS], while

@@ -64,12 +64,13 @@ class Mc2DistributedOps(DistributedOps):
         self.group_ep = hccl_group_name(inner, groups["ep_mc2"])
 
     def moe_experts(self, x: Tensor, weights: Tensor, ids: Tensor, w1: LinearWeight, w2: LinearWeight,
-                    w3: LinearWeight, swiglu_limit: float, expert_offset: int = 0) -> Tensor:
+                    w3: LinearWeight, swiglu_limit: float, expert_offset: int = 0,
+                    n_experts: int | None = None) -> Tensor:
         inner: AscendOps = self.inner  # type: ignore[assignment]
         g = self.groups["ep_mc2"]
         n_ranks, me = dist.get_world_size(g), dist.get_rank(g)
         if n_ranks == 1:
-            return inner.moe_experts(x, weights, ids, w1, w2, w3, swiglu_limit, expert_offset)
+            return inner.moe_experts(x, weights, ids, w1, w2, w3, swiglu_limit, expert_offset, n_experts)
         T, d = x.shape
         k, n_local = ids.shape[1], w1.weight.shape[0]
         n_experts = n_local * n_ranks
@@ -80,7 +81,7 @@ class Mc2DistributedOps(DistributedOps):
         why = None if inner.emulated and not mc2.STRICT else mc2.envelope_violation(inner.chip, probe, k, n_ranks,
                                                                                      n_experts)
         if why is not None:
-            out = super().moe_experts(x, weights, ids, w1, w2, w3, swiglu_limit, expert_offset)
+            out = super().moe_experts(x, weights, ids, w1, w2, w3, swiglu_limit, expert_offset, n_experts)
             inner.last_path["moe_experts"] = f"torch all-to-all (MC2 off-envelope: {why})"
             return out
         # this rank's shard, padded to rounds * bs rows (see the module docstring)

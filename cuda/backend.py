@@ -105,7 +105,8 @@ class CudaOps(Ops):
         return rows.swiglu(gate, up, limit)
 
     def moe_experts(self, x: Tensor, weights: Tensor, ids: Tensor, w1: LinearWeight, w2: LinearWeight,
-                    w3: LinearWeight, swiglu_limit: float, expert_offset: int = 0) -> Tensor:
+                    w3: LinearWeight, swiglu_limit: float, expert_offset: int = 0,
+                    n_experts: int | None = None) -> Tensor:
         return moe.moe_experts(x, weights, ids, tuple(w1), tuple(w2), tuple(w3), swiglu_limit, expert_offset)
 
     # -- hyper-connections --------------------------------------------------------------------------------------------

@@ -384,6 +384,23 @@ def test_moe_experts_dense(chip, monkeypatch):
     torch.testing.assert_close(got, ref, atol=tol * ref.abs().max().item(), rtol=tol)
 
 
+@pytest.mark.parametrize("chip", ["910b", "910c", "950dt"])
+def test_moe_experts_all_local_skips_the_spare_expert(chip):
+    """n_experts = the experts held (offset 0, no expert parallelism): no spare id, no masking, the same numbers as
+    the spare path bit for bit (the same rows in the same groups)."""
+    ops = ops_for(chip)
+    x, w, ids, (w1, w2, w3) = moe_case()
+    if chip == "950dt":
+        x, w1, w2, w3 = x.bfloat16(), *(LinearWeight(t.weight.bfloat16(), None, "none") for t in (w1, w2, w3))
+    spare = ops.moe_experts(x, w, ids, w1, w2, w3, 0.5)
+    got = ops.moe_experts(x, w, ids, w1, w2, w3, 0.5, n_experts=w1.weight.shape[0])
+    assert ops.last_path["moe_experts"].startswith("npu_moe_init_routing_v2")
+    assert torch.equal(got, spare)
+    # and with fewer experts held than routed (expert parallelism) the spare path runs: still the reference's numbers
+    held = ops.moe_experts(x, w, ids, w1, w2, w3, 0.5, n_experts=2 * w1.weight.shape[0])
+    assert torch.equal(held, spare)
+
+
 def test_moe_experts_fp32_on_950_takes_the_gathered_form():
     """950's grouped GEMM takes bf16/fp16 rows only: fp32 runs the static gathered torch form (the reference's
     arithmetic, summed in the reference's order)."""

@@ -150,10 +150,13 @@ class Ops:
         raise NotImplementedError
 
     def moe_experts(self, x: Tensor, weights: Tensor, ids: Tensor, w1: LinearWeight, w2: LinearWeight,
-                    w3: LinearWeight, swiglu_limit: float, expert_offset: int = 0) -> Tensor:
+                    w3: LinearWeight, swiglu_limit: float, expert_offset: int = 0,
+                    n_experts: int | None = None) -> Tensor:
         """Routed experts. x [T,d] act dtype; weights [T,k] fp32; ids [T,k] global expert ids.
         w1/w3 [E_local, I, d], w2 [E_local, d, I] (stacked, see LinearWeight); this process holds experts
-        [expert_offset, expert_offset + E_local); ids outside that range contribute nothing.
+        [expert_offset, expert_offset + E_local); ids outside that range contribute nothing. n_experts: the
+        router's expert count (None: not known); where it is E_local at offset 0 no id names another rank's expert,
+        and a backend may skip the masking of foreign ids.
         Per expert e: h = swiglu(w1 x, w3 x, limit) * weight (fp32); y = w2(h.to(x.dtype)).
         Returns the fp32 sum over the token's experts, [T,d]."""
         raise NotImplementedError

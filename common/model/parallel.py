@@ -71,7 +71,7 @@ class DistributedOps(Ops):
                 setattr(self, op, getattr(inner, op))
 
     def moe_experts(self, x: Tensor, weights: Tensor, ids: Tensor, w1, w2, w3, swiglu_limit: float,
-                    expert_offset: int = 0) -> Tensor:
+                    expert_offset: int = 0, n_experts: int | None = None) -> Tensor:
         """Expert parallelism. "allreduce": every rank runs its experts on all tokens, then the outputs are summed.
         "alltoall" (the DeepEP / MC2 pattern): each rank takes a shard of the tokens, dispatches every (token,
         expert) pair to the rank owning the expert, gets the weighted results back, combines its shard, and the
@@ -81,9 +81,9 @@ class DistributedOps(Ops):
         g = self.groups["ep"]
         n_ranks = dist.get_world_size(g)
         if n_ranks == 1:
-            return self.inner.moe_experts(x, weights, ids, w1, w2, w3, swiglu_limit, expert_offset)
+            return self.inner.moe_experts(x, weights, ids, w1, w2, w3, swiglu_limit, expert_offset, n_experts)
         if self.ep_comm == "allreduce":
-            y = self.inner.moe_experts(x, weights, ids, w1, w2, w3, swiglu_limit, expert_offset)
+            y = self.inner.moe_experts(x, weights, ids, w1, w2, w3, swiglu_limit, expert_offset, n_experts)
             return self.all_reduce(y, "ep")
         T, d = x.shape
         k, n_local, me = ids.shape[1], w1.weight.shape[0], dist.get_rank(g)
@@ -109,7 +109,8 @@ class DistributedOps(Ops):
         id_in = exchange(eid, recv_l, send_l)
         w_in = exchange(wgt, recv_l, send_l)
         # the owner runs its experts on the pairs it received, one pair per row
-        y_in = self.inner.moe_experts(x_in, w_in[:, None], id_in[:, None], w1, w2, w3, swiglu_limit, expert_offset)
+        y_in = self.inner.moe_experts(x_in, w_in[:, None], id_in[:, None], w1, w2, w3, swiglu_limit, expert_offset,
+                                     n_experts)
         y_back = exchange(y_in, send_l, recv_l)  # combine: results return in dispatch order
         shard = torch.zeros(per, d, dtype=torch.float32, device=x.device)
         shard.index_add_(0, tok - lo, y_back)

@@ -171,7 +171,8 @@ class ReferenceOps(Ops):
         return F.silu(g) * u
 
     def moe_experts(self, x: Tensor, weights: Tensor, ids: Tensor, w1: LinearWeight, w2: LinearWeight,
-                    w3: LinearWeight, swiglu_limit: float, expert_offset: int = 0) -> Tensor:
+                    w3: LinearWeight, swiglu_limit: float, expert_offset: int = 0,
+                    n_experts: int | None = None) -> Tensor:
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         n_local = w1.weight.shape[0]
         for g in ids.unique().tolist():  # only experts that received tokens (idle ones cost ops at E = 256)

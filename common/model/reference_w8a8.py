@@ -76,7 +76,8 @@ class ReferenceW8A8Ops(ReferenceOps):
         return super().linear(x, w)
 
     def moe_experts(self, x: Tensor, weights: Tensor, ids: Tensor, w1: LinearWeight, w2: LinearWeight,
-                    w3: LinearWeight, swiglu_limit: float, expert_offset: int = 0) -> Tensor:
+                    w3: LinearWeight, swiglu_limit: float, expert_offset: int = 0,
+                    n_experts: int | None = None) -> Tensor:
         w1, w2, w3 = (self.converted(w, expert=True) for w in (w1, w2, w3))
-        return super().moe_experts(x, weights, ids, w1, w2, w3, swiglu_limit, expert_offset)
+        return super().moe_experts(x, weights, ids, w1, w2, w3, swiglu_limit, expert_offset, n_experts)
 

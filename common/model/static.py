@@ -228,7 +228,7 @@ def routed_experts(ops: Ops) -> Callable[..., Tensor]:
     expert order, as the reference's per-expert loop adds them. Ops per layer do not grow with the expert count."""
 
     def run(x: Tensor, weights: Tensor, ids: Tensor, w1: LinearWeight, w2: LinearWeight, w3: LinearWeight,
-            swiglu_limit: float, expert_offset: int = 0) -> Tensor:
+            swiglu_limit: float, expert_offset: int = 0, n_experts: int | None = None) -> Tensor:
         T, d = x.shape
         k = ids.shape[1]
         n_local = w1.weight.shape[0]

@@ -368,7 +368,8 @@ class MoE(nn.Module):
                               a.n_activated_experts, a.score_func, a.route_scale)
         e = self.experts
         # fp32; under expert parallelism the ops dispatch tokens to the experts' ranks and combine the results
-        y = (routed or ops.moe_experts)(x, w, ids, e.w1.lw, e.w2.lw, e.w3.lw, a.swiglu_limit, e.offset)
+        y = (routed or ops.moe_experts)(x, w, ids, e.w1.lw, e.w2.lw, e.w3.lw, a.swiglu_limit, e.offset,
+                                        a.n_routed_experts)
         s = self.shared_experts  # no SwiGLU clamp on the shared expert (spec 6.2)
         h = ops.swiglu(*ops.linears(x, (s.w1.lw, s.w3.lw)), 0.0)
         y = y + ops.linear(h.to(x.dtype), s.w2.lw)  # the product in x.dtype promotes to y's fp32 exactly
