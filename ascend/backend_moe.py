@@ -33,7 +33,8 @@ class MoEOps:
     # -- MoE --------------------------------------------------------------------------------------------------------
     def moe_gate(self, x: Tensor, weight: Tensor, bias: Tensor | None, tid2eid: Tensor | None,
                  token_ids: Tensor | None, topk: int, score_func: str, route_scale: float) -> tuple[Tensor, Tensor]:
-        logits = x.float() @ weight.float().t()
+        # the weight's transposed view is kept per weight (a .t() per call is a dispatch): the same fp32 operand
+        logits = x.float() @ self._kept("t", weight, weight.t).float()
         if score_func in ("softmax", "sigmoid") and self.has("npu_moe_gating_top_k") and logits.shape[1] <= 2048:
             self._took("moe_gate", "npu_moe_gating_top_k")
             # meta check: input_ids and tid2eid both or neither; doc: bias has x's dtype (fp32 logits here)
@@ -45,6 +46,8 @@ class MoEOps:
             return y.float(), ids.long()
         # npu_moe_gating_top_k scores with softmax or sigmoid only; V4's sqrt(softplus) is composed in torch
         self._took("moe_gate", f"torch ({score_func} scoring is not in npu_moe_gating_top_k)")
+        if tid2eid is not None:  # int64 once per table (the lookup's ids are int64): no cast per call
+            tid2eid = self._kept("int64", tid2eid, tid2eid.long)
         return compose.gate(logits, bias, tid2eid, token_ids, topk, score_func, route_scale)
 
     def swiglu(self, gate: Tensor, up: Tensor, limit: float) -> Tensor:
