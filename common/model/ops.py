@@ -202,7 +202,7 @@ def topk_visible(score: Tensor, visible: Tensor, topk: int) -> Tensor:
     hidden = torch.arange(T, device=score.device) >= visible[..., None]  # keys the query cannot see yet
     score = score.masked_fill(hidden, float("-inf"))
     sel = score.sort(dim=-1, descending=True, stable=True).indices[..., :kk]
-    return torch.where(torch.gather(hidden, -1, sel), -1, sel)
+    return sel.masked_fill(torch.gather(hidden, -1, sel), -1)
 
 
 OP_NAMES = [

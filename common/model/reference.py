@@ -28,6 +28,17 @@ def like(t: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 _HADAMARD: dict[tuple[int, str], Tensor] = {}
+_BATCH_INDEX: dict[tuple[int, str], Tensor] = {}
+
+
+def batch_index(B: int, device: torch.device | str) -> Tensor:
+    """[B,1,1] int64 row numbers 0..B-1 (the batch index of a per-row gather), made once per (B, device) and kept
+    (as hadamard_matrix: a decode step would otherwise build it in every layer)."""
+    key = (B, str(device))
+    t = _BATCH_INDEX.get(key)
+    if t is None:
+        t = _BATCH_INDEX[key] = torch.arange(B, device=device).view(B, 1, 1)
+    return t
 
 
 def hadamard_matrix(n: int, device: torch.device | str = "cpu") -> Tensor:
@@ -112,7 +123,7 @@ class ReferenceOps(Ops):
     # -- attention -----------------------------------------------------------------------------------------------------
     def sparse_attention(self, q: Tensor, kv: Tensor, sink: Tensor, indices: Tensor, softmax_scale: float) -> Tensor:
         B, S, H, D = q.shape
-        batch = torch.arange(B, device=q.device).view(B, 1, 1)
+        batch = batch_index(B, q.device)
         if S <= ATTN_QUERY_CHUNK:  # one chunk (every decode step): no output buffer to copy into
             return like(self._attend(q, kv, sink, indices, softmax_scale, batch), q.dtype)
         out = torch.empty_like(q)
