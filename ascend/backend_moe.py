@@ -175,8 +175,7 @@ class MoEOps:
             if T * k <= STATIC_EXPERT_PAIRS or torch.compiler.is_compiling():
                 # decode: every (token, expert) pair gathers its expert's weights, with no data-dependent shape
                 self._took("moe_experts", f"torch, static shapes: one gathered expert per (token, expert) pair ({why})")
-                return routed_experts(self)(x, weights, ids, w1, w2, w3, swiglu_limit, expert_offset,
-                                                   n_experts)
+                return routed_experts(self)(x, weights, ids, w1, w2, w3, swiglu_limit, expert_offset, n_experts)
             self._took("moe_experts", f"torch reference ({why})")
             return self._torch.moe_experts(x, weights, ids, w1, w2, w3, swiglu_limit, expert_offset, n_experts)
         w1n, w2n, w3n = (self.native_weight(w, expert=True) for w in (w1, w2, w3))
