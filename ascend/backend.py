@@ -34,7 +34,9 @@ FP8_CHIPS = A5  # chips whose checkpoints keep FP8 weights (their GEMM: npu_quan
 WEIGHT_POLICIES = ("auto", "w8a8", "bf16")
 FP8_GB_PATH = "npu_dynamic_mx_quant + npu_quant_matmul (FP8 G-B, group_sizes [1,128,128])"
 W8A8_PATH = "npu_dynamic_quant + npu_quant_matmul (W8A8)"
-ZEROS_KEPT = 4  # _zeros: a static step uses two shapes (SFA's query and key rope parts)
+# _zeros: a static step uses SFA's key rope part (one shape: the flat store's rows) and a query rope part per captured
+# batch size; eager decode's growing key lengths churn through the rest
+ZEROS_KEPT = 8
 LI_BLOCK = 64  # paged-key block size for the lightning indexer (a multiple of 16, <= 1024: section 4)
 
 

@@ -220,7 +220,7 @@ def test_sparse_attention_keeps_only_a_few_zero_rope_parts():
     # grows the key length every step, and a prefill's shapes vary
     from dsv4.ascend.backend import ZEROS_KEPT
     ops = ops_for("950dt")
-    for N in (11, 12, 13, 14, 15, 16, 11):
+    for N in [*range(11, 14 + ZEROS_KEPT), 11]:  # more key lengths than are kept, then the first again
         q, kv, sink, idx = attn_inputs(512, torch.bfloat16, H=2, S=1, N=N)
         got = ops.sparse_attention(q, kv, sink, idx, 512 ** -0.5).float()
         assert ops.last_path["sparse_attention"].startswith("npu_sparse_flash_attention")
@@ -228,6 +228,9 @@ def test_sparse_attention_keeps_only_a_few_zero_rope_parts():
         torch.testing.assert_close(got, ref, atol=6 * 4 * BF16_ULP * 0.5, rtol=BF16_ULP)
         assert len(ops._zero_parts) <= ZEROS_KEPT
         assert all(z.abs().sum() == 0 for z in ops._zero_parts.values())  # nothing wrote into a kept operand
+    kept = dict(ops._zero_parts)
+    ops.sparse_attention(q, kv, sink, idx, 512 ** -0.5)  # the same shapes again: the kept operands, no new ones
+    assert all(ops._zero_parts[key] is z for key, z in kept.items()) and len(ops._zero_parts) == len(kept)
 
 
 def test_compress_pool():
