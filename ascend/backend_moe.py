@@ -33,8 +33,8 @@ class MoEOps:
     # -- MoE --------------------------------------------------------------------------------------------------------
     def moe_gate(self, x: Tensor, weight: Tensor, bias: Tensor | None, tid2eid: Tensor | None,
                  token_ids: Tensor | None, topk: int, score_func: str, route_scale: float) -> tuple[Tensor, Tensor]:
-        # the weight's transposed view is kept per weight (a .t() per call is a dispatch): the same fp32 operand
-        logits = x.float() @ self._kept("t", weight, weight.t).float()
+        # the weight's transposed view, kept per parameter (_transposed): the same fp32 operand, one .t() fewer a call
+        logits = x.float() @ self._transposed(weight).float()
         if score_func in ("softmax", "sigmoid") and self.has("npu_moe_gating_top_k") and logits.shape[1] <= 2048:
             self._took("moe_gate", "npu_moe_gating_top_k")
             # meta check: input_ids and tid2eid both or neither; doc: bias has x's dtype (fp32 logits here)
