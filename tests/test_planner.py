@@ -9,9 +9,12 @@ import pytest
 import torch
 import yaml
 
+from dsv4.common.checkpoint.load import build_random_model
 from dsv4.common.model.config import load_named_config
+from dsv4.common.model.reference import ReferenceOps
 from dsv4.common.planner import cli as plan_cli
 from dsv4.common.planner import plan as pl
+from dsv4.common.planner.sizes import BF16, FP32, weight_inventory
 
 
 @pytest.fixture(scope="module")
@@ -288,3 +291,20 @@ def test_pool_arguments_rejected(argv, field, capsys):
     plan_cli.add_plan_arguments(parser)
     assert plan_cli.run_plan(parser.parse_args(argv.split())) == 2
     assert capsys.readouterr().err.startswith(f"dsv4 plan: error: {field}")
+
+
+def test_inventory_dtypes_are_the_models():
+    """The planner's bf16 / fp32 tensors are held in those dtypes by the model itself (a bf16 model of the tiny
+    config), so its weight bytes follow what the model keeps in memory (e.g. the compressors' fp32 wkv / wgate)."""
+    args = load_named_config("tiny")
+    params = dict(build_random_model(args, ReferenceOps(), torch.bfloat16, weights="quantized").named_parameters())
+    checked = 0
+    for t in weight_inventory(args):
+        if t.role not in (BF16, FP32) or not t.is_param:
+            continue
+        name = t.name if t.name in params else t.name + ".weight"
+        assert name in params, f"planner tensor {t.name} is not a model parameter"
+        want = torch.bfloat16 if t.role == BF16 else torch.float32
+        assert params[name].dtype == want, f"{t.name}: the model keeps {params[name].dtype}, the planner says {t.role}"
+        checked += 1
+    assert checked > 50  # every layer's norms, hc weights, compressors, gate, embed, head

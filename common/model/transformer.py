@@ -27,9 +27,11 @@ from dsv4.common.model.ops import LinearWeight, Ops, topk_visible
 from dsv4.common.model.parallel import SINGLE, ParallelConfig
 from dsv4.common.model.rope import RopeTable, rope_frequencies
 
+# the compressors' wkv / wgate are stored bf16 and computed in fp32 (spec 5.4): kept fp32 as the official model keeps
+# them, rather than converted at every call (a full weight conversion per layer per decode step)
 FP32_PARAM_SUFFIXES = ("norm.weight", "attn_sink", "ape", "gate.bias", "hc_attn_fn", "hc_attn_base",
                        "hc_attn_scale", "hc_ffn_fn", "hc_ffn_base", "hc_ffn_scale", "hc_head_fn", "hc_head_base",
-                       "hc_head_scale", ".scale")
+                       "hc_head_scale", ".scale", "compressor.wkv.weight", "compressor.wgate.weight")
 
 
 # -- small modules ----------------------------------------------------------------------------------------------------

@@ -87,8 +87,8 @@ def load_model(model: str | Path | ModelArgs) -> tuple[str, ModelArgs]:
 # storage roles
 LINEAR = "linear"  # quantised linear in the release (FP8 128x128 blocks); follows --weights
 EXPERT = "expert"  # routed-expert linear (FP4 1x32 in the release); follows --weights
-BF16 = "bf16"  # kept in bf16 by the model whatever the checkpoint format (embed, head, gate, compressor, wo_a...)
-FP32 = "fp32"  # kept in fp32 (hc_*, attn_sink, ape, gate bias, RMSNorm weights: spec 2.1, 7.2)
+BF16 = "bf16"  # kept in bf16 by the model whatever the checkpoint format (embed, head, gate, wo_a...)
+FP32 = "fp32"  # kept in fp32 (hc_*, attn_sink, ape, gate bias, RMSNorm weights: spec 2.1, 7.2; compressor wkv/wgate)
 INT32 = "int32"  # a buffer, not a parameter (tid2eid of the hash layers, spec 6.1)
 
 # sharding rules
@@ -167,19 +167,20 @@ def weight_inventory(args: ModelArgs, shared_expert: str = TP_OUT) -> list[Tenso
         add("attn.wo_b", "attn", (d, args.o_groups * args.o_lora_rank), LINEAR, TP_IN)
         add("attn.attn_sink", "attn", (H,), FP32, TP_OUT)
         if ratio:
-            # compressor (spec 5.4): kappa = 2 with overlap (ratio 4); stored bf16, replicated (it makes the shared KV)
+            # compressor (spec 5.4): kappa = 2 with overlap (ratio 4); replicated (it makes the shared KV); wkv / wgate
+            # stored bf16, kept fp32 in memory as the official model keeps them (they are computed in fp32)
             kc = (2 if ratio == 4 else 1) * D
             add("attn.compressor.ape", "compressor", (ratio, kc), FP32, REPLICATED)
-            add("attn.compressor.wkv", "compressor", (kc, d), BF16, REPLICATED)
-            add("attn.compressor.wgate", "compressor", (kc, d), BF16, REPLICATED)
+            add("attn.compressor.wkv", "compressor", (kc, d), FP32, REPLICATED)
+            add("attn.compressor.wgate", "compressor", (kc, d), FP32, REPLICATED)
             add("attn.compressor.norm", "compressor", (D,), FP32, REPLICATED)
         if ratio == 4:
             # lightning indexer (spec 5.5): heads split over TP, its compressor replicated
             add("attn.indexer.wq_b", "indexer", (HI * DI, args.q_lora_rank), LINEAR, TP_OUT)
             add("attn.indexer.weights_proj", "indexer", (HI, d), BF16, TP_OUT)
             add("attn.indexer.compressor.ape", "indexer", (4, 2 * DI), FP32, REPLICATED)
-            add("attn.indexer.compressor.wkv", "indexer", (2 * DI, d), BF16, REPLICATED)
-            add("attn.indexer.compressor.wgate", "indexer", (2 * DI, d), BF16, REPLICATED)
+            add("attn.indexer.compressor.wkv", "indexer", (2 * DI, d), FP32, REPLICATED)
+            add("attn.indexer.compressor.wgate", "indexer", (2 * DI, d), FP32, REPLICATED)
             add("attn.indexer.compressor.norm", "indexer", (DI,), FP32, REPLICATED)
         # MoE (spec 6): gate replicated (every card routes its own tokens)
         add("ffn.gate.weight", "gate", (E, d), BF16, REPLICATED)
