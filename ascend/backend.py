@@ -177,11 +177,8 @@ class AscendOps(QuantSimOps, MoEOps, Ops):
 
     def _pair_swap(self, r: int, device: torch.device) -> Tensor:
         """[r] int64 permutation (1, 0, 3, 2, ...): swaps each pair; made once per (r, device) and kept."""
-        key = ("pair_swap", r, str(device))
-        perm = self._tables.get(key)
-        if perm is None:
-            perm = self._tables[key] = torch.arange(r, device=device).view(-1, 2).flip(-1).flatten()
-        return perm
+        return self._table(("pair_swap", r, str(device)),
+                           lambda: torch.arange(r, device=device).view(-1, 2).flip(-1).flatten())
 
     def hadamard(self, x: Tensor) -> Tensor:
         self._took("hadamard", "torch (matmul with H_n)")
