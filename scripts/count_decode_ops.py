@@ -249,7 +249,15 @@ def count(backend: str, chip: str | None, dtype: torch.dtype, weights: str, path
     for (scope, seam, op), n in counter.by_seam.items():
         if scope.startswith("layer"):
             seams[seam][op] += n
-    return dict(per_layer=sum(layers) / len(layers), compute=compute, layers=layers, outside=scopes.get("outside", 0),
+    # per layer kind (compress ratio 0 / 4 / 128): mean ops and mean ops without views over the layers of that kind
+    kind_ops: dict[int, list[tuple[int, int]]] = collections.defaultdict(list)
+    for scope, n in scopes.items():
+        if scope.startswith("layer"):
+            views = sum(k for (s, op), k in counter.counts.items() if s == scope and op in VIEW_OPS)
+            kind_ops[args.compress_ratios[int(scope.split()[1])]].append((n, n - views))
+    kinds = {r: (sum(n for n, _ in v) / len(v), sum(c for _, c in v) / len(v)) for r, v in kind_ops.items()}
+    return dict(kinds=kinds, per_layer=sum(layers) / len(layers), compute=compute, layers=layers,
+                outside=scopes.get("outside", 0),
                 total=sum(scopes.values()), fused=sum(n for (s, op), n in counter.counts.items()
                                                       if s.startswith("layer") and "." in op) / len(layers),
                 internals=(sum(layers) + inside) / len(layers), top=by_op.most_common(8), seams=seams,
@@ -268,6 +276,27 @@ def seam_report(label: str, res: dict) -> str:
         top = ", ".join(f"{k} {v / n:g}" for k, v in ops.most_common(8))
         out.append(f"| {seam} | {res['calls'].get(seam, 0) / n:g} | {total:g} | {compute:g} | {top} |")
     return "\n".join(out) + "\n"
+
+
+KIND_NAMES = {0: "window-only", 4: "CSA", 128: "HCA"}
+
+
+def kind_report(rows: list) -> str:
+    """The static step per layer kind, and the mean over V4-Flash's own layers (configs/flash.yaml: its ratios for
+    n_layers, the MTP layer not included), weighting each kind's count by how many layers of that kind it has."""
+    flash = load_named_config("flash")
+    mix = collections.Counter(flash.compress_ratios[:flash.n_layers])
+    head = " | ".join(f"{KIND_NAMES[r]} ({mix[r]} in V4-Flash)" for r in sorted(mix))
+    out = ["Static step per layer kind: ops per layer (without view ops). The last column weights each kind by its "
+           f"number of layers in V4-Flash ({flash.n_layers} layers): what a decode step of the release issues per "
+           "layer on average.", "", f"| backend | {head} | V4-Flash's layer mix |", "|---|" + "---:|" * (len(mix) + 1)]
+    for label, _, res in rows:
+        kinds = res["static"]["kinds"]
+        cells = [f"{kinds[r][0]:.0f} ({kinds[r][1]:.0f})" if r in kinds else "-" for r in sorted(mix)]
+        n = sum(mix.values())
+        mean = [sum(kinds[r][i] * k for r, k in mix.items()) / n for i in (0, 1)] if set(mix) <= set(kinds) else None
+        out.append(f"| {label} | " + " | ".join(cells) + (f" | {mean[0]:.0f} ({mean[1]:.0f}) |" if mean else " | - |"))
+    return "\n".join(out)
 
 
 CASES = [  # (label, backend, chip, dtype, weights[, config changes])
@@ -334,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         out.append(f"| {label} | {weights} | {e['per_layer']:.0f} | {s['per_layer']:.0f} | {s['compute']:.0f} | "
                    f"{s['fused']:.0f} | "
                    f"{s['outside']} | {s['internals']:.0f} |")
+    out += ["", kind_report(rows)]
     section = "\n".join(out) + "\n" + "".join("\n" + t for t in seam_tables)
     print(section)
     if a.markdown:
