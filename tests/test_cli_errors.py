@@ -130,6 +130,14 @@ CASES = [
     ("config-no-index-topk", GEN + ["--model", "{no_topk}"], "missing field(s) 'index_topk'"),
     ("config-no-hidden-size", GEN + ["--model", "{no_hidden}"], "missing field(s) 'hidden_size'"),
     ("config-bad-hidden-size", GEN + ["--model", "{bad_hidden}"], "field 'hidden_size': expected an integer"),
+    # a capture this machine cannot run fails before the model loads (it used to fail the first request, a traceback)
+    ("compile-cuda-graph-on-cpu", GEN + ["--compile-decode", "cuda-graph"],
+     "--compile-decode cuda-graph: CUDA graphs need the model on a CUDA device"),
+    ("compile-npu-graph-on-reference", GEN + ["--compile-decode", "npu-graph"],
+     "--compile-decode npu-graph needs the ascend backend"),
+    ("npu-graph-on-reference", GEN + ["--npu-graph"], "--npu-graph needs the ascend backend"),
+    ("npu-graph-without-torchair", GEN + ["--backend", "ascend", "--emulate", "--npu-graph"],
+     "--npu-graph: graph mode needs torchair"),
 ]
 if importlib.util.find_spec("nano_deepseek_v4") is None:  # the dev extra does not install it
     CASES.append(("compare-nano-missing", ["bench", "--compare", "nano"], "pip install nano-deepseek-v4"))

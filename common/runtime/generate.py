@@ -19,7 +19,7 @@ from dsv4.common.runtime.engine import FINISH_LENGTH, FINISH_STOP, Engine, Reque
 from dsv4.common.runtime.engine_sampling import Detokenizer, filtered_probs
 from dsv4.common.runtime.guards import NonFiniteLogitsError
 from dsv4.common.runtime.prefix_cache import PrefixCacheOptions, add_prefix_cache_arguments, prefix_cache_options
-from dsv4.common.runtime.static_decode import CAPTURE_MODES
+from dsv4.common.runtime.static_decode import CAPTURE_MODES, compile_mode
 
 GenerationStats = RequestStats  # prompt/new tokens, prefill and decode time, forwards, MTP drafted/accepted
 
@@ -226,11 +226,6 @@ def add_compile_decode_argument(g) -> None:
                    help="run plain decode steps as one captured static-shape graph per (batch, context bucket): "
                         "inductor / aot_eager (torch.compile on CPU), cuda-graph, npu-graph (TorchAir; also what "
                         "--npu-graph selects), or eager (the static step uncaptured)")
-
-
-def compile_mode(args: argparse.Namespace) -> str | None:
-    """The decode capture mode the flags ask for: --compile-decode, or TorchAir for --npu-graph."""
-    return getattr(args, "compile_decode", None) or ("npu-graph" if getattr(args, "npu_graph", False) else None)
 
 
 def _stop_id(spec: str, tokenizer) -> int:

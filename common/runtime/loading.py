@@ -5,7 +5,6 @@ torchrun. generate, bench, parity and serve all start here."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 
@@ -14,6 +13,7 @@ import torch
 from dsv4.common.model.config import load_named_config
 from dsv4.common.model.ops import default_dtype
 from dsv4.common.runtime.backend import CHOICES, select_backend
+from dsv4.common.runtime.static_decode import check_capture_runs, compile_mode
 
 EMBEDDED_SEED = 0
 
@@ -238,6 +238,8 @@ def load_model(ns: argparse.Namespace, ops=None, dtype: torch.dtype | None = Non
 
     check_run_arguments(ns)
     ops = ops or make_ops(ns)
+    mode = compile_mode(ns)  # a capture this machine cannot run fails here, before the model loads
+    check_capture_runs(mode, ops, "--npu-graph" if getattr(ns, "npu_graph", False) else f"--compile-decode {mode}")
     dtype = dtype or resolve_dtype(ns, ops)
     rt = init_parallel(ops, getattr(ns, "tp", 1), getattr(ns, "ep", 1), ep_comm=getattr(ns, "ep_comm", "alltoall"))
     if not rt.is_main and not os.environ.get("DSV4_DEBUG"):
@@ -266,12 +268,4 @@ def load_model(ns: argparse.Namespace, ops=None, dtype: torch.dtype | None = Non
         return model, TextTokenizer.byte_level(args), f"embedded default ({ns.config}, random weights, seed 0)"
 
     model, tokenizer, source = all_ranks_ok("loading the model", load)
-    if getattr(ns, "npu_graph", False):
-        if not model.ops.name.startswith("ascend"):
-            raise ValueError(f"--npu-graph needs the ascend backend, not {model.ops.name!r}")
-        # what TorchAir captures is the static decode step (common/runtime/static_decode.py, "npu-graph"), which
-        # generation selects for --npu-graph; prefill stays eager. Fail here, before any work, without TorchAir
-        if importlib.util.find_spec("torchair") is None:
-            raise ValueError("--npu-graph: graph mode needs torchair (ships with torch_npu on NPU hosts); "
-                             "it is not importable here")
     return model, tokenizer, source

@@ -22,6 +22,7 @@ choosing a bucket never waits for the device.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable, Sequence
 
 import torch
@@ -44,6 +45,26 @@ def context_buckets(max_seq_len: int, minimum: int = MIN_CONTEXT) -> list[int]:
         out.append(c)
         c *= 2
     return out + [max_seq_len]
+
+
+def compile_mode(args) -> str | None:
+    """The decode capture mode a command's flags ask for: --compile-decode, or TorchAir for --npu-graph."""
+    return getattr(args, "compile_decode", None) or ("npu-graph" if getattr(args, "npu_graph", False) else None)
+
+
+def check_capture_runs(mode: str | None, ops, flag: str) -> None:
+    """Fail before any model is loaded when this machine cannot capture `mode` (named as `flag` in the message):
+    a CUDA graph needs the model on a CUDA device, TorchAir needs the ascend backend and torchair."""
+    if mode == "cuda-graph" and ops.device.type != "cuda":
+        raise ValueError(f"{flag}: CUDA graphs need the model on a CUDA device, this run's is {ops.device} "
+                         f"(backend {ops.name}); use --compile-decode inductor or aot_eager on a CPU")
+    if mode == "npu-graph":
+        if not ops.name.startswith("ascend"):
+            raise ValueError(f"{flag} needs the ascend backend, not {ops.name!r}")
+        # what TorchAir captures is the static decode step (capture "npu-graph"); prefill stays eager
+        if importlib.util.find_spec("torchair") is None:
+            raise ValueError(f"{flag}: graph mode needs torchair (ships with torch_npu on NPU hosts); "
+                             "it is not importable here")
 
 
 def _compile(fn: Callable, capture: str) -> Callable:

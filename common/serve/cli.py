@@ -14,13 +14,9 @@ import sys
 from pathlib import Path
 
 from dsv4.common.runtime.engine_decode import BATCHED_DECODE_MIN_ROWS
-from dsv4.common.runtime.generate import (
-    add_compile_decode_argument,
-    add_kv_pool_arguments,
-    compile_mode,
-    kv_pool_options,
-)
+from dsv4.common.runtime.generate import add_compile_decode_argument, add_kv_pool_arguments, kv_pool_options
 from dsv4.common.runtime.prefix_cache import add_prefix_cache_arguments, prefix_cache_options
+from dsv4.common.runtime.static_decode import compile_mode
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
