@@ -90,8 +90,17 @@ GEN = ["generate", "--prompt", "hi", "--max-new-tokens", "2"]
 
 # (id, argv, what the one error line must name). "{ck}"/"{ck8}"/"{tmp}" are filled per case.
 CASES = [
-    ("serve-batched-rows", ["serve", "--batched-decode-min-rows", "-1"], "--batched-decode-min-rows"),
+    ("serve-batched-rows", ["serve", "--port", "0", "--batched-decode-min-rows", "-1"], "--batched-decode-min-rows"),
     ("serve-port-out-of-range", ["serve", "--port", "70000"], "--port must be in 0..65535"),
+    # serving counts out of range: each one used to start a server (stalled, refusing, or on a silent default)
+    ("serve-max-batch-0", ["serve", "--port", "0", "--max-batch", "0"], "--max-batch must be >= 1"),
+    ("serve-step-tokens-0", ["serve", "--port", "0", "--step-tokens", "0"], "--step-tokens must be >= 1"),
+    ("serve-long-prefill-chunk-0", ["serve", "--port", "0", "--long-prefill-chunk", "0"],
+     "--long-prefill-chunk must be >= 1"),
+    ("serve-max-waiting-negative", ["serve", "--port", "0", "--max-waiting", "-1"], "--max-waiting must be >= 0"),
+    ("serve-max-body-bytes-0", ["serve", "--port", "0", "--max-body-bytes", "0"], "--max-body-bytes must be >= 1"),
+    ("serve-max-logprobs-negative", ["serve", "--port", "0", "--max-logprobs", "-1"], "--max-logprobs must be >= 0"),
+    ("serve-drain-timeout-negative", ["serve", "--port", "0", "--drain-timeout", "-1"], "--drain-timeout must be >= 0"),
     ("device-cuda", GEN + ["--device", "cuda:0"], "--device 'cuda:0'"),
     ("device-npu", GEN + ["--device", "npu:0"], "--device 'npu:0'"),
     ("device-unknown", GEN + ["--device", "tpu"], "--device 'tpu'"),
@@ -159,10 +168,24 @@ def paths(checkpoints, tmp_path_factory):
     }
 
 
+def main_within(argv: list[str], seconds: int) -> int:
+    """main(argv), failed after `seconds`: a bad serve flag that is not refused starts a server, which never returns."""
+    def too_long(*_):
+        raise AssertionError(f"dsv4 {' '.join(argv)} still running after {seconds} s (a server started?)")
+
+    old = signal.signal(signal.SIGALRM, too_long)
+    signal.alarm(seconds)
+    try:
+        return main(argv)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
 @pytest.mark.parametrize("case_id, argv, names", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_ends_with_one_line(case_id, argv, names, paths, capsys):
     argv = [a.format(**paths) for a in argv]
-    rc = main(argv)
+    rc = main_within(argv, seconds=120)
     out, err = capsys.readouterr()
     errors = [line for line in err.splitlines() if "error" in line.lower()]
     assert rc != 0, f"{case_id}: exit 0; stderr: {err}"

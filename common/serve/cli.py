@@ -52,6 +52,21 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     add_prefix_cache_arguments(p.add_argument_group("prefix cache"))
 
 
+def check_serve_arguments(ns: argparse.Namespace) -> None:
+    """The serving flags' ranges, checked before the port is bound or the model loads (one line naming the flag):
+    a 0 or a negative count would otherwise start a server that stalls, refuses everything or silently takes a
+    default."""
+    at_least = [("--max-batch", ns.max_batch, 1), ("--prefill-chunk", ns.prefill_chunk, 1),
+                ("--long-prefill-chunk", ns.long_prefill_chunk, 1), ("--step-tokens", ns.step_tokens, 1),
+                ("--max-waiting", ns.max_waiting, 0), ("--max-body-bytes", ns.max_body_bytes, 1),
+                ("--max-logprobs", ns.max_logprobs, 0), ("--drain-timeout", ns.drain_timeout, 0),
+                ("--batched-decode-min-rows", ns.batched_decode_min_rows, 0)]
+    for flag, value, low in at_least:
+        if value is not None and value < low:
+            zero = " (0 = off)" if flag == "--batched-decode-min-rows" else ""
+            raise ValueError(f"{flag} must be >= {low}{zero}, got {value}")
+
+
 def listen_socket(host: str, port: int) -> socket.socket:
     """The server's socket, bound (not yet listening) before the model loads: a taken port is one line at once, not
     after minutes of loading, and nothing can take the port between loading and serving (under torchrun the ranks'
@@ -104,8 +119,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     from dsv4.common.runtime.engine_runner import Mirror
     from dsv4.common.runtime.loading import load_model
 
-    if ns.batched_decode_min_rows < 0:
-        raise ValueError(f"--batched-decode-min-rows must be >= 0 (0 = off), got {ns.batched_decode_min_rows}")
+    check_serve_arguments(ns)
     rank, world, _ = world_from_env()
     sock = listen_socket(ns.host, ns.port) if rank == 0 else None  # only rank 0 serves HTTP
     model, tokenizer, source = load_model(ns)
