@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from dsv4.common.model.ops import Ops
+from dsv4.common.parity.bisect import first_replayed_violation
 from dsv4.common.parity.compare import (
     Comparison,
     Tolerances,
@@ -96,6 +97,9 @@ class Case:
     anchor: str
     candidates: list[tuple[str, str]]  # (backend label, pair key)
     require_fused: bool = False  # Ascend candidates must reach expected_fused()
+    # also replay the prefill op by op on the anchor's inputs, judged by the pair's tight 'op' bounds: for pairs
+    # computing the same formulas, where the whole-model bounds must leave room for flipped discrete steps
+    replay_ops: bool = False
     kv_fp8_sim: str | None = None
     seq_len: int | None = None
     decode_steps: int | None = None
@@ -115,7 +119,8 @@ def default_plan(tol: Tolerances) -> list[Case]:
     emu = [f"ascend(emulated,{c})" for c in EMULATED_CHIPS]
     seq = int(tol.setting("seq_len", "release", 80))
     steps = int(tol.setting("decode_steps", "release", 2))
-    rel = dict(config=RELEASE, structured=True, dtype=torch.bfloat16, seq_len=seq, decode_steps=steps)
+    rel = dict(config=RELEASE, structured=True, dtype=torch.bfloat16, seq_len=seq, decode_steps=steps,
+               replay_ops=True)
     return [
         Case("tiny fp32", "tiny", "dequantized", False, torch.float32, "reference",
              [("ascend(emulated)", "reference-ascend")]),
@@ -189,6 +194,12 @@ def run_case(case: Case, tol: Tolerances, allow_fallback: bool = False, prompt_s
                     comp.violations += [Violation(f"fused ops of {label}", f"fell back for {op}", float("nan"),
                                                   f"reached ({getattr(ops, 'chip', '?')} supports it; "
                                                   "--allow-fallback to accept)") for op in missing]
+        if case.replay_ops:
+            bad = first_replayed_violation(source.factory, make(case.anchor), make(label), prompts, case.dtype, tol,
+                                           pair, label)
+            if bad is not None:
+                comp.violations += [Violation(f"op replay (same inputs) {v.where}", v.metric, v.value, v.bound)
+                                    for v in bad.violations]
         log(f"  [{case.name}] ran {label} in {time.perf_counter() - t0:.1f}s")
         res.comparisons.append(comp)
     return res
