@@ -127,6 +127,10 @@ CASES = [
     ("parity-batch-0", ["parity", "run", "--batch", "0"], "--batch must be >= 1"),  # 0 meant "default" silently
     ("parity-seq-len-0", ["parity", "run", "--seq-len", "0"], "--seq-len must be >= 1"),
     ("parity-tolerances-missing", ["parity", "run", "--tolerances", "{tmp}/tol.yaml"], "tol.yaml: no such file"),
+    ("parity-tolerances-not-yaml", ["parity", "run", "--tolerances", str(ROOT / "README.md")],
+     "README.md: not valid YAML"),
+    ("parity-tolerances-not-a-table", ["parity", "run", "--tolerances", str(ROOT / "configs" / "tiny.yaml")],
+     "tiny.yaml: expected a tolerance file with a 'tolerances' mapping"),
     ("bench-set-unknown-field", ["bench", "--set", "n_layer=3"], "unknown field(s) ['n_layer']"),
     ("bench-set-bad-value", ["bench", "--set", "dim=abc"], "--set dim=abc: field 'dim'"),
     ("config-not-yaml", ["config", str(ROOT / "README.md")], "README.md: not valid YAML"),

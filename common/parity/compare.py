@@ -299,7 +299,13 @@ class Tolerances:
     def load(cls, path: str | Path | None = None) -> Tolerances:
         p = Path(path) if path else DEFAULT_TOLERANCES
         with open(p) as f:
-            return cls(yaml.safe_load(f), source=str(p))
+            try:
+                data = yaml.safe_load(f)
+            except yaml.YAMLError as e:
+                raise ValueError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict) or not isinstance(data.get("tolerances"), dict):
+            raise ValueError(f"{p}: expected a tolerance file with a 'tolerances' mapping (see configs/parity.yaml)")
+        return cls(data, source=str(p))
 
     @staticmethod
     def pair_key(a: str, b: str) -> str:
