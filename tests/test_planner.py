@@ -218,6 +218,15 @@ def test_unknown_hardware_and_model():
     assert e.value.field == "weights"
 
 
+@pytest.mark.parametrize("kwargs,field", [(dict(reserve_gib=-3.0), "reserve_gib"),
+                                          (dict(usable_fraction=1.5), "usable_fraction"),
+                                          (dict(batch=0), "batch"), (dict(context=0), "context")])
+def test_out_of_range_settings_name_their_field(kwargs, field):
+    with pytest.raises(pl.PlanError) as e:
+        pl.plan("flash", "h200", **kwargs)
+    assert e.value.field == field
+
+
 def test_hardware_file_every_number_has_a_source():
     data = yaml.safe_load(pl.HARDWARE_FILE.read_text())
     assert data["aliases"]["ascend-950"] == "ascend-950dt"

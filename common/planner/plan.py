@@ -166,6 +166,8 @@ def plan(model: str | Path | ModelArgs, hardware: str | Hardware, tp: int = 8, e
                         f"got {context}")
     if not 0 < usable_fraction <= 1:
         raise PlanError("usable_fraction", f"must be in (0, 1], got {usable_fraction}")
+    if reserve_gib < 0:  # a negative reserve would count memory the card does not have
+        raise PlanError("reserve_gib", f"must be >= 0, got {reserve_gib}")
     check_layout(args, tp, ep)
     cards = max(tp, ep)
     dp = cards // tp
