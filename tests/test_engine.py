@@ -211,7 +211,9 @@ def test_request_errors_name_the_parameter(model):
     eng = Engine(model, max_batch=1, max_seq_len=64, prefill_chunk=16, max_waiting=1)
     cases = [(SamplingParams(max_tokens=-1), "max_tokens"), (SamplingParams(temperature=-0.5), "temperature"),
              (SamplingParams(logprobs=21), "logprobs"), (SamplingParams(prompt_logprobs=50), "prompt_logprobs"),
-             (SamplingParams(top_p=0.0), "top_p"), (SamplingParams(speculative=True, temperature=1.0), "speculative")]
+             (SamplingParams(top_p=0.0), "top_p"), (SamplingParams(speculative=True, temperature=1.0), "speculative"),
+             (SamplingParams(temperature=float("nan")), "temperature"),
+             (SamplingParams(temperature=float("inf")), "temperature")]
     for params, name in cases:
         with pytest.raises(ParamError) as e:
             eng.add(Request([5, 6], params))

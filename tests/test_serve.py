@@ -284,6 +284,16 @@ def test_bad_completion_requests_are_400_naming_the_parameter(client, body, para
     assert e.value.status_code == 400 and err["param"] == param and err["message"] and err["type"]
 
 
+@pytest.mark.parametrize("value", ["NaN", "Infinity"])
+def test_non_finite_temperature_is_400(served, value):
+    """JSON's NaN / Infinity (Python's parser takes them) used to pass the `temperature >= 0` check and fail the
+    request inside the sampler as a 500."""
+    body = f'{{"model": "{NAME}", "prompt": "hi", "max_tokens": 2, "temperature": {value}}}'
+    resp = httpx.post(served[1] + "/v1/completions", content=body, headers={"content-type": "application/json"},
+                      timeout=60)
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "temperature", resp.text
+
+
 def test_bad_chat_requests(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "x"}], logprobs=True,

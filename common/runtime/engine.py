@@ -18,6 +18,7 @@ the batch. `dsv4 generate` (runtime/generate.py) and `dsv4 serve` (common/serve)
 
 from __future__ import annotations
 
+import math
 import random
 import threading
 import time
@@ -70,8 +71,8 @@ class SamplingParams:
     def validate(self, max_logprobs: int = MAX_LOGPROBS) -> None:
         if self.max_tokens < 0:
             raise ParamError("max_tokens", f"max_tokens must be >= 0, got {self.max_tokens}")
-        if self.temperature < 0:
-            raise ParamError("temperature", f"temperature must be >= 0, got {self.temperature}")
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):  # NaN fails every comparison
+            raise ParamError("temperature", f"temperature must be a finite number >= 0, got {self.temperature}")
         if self.top_k < 0:
             raise ParamError("top_k", f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
