@@ -127,6 +127,10 @@ CASES = [
     ("parity-batch-0", ["parity", "run", "--batch", "0"], "--batch must be >= 1"),  # 0 meant "default" silently
     ("parity-seq-len-0", ["parity", "run", "--seq-len", "0"], "--seq-len must be >= 1"),
     ("parity-tolerances-missing", ["parity", "run", "--tolerances", "{tmp}/tol.yaml"], "tol.yaml: no such file"),
+    ("parity-record-out-is-a-folder", ["parity", "record", "--backend", "reference", "--out", "{tmp}"],
+     "is a directory; give the golden file's path"),
+    ("parity-record-out-folder-missing", ["parity", "record", "--backend", "reference", "--out", "{tmp}/no/g.st"],
+     "does not exist"),
     ("parity-tolerances-not-yaml", ["parity", "run", "--tolerances", str(ROOT / "README.md")],
      "README.md: not valid YAML"),
     ("parity-tolerances-not-a-table", ["parity", "run", "--tolerances", str(ROOT / "configs" / "tiny.yaml")],

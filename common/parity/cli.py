@@ -201,6 +201,12 @@ def cmd_run_suite(ns: argparse.Namespace, tol: Tolerances) -> int:
 
 def cmd_record(ns: argparse.Namespace, model_source: ModelSource | None = None) -> int:
     """`dsv4 parity record --backend X --out golden.safetensors`."""
+    out = Path(ns.out)  # checked before the model runs: a run is minutes on a real model
+    if out.is_dir():
+        raise ValueError(f"--out {ns.out}: is a directory; give the golden file's path, "
+                         f"e.g. {out / 'golden.safetensors'}")
+    if not out.parent.is_dir():
+        raise ValueError(f"--out {ns.out}: folder {out.parent} does not exist")
     tol = Tolerances.load(ns.tolerances)
     source = _resolve_source(ns, model_source)
     ops = make_backend(ns.backend, ns.device)
