@@ -255,7 +255,7 @@ def _guarded_run(label: str, model: nn.Module, ops: Ops, proxy: RecordingOps, pr
 
 
 def first_replayed_violation(factory: ModelFactory, ops_a: Ops, ops_b: Ops, prompts: Tensor, dtype: torch.dtype,
-                             tol: Tolerances, pair: str, label_b: str) -> OpResult | None:
+                             tol: Tolerances, pair: str, label_a: str) -> OpResult | None:
     """Pass 1 of `bisect` alone, on one prefill of `prompts`: every op of B fed A's exact inputs and judged by the
     pair's 'op' bounds; the first op call outside them (None: every call within). What the parity suite adds to
     its whole-model comparison where both sides compute the same formulas: a changed eps or one Sinkhorn iteration
@@ -263,7 +263,7 @@ def first_replayed_violation(factory: ModelFactory, ops_a: Ops, ops_b: Ops, prom
     model_a = factory(ops_a, dtype)
     profile = profile_name(dtype, model_a.args.kv_fp8_sim)
     shadow = ShadowOps(ops_a, ops_b, lambda op: tol.op_bounds(pair, profile, op))
-    _guarded_run(label_b, model_a, ops_a, shadow, prompts, 0)
+    _guarded_run(label_a, model_a, ops_a, shadow, prompts, 0)  # B's own exceptions are violations (ShadowOps)
     return next((r for r in shadow.results if r.violations), None)
 
 

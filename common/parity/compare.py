@@ -281,10 +281,11 @@ class Tolerances:
 
     def __init__(self, data: dict[str, Any], source: str = "parity.yaml") -> None:
         self.source = source
+        if not isinstance(data, dict) or not isinstance(data.get("tolerances"), dict) or not data["tolerances"]:
+            raise ValueError(f"{source}: expected a tolerance file with a 'tolerances' mapping "
+                             "(see configs/parity.yaml)")
         self.suite: dict[str, Any] = data.get("suite", {})
-        self.table: dict[str, Any] = data.get("tolerances", {})
-        if not self.table:
-            raise ValueError(f"{source}: no 'tolerances' section")
+        self.table: dict[str, Any] = data["tolerances"]
         for pair, profiles in self.table.items():
             for profile, scopes in profiles.items():
                 for scope, metrics in scopes.items():
@@ -303,8 +304,6 @@ class Tolerances:
                 data = yaml.safe_load(f)
             except yaml.YAMLError as e:
                 raise ValueError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(data, dict) or not isinstance(data.get("tolerances"), dict):
-            raise ValueError(f"{p}: expected a tolerance file with a 'tolerances' mapping (see configs/parity.yaml)")
         return cls(data, source=str(p))
 
     @staticmethod

@@ -196,7 +196,7 @@ def run_case(case: Case, tol: Tolerances, allow_fallback: bool = False, prompt_s
                                                   "--allow-fallback to accept)") for op in missing]
         if case.replay_ops:
             bad = first_replayed_violation(source.factory, make(case.anchor), make(label), prompts, case.dtype, tol,
-                                           pair, label)
+                                           pair, case.anchor)
             if bad is not None:
                 comp.violations += [Violation(f"op replay (same inputs) {v.where}", v.metric, v.value, v.bound)
                                     for v in bad.violations]

@@ -239,7 +239,7 @@ def load_model(ns: argparse.Namespace, ops=None, dtype: torch.dtype | None = Non
     check_run_arguments(ns)
     ops = ops or make_ops(ns)
     mode = compile_mode(ns)  # a capture this machine cannot run fails here, before the model loads
-    check_capture_runs(mode, ops, "--npu-graph" if getattr(ns, "npu_graph", False) else f"--compile-decode {mode}")
+    check_capture_runs(mode, ops, f"--compile-decode {mode}" if getattr(ns, "compile_decode", None) else "--npu-graph")
     dtype = dtype or resolve_dtype(ns, ops)
     rt = init_parallel(ops, getattr(ns, "tp", 1), getattr(ns, "ep", 1), ep_comm=getattr(ns, "ep_comm", "alltoall"))
     if not rt.is_main and not os.environ.get("DSV4_DEBUG"):
